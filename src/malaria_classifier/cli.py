@@ -1,0 +1,216 @@
+"""The ``malaria`` command: parses arguments and calls library functions, nothing more.
+
+User errors (bad paths, bad layouts, bad settings) are printed as one clear line and
+exit with status 2; no traceback is shown for them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from datetime import datetime
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # hide TensorFlow's start-up chatter
+
+import typer  # noqa: E402
+
+app = typer.Typer(
+    help="Tell Parasitized from Uninfected red-blood-cell images (NIH/NLM malaria cells).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Check or download cell-image data.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+def _user_errors(function: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn the library's user-facing errors into a message and exit status 2."""
+
+    @wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from malaria_classifier.download import DownloadError
+        from malaria_classifier.splits import LeakageError
+
+        try:
+            return function(*args, **kwargs)
+        except (ValueError, DownloadError, LeakageError, FileExistsError) as error:
+            typer.secho(f"Error: {error}", err=True, fg=typer.colors.RED)
+            raise typer.Exit(code=2) from None
+        except KeyboardInterrupt:
+            typer.secho("Interrupted.", err=True)
+            raise typer.Exit(code=130) from None
+
+    return wrapper
+
+
+@data_app.command("check")
+@_user_errors
+def data_check(
+    directory: Annotated[Path, typer.Argument(help="NIH-layout folder (or a parent of it).")],
+    json_output: Annotated[
+        Path | None, typer.Option("--json", help="Also write the report as JSON here.")
+    ] = None,
+) -> None:
+    """Count images per class and patient; find unreadable files and duplicates."""
+    from malaria_classifier.data import check_dataset
+
+    report = check_dataset(directory, progress=sys.stderr.isatty())
+    summary = report.to_dict()
+    typer.echo(f"Data folder: {report.root}")
+    for label, count in sorted(report.counts.items()):
+        typer.echo(f"  {label:<12} {count:>7,} images")
+    patients = report.patients
+    typer.echo(
+        f"  Patients:    {patients['total']} ({patients['with_parasitized_cells']} with "
+        f"parasitized cells, {patients['with_only_uninfected_cells']} with only uninfected "
+        f"cells; patient rule: `malaria data check --help`)"
+    )
+    for axis in ("height", "width"):
+        stats = summary["image_size"].get(axis)
+        if stats:
+            typer.echo(
+                f"  Image {axis:<6} min {stats['min']} / median {stats['median']:.0f} / "
+                f"p95 {stats['p95']:.0f} / max {stats['max']} px"
+            )
+    typer.echo(f"  Unreadable:  {len(report.unreadable)}")
+    for _path, error in report.unreadable[:20]:
+        typer.echo(f"    {error}")
+    typer.echo(f"  Duplicate contents (same SHA-256): {len(report.duplicates)} group(s)")
+    for group in report.duplicates[:10]:
+        typer.echo(f"    {' = '.join(group)}")
+    if report.skipped_files:
+        typer.echo(f"  Skipped non-image files: {len(report.skipped_files)}")
+    if json_output:
+        json_output.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        typer.echo(f"Report written to {json_output}")
+
+
+data_check.__doc__ = (data_check.__doc__ or "") + (
+    "\n\nPatient ids come from NIH file names: C<slide>...P<n> gives patient P<n>, "
+    "C<slide> alone (healthy donors) gives C<slide>; other names fall back to their "
+    "source field image (the name before _cell_<n>)."
+)
+
+
+@data_app.command("download")
+@_user_errors
+def data_download(
+    dest: Annotated[Path, typer.Option(help="Folder to download and extract into.")] = Path("data"),
+    url: Annotated[str | None, typer.Option(help="Mirror URL of cell_images.zip.")] = None,
+    sha256: Annotated[str | None, typer.Option(help="Expected SHA-256 of the zip.")] = None,
+) -> None:
+    """Download the official NIH cell_images.zip, verify it and extract it."""
+    from malaria_classifier.download import OFFICIAL_URL, download_dataset
+
+    folder = download_dataset(dest, url=url or OFFICIAL_URL, sha256=sha256, progress=True)
+    typer.echo(f"Data ready in {folder}. Next: malaria data check {folder}")
+
+
+@app.command()
+@_user_errors
+def train(
+    data: Annotated[Path, typer.Option("--data", help="NIH-layout training data folder.")],
+    config: Annotated[Path | None, typer.Option("--config", help="YAML settings file.")] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", help="Run folder (default runs/<time>).")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --output.")] = False,
+    epochs: Annotated[int | None, typer.Option(help="Override: maximum epochs.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Override: batch size.")] = None,
+    learning_rate: Annotated[float | None, typer.Option(help="Override: Adam rate.")] = None,
+    image_size: Annotated[int | None, typer.Option(help="Override: input side (px).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Override: random seed.")] = None,
+) -> None:
+    """Train a CNN with a patient-level split; writes a complete run folder."""
+    from malaria_classifier.config import load_config
+    from malaria_classifier.training import train_model
+
+    if resume and output is None:
+        raise ValueError("--resume needs --output: the run folder to continue.")
+    run_dir = output or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    settings = load_config(
+        config,
+        epochs=epochs,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        image_size=image_size,
+        seed=seed,
+    )
+    result = train_model(data, settings, run_dir, resume=resume)
+    test = result.metrics["test"]
+    typer.echo(f"Model: {result.model_path} ({result.seconds / 60:.1f} min)")
+    _echo_metrics(test)
+
+
+def _echo_metrics(block: dict[str, Any]) -> None:
+    typer.echo(
+        f"{block['split']} split: {block['cells']} cells of {block['patients']} patients; "
+        f"positive class {block['positive_class']}; 95% CI from a bootstrap over patients"
+    )
+    for name, values in block["metrics"].items():
+        low, high = values["ci95"]
+        typer.echo(f"  {name:<12} {values['value']:.4f}  [{low:.4f}, {high:.4f}]")
+
+
+@app.command()
+@_user_errors
+def evaluate(
+    data: Annotated[Path, typer.Option("--data", help="NIH-layout folder to evaluate on.")],
+    model: Annotated[Path | None, typer.Option(help="Model (.keras); default: bundled.")] = None,
+    split: Annotated[
+        str, typer.Option(help="Split of the model's manifest: train, validation or test.")
+    ] = "test",
+    output: Annotated[Path, typer.Option(help="Folder for metrics and figures.")] = Path(
+        "evaluation"
+    ),
+) -> None:
+    """Metrics with patient-bootstrap 95% CIs, confusion matrix, ROC, per-patient table."""
+    from malaria_classifier.evaluate import evaluate_model
+    from malaria_classifier.prediction import Predictor
+
+    report = evaluate_model(Predictor(model), data, split, output)
+    typer.echo(report["selection"]["description"])
+    _echo_metrics(report)
+    typer.echo(f"Written: {output}/metrics.json, per_patient.csv, confusion_matrix.*, roc_curve.*")
+
+
+@app.command()
+@_user_errors
+def predict(
+    paths: Annotated[list[Path], typer.Argument(help="Image files and/or folders.")],
+    model: Annotated[Path | None, typer.Option(help="Model (.keras); default: bundled.")] = None,
+    output: Annotated[
+        Path | None, typer.Option(help="Write results here instead of standard output.")
+    ] = None,
+    output_format: Annotated[str, typer.Option("--format", help="csv or json.")] = "csv",
+) -> None:
+    """One row per image: path,label,probability,confidence,error.
+
+    probability is P(Parasitized); confidence is the probability of the chosen label.
+    Exits non-zero only when no image could be predicted.
+    """
+    from malaria_classifier.prediction import Predictor, write_rows
+
+    if output_format not in ("csv", "json"):
+        raise ValueError(f"--format must be csv or json, got {output_format!r}.")
+    predictor = Predictor(model)
+    rows = predictor.predict_paths(paths)
+    if output is None:
+        counts = write_rows(rows, sys.stdout, output_format)
+    else:
+        temporary = output.with_name(output.name + ".partial")
+        with open(temporary, "w", newline="", encoding="utf-8") as handle:
+            counts = write_rows(rows, handle, output_format)
+        temporary.replace(output)
+    typer.echo(f"{counts['predicted']} predicted, {counts['failed']} failed", err=True)
+    if counts["predicted"] == 0:
+        raise typer.Exit(code=1)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,162 @@
+"""Training settings: one flat, typed, frozen dataclass; defaults < YAML file < flags.
+
+The resolved config is written next to every trained model, so a run can be
+reproduced from its folder alone (``malaria train --config RUN/config.yaml``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Everything that decides what ``malaria train`` produces.
+
+    Attributes:
+        image_size: Side of the square model input, in pixels.
+        base_filters: Filters of the first convolution block; each block doubles them.
+        conv_blocks: Number of convolution blocks (each halves the resolution).
+        convs_per_block: Convolutions in each block before its pooling.
+        dense_units: Width of the fully connected layer before the softmax.
+        dropout_rate: Dropout before the softmax (0 turns it off).
+        batch_size: Images per training step.
+        learning_rate: Adam's initial learning rate.
+        epochs: Upper limit on training epochs.
+        early_stopping_patience: Epochs without validation improvement before stopping.
+        augment: Whether to augment the training split.
+        zoom_range: Largest relative zoom in or out during augmentation.
+        shift_range: Largest shift, as a fraction of the image side.
+        brightness_delta: Largest brightness change (pixel fraction).
+        contrast_range: Largest relative contrast change.
+        saturation_range: Largest relative saturation change.
+        hue_delta: Largest hue shift (fraction of the colour circle).
+        validation_fraction: Share of cells (by patient) for validation.
+        test_fraction: Share of cells (by patient) for the test split.
+        seed: Seeds the split, the weights and the shuffling.
+    """
+
+    image_size: int = 64
+    base_filters: int = 16
+    conv_blocks: int = 4
+    convs_per_block: int = 1
+    dense_units: int = 64
+    dropout_rate: float = 0.3
+    batch_size: int = 64
+    learning_rate: float = 0.001
+    epochs: int = 30
+    early_stopping_patience: int = 8
+    augment: bool = True
+    zoom_range: float = 0.1
+    shift_range: float = 0.05
+    brightness_delta: float = 0.08
+    contrast_range: float = 0.15
+    saturation_range: float = 0.15
+    hue_delta: float = 0.02
+    validation_fraction: float = 0.15
+    test_fraction: float = 0.15
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        _check_positive(
+            self, ("image_size", "base_filters", "conv_blocks", "convs_per_block", "dense_units")
+        )
+        _check_positive(self, ("batch_size", "epochs", "early_stopping_patience"))
+        if not 0.0 < self.learning_rate < 1.0:
+            raise ValueError(f"learning_rate must be in (0, 1), got {self.learning_rate}.")
+        if not 0.0 <= self.dropout_rate < 1.0:
+            raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate}.")
+        if self.image_size < 2**self.conv_blocks:
+            raise ValueError(
+                f"image_size {self.image_size} is too small for {self.conv_blocks} conv blocks "
+                f"(each halves the resolution); use image_size >= {2**self.conv_blocks}."
+            )
+
+    def replace(self, **changes: Any) -> TrainingConfig:
+        """Return a copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict in field order, for YAML and the model card."""
+        return dataclasses.asdict(self)
+
+
+def _check_positive(config: TrainingConfig, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+
+def config_from_dict(values: dict[str, Any], source: str = "config") -> TrainingConfig:
+    """Build a config from a mapping, rejecting unknown keys and wrong types.
+
+    Raises:
+        ValueError: Naming the offending key and the accepted ones.
+    """
+    fields = {field.name: field for field in dataclasses.fields(TrainingConfig)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(
+            f"{source}: unknown setting(s) {unknown}. Accepted settings: {', '.join(fields)}."
+        )
+    converted: dict[str, Any] = {}
+    defaults = TrainingConfig()
+    for name, value in values.items():
+        expected = type(getattr(defaults, name))
+        converted[name] = _convert(name, value, expected, source)
+    return TrainingConfig(**converted)
+
+
+_ARTICLE = {bool: "true or false", int: "an integer", float: "a number"}
+
+
+def _convert(name: str, value: Any, expected: type, source: str) -> Any:
+    is_bool = isinstance(value, bool)
+    if expected is bool and is_bool:
+        return value
+    if expected is int and isinstance(value, int) and not is_bool:
+        return value
+    if expected is float and isinstance(value, int | float) and not is_bool:
+        return float(value)
+    raise ValueError(
+        f"{source}: {name} must be {_ARTICLE[expected]}, got {value!r} ({type(value).__name__})."
+    )
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> TrainingConfig:
+    """Resolve defaults < YAML file < explicit overrides (``None`` overrides are ignored).
+
+    Raises:
+        ValueError: If the file is missing, not a YAML mapping, or has bad settings.
+    """
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"Config file {path} does not exist. Check the path.")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as error:
+            raise ValueError(f"{path} is not valid YAML: {error}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ValueError(
+                f"{path} must hold a mapping of settings, got {type(loaded).__name__}."
+            )
+        values.update(loaded)
+    values.update({key: value for key, value in overrides.items() if value is not None})
+    return config_from_dict(values, source=str(path) if path else "config")
+
+
+def save_config(config: TrainingConfig, path: Path) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+    temporary.replace(path)

@@ -1,0 +1,296 @@
+"""Find cell images on disk, name their patients, and check a data folder before use.
+
+The NIH layout is ``DIR/Parasitized/*.png`` and ``DIR/Uninfected/*.png`` (or a parent
+of those, such as the ``cell_images/`` folder of the official archive). Patients are
+read from NIH file names so that splits can keep every patient in one split.
+
+Patient rule (see ``shared/data/README.md``):
+
+1. ``^C(\\d+)[A-Za-z_]*?P(\\d+)`` -> ``P<second number>`` (infected patients; their
+   uninfected cells sit in ``Uninfected/`` under the same patient);
+2. otherwise ``^C(\\d+)`` -> ``C<number>`` (healthy donors, one slide each);
+3. otherwise the source field image: the name up to ``_cell_<n>`` (``field:<stem>``),
+   or the whole file stem when there is no ``_cell_`` part. Cells cut from one field
+   image then always share a split, which is the best available guard when the
+   patient is unknown.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from malaria_classifier.constants import CLASS_NAMES, IMAGE_SUFFIXES
+from malaria_classifier.images import ImageLoadError, load_rgb_image, sha256_of_file
+
+_INFECTED_PATIENT = re.compile(r"^C(\d+)[A-Za-z_]*?P(\d+)")
+_SLIDE = re.compile(r"^C(\d+)")
+_CELL_SUFFIX = re.compile(r"_cell_\d+$")
+_MAX_SEARCH_DEPTH = 3
+
+
+class DataLayoutError(ValueError):
+    """A data folder is not laid out as expected; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One labelled image: where it is, its class and its patient."""
+
+    path: Path
+    label: str
+    patient: str
+
+
+def patient_id_from_name(file_name: str) -> str:
+    """Return the patient id encoded in an NIH cell file name (rule in the module doc).
+
+    Examples:
+        >>> patient_id_from_name("C33P1thinF_IMG_20150619_114756a_cell_179.png")
+        'P1'
+        >>> patient_id_from_name("C1_thinF_IMG_20150604_104722_cell_9.png")
+        'C1'
+        >>> patient_id_from_name("smear7_field2_cell_3.png")
+        'field:smear7_field2'
+    """
+    stem = Path(file_name).stem
+    infected = _INFECTED_PATIENT.match(stem)
+    if infected:
+        return f"P{int(infected.group(2))}"
+    slide = _SLIDE.match(stem)
+    if slide:
+        return f"C{int(slide.group(1))}"
+    return f"field:{_CELL_SUFFIX.sub('', stem)}"
+
+
+def find_class_root(directory: str | Path) -> Path:
+    """Find the folder that holds one sub-folder per class.
+
+    Accepts the class root itself or a parent up to three levels above it, so both
+    ``cell_images/`` and the folder it was extracted into work.
+
+    Raises:
+        DataLayoutError: If no such folder exists, or only one class folder does.
+    """
+    root = Path(directory)
+    if not root.exists():
+        raise DataLayoutError(f"Data folder {root} does not exist. Check the path.")
+    if not root.is_dir():
+        raise DataLayoutError(f"{root} is a file; pass the folder that holds the images.")
+    for candidate in _walk_dirs(root, _MAX_SEARCH_DEPTH):
+        present = [name for name in CLASS_NAMES if (candidate / name).is_dir()]
+        if len(present) == len(CLASS_NAMES):
+            return candidate
+        if present:
+            missing = sorted(set(CLASS_NAMES) - set(present))
+            raise DataLayoutError(
+                f"{candidate} has {present[0]}/ but no {missing[0]}/ folder. Both classes are "
+                f"needed: put the images in {candidate}/Parasitized and {candidate}/Uninfected."
+            )
+    raise DataLayoutError(
+        f"No Parasitized/ and Uninfected/ folders found in {root} (searched "
+        f"{_MAX_SEARCH_DEPTH} levels deep). Expected the NIH layout: "
+        f"DIR/Parasitized/*.png and DIR/Uninfected/*.png; run `malaria data download` "
+        f"to get the official data."
+    )
+
+
+def _walk_dirs(root: Path, max_depth: int) -> Iterator[Path]:
+    """Breadth-first folders under ``root`` (itself first), not following links."""
+    level = [root]
+    for _ in range(max_depth + 1):
+        next_level: list[Path] = []
+        for folder in level:
+            yield folder
+            try:
+                children = sorted(p for p in folder.iterdir() if p.is_dir() and not p.is_symlink())
+            except OSError:
+                continue
+            next_level.extend(children)
+        level = next_level
+
+
+def _iter_files(folder: Path) -> Iterator[Path]:
+    # os.walk does not follow symlinked folders, so a link loop cannot hang discovery.
+    for current, dirs, files in os.walk(folder, followlinks=False):
+        dirs.sort()
+        for name in sorted(files):
+            yield Path(current) / name
+
+
+def is_image_file(path: Path) -> bool:
+    """Tell image files from the rest by suffix (``Thumbs.db`` and notes are skipped)."""
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+@dataclass
+class Discovery:
+    """What :func:`discover_images` found under a class root."""
+
+    root: Path
+    records: list[ImageRecord]
+    skipped_files: list[Path] = field(default_factory=list)
+
+
+def discover_images(directory: str | Path) -> Discovery:
+    """List labelled images under a data folder in a deterministic order.
+
+    Raises:
+        DataLayoutError: If the layout is wrong or a class has no images.
+    """
+    root = find_class_root(directory)
+    records: list[ImageRecord] = []
+    skipped: list[Path] = []
+    for label in CLASS_NAMES:
+        found = 0
+        for path in _iter_files(root / label):
+            if is_image_file(path):
+                records.append(ImageRecord(path, label, patient_id_from_name(path.name)))
+                found += 1
+            else:
+                skipped.append(path)
+        if found == 0:
+            raise DataLayoutError(
+                f"{root / label} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}). "
+                f"Each class needs at least one image."
+            )
+    return Discovery(root=root, records=records, skipped_files=skipped)
+
+
+@dataclass
+class FileCheck:
+    """Result of reading one file fully: its hash and size, or why it failed."""
+
+    sha256: str | None
+    height: int | None
+    width: int | None
+    error: str | None
+
+
+def check_file(path: Path) -> FileCheck:
+    """Decode a file completely (catches truncation) and hash its contents."""
+    try:
+        image = load_rgb_image(path)
+        return FileCheck(sha256_of_file(path), image.shape[0], image.shape[1], None)
+    except ImageLoadError as error:
+        return FileCheck(None, None, None, str(error))
+    except OSError as error:  # the file vanished between the two reads
+        return FileCheck(None, None, None, f"{path}: cannot be read ({error}).")
+
+
+def check_files(paths: Iterable[Path], workers: int | None = None) -> Iterator[FileCheck]:
+    """Check many files in parallel (Pillow releases the GIL while decoding)."""
+    workers = workers or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as executor:
+        yield from executor.map(check_file, paths, chunksize=1)
+
+
+@dataclass
+class DatasetReport:
+    """Everything ``malaria data check`` tells a user about a data folder."""
+
+    root: Path
+    counts: dict[str, int]
+    patients: dict[str, int]
+    unreadable: list[tuple[str, str]]
+    duplicates: list[list[str]]
+    skipped_files: list[str]
+    size_summary: dict[str, dict[str, float]]
+    records: list[ImageRecord]
+    hashes: dict[Path, str]
+
+    def to_dict(self) -> dict:
+        """A JSON-ready summary (without the per-file lists of records and hashes)."""
+        return {
+            "root": str(self.root),
+            "counts": self.counts,
+            "patients": self.patients,
+            "unreadable": [{"path": p, "error": e} for p, e in self.unreadable],
+            "duplicate_groups": self.duplicates,
+            "skipped_files": self.skipped_files,
+            "image_size": self.size_summary,
+            "patient_rule": "see malaria_classifier.data module docstring",
+        }
+
+
+def check_dataset(directory: str | Path, progress: bool = False) -> DatasetReport:
+    """Read every image under a data folder and report what a user must know.
+
+    Unreadable files are reported, not raised, so one bad file never stops the check.
+
+    Args:
+        directory: The class root or a parent of it.
+        progress: Show a progress bar on the terminal.
+
+    Returns:
+        A :class:`DatasetReport`; its ``records`` hold only the readable images.
+    """
+    discovery = discover_images(directory)
+    checks = check_files(record.path for record in discovery.records)
+    if progress:
+        from tqdm import tqdm
+
+        checks = tqdm(checks, total=len(discovery.records), desc="Checking images", unit="img")
+    readable: list[ImageRecord] = []
+    hashes: dict[Path, str] = {}
+    unreadable: list[tuple[str, str]] = []
+    heights: list[int] = []
+    widths: list[int] = []
+    for record, result in zip(discovery.records, checks, strict=True):
+        if result.error is not None:
+            unreadable.append((str(record.path), result.error))
+            continue
+        readable.append(record)
+        hashes[record.path] = result.sha256
+        heights.append(result.height)
+        widths.append(result.width)
+    return DatasetReport(
+        root=discovery.root,
+        counts={label: sum(r.label == label for r in readable) for label in CLASS_NAMES},
+        patients=_count_patients(readable),
+        unreadable=unreadable,
+        duplicates=_duplicate_groups(hashes),
+        skipped_files=[str(path) for path in discovery.skipped_files],
+        size_summary={"height": _summarize(heights), "width": _summarize(widths)},
+        records=readable,
+        hashes=hashes,
+    )
+
+
+def _count_patients(records: list[ImageRecord]) -> dict[str, int]:
+    patients_by_label: dict[str, set[str]] = {label: set() for label in CLASS_NAMES}
+    for record in records:
+        patients_by_label[record.label].add(record.patient)
+    all_patients = set().union(*patients_by_label.values())
+    with_parasitized = patients_by_label["Parasitized"]
+    return {
+        "total": len(all_patients),
+        "with_parasitized_cells": len(with_parasitized),
+        "with_only_uninfected_cells": len(all_patients - with_parasitized),
+    }
+
+
+def _duplicate_groups(hashes: dict[Path, str]) -> list[list[str]]:
+    by_hash: dict[str, list[str]] = {}
+    for path, digest in hashes.items():
+        by_hash.setdefault(digest, []).append(str(path))
+    return [sorted(paths) for paths in by_hash.values() if len(paths) > 1]
+
+
+def _summarize(values: list[int]) -> dict[str, float]:
+    if not values:
+        return {}
+    array = np.asarray(values)
+    return {
+        "min": int(array.min()),
+        "p5": float(np.percentile(array, 5)),
+        "median": float(np.median(array)),
+        "p95": float(np.percentile(array, 95)),
+        "max": int(array.max()),
+    }

@@ -1,0 +1,112 @@
+"""Evaluate a model on a data folder: choose the cells, score them, write the report.
+
+Which cells are scored: the model card lists the patients of each split. With
+``split="test"`` the cells of the model's test patients are scored, together with
+cells of any patient the model never saw (they are unseen too). When none of the
+folder's patients are in the card (another hospital's data, held-out patients), all
+cells are scored. Training or validation patients are only scored when asked for.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from malaria_classifier.constants import CLASS_NAMES
+from malaria_classifier.data import ImageRecord, discover_images
+from malaria_classifier.evaluation import per_patient_table, roc_points, summarize
+from malaria_classifier.model_card import write_json_atomically
+from malaria_classifier.plots import save_figures
+from malaria_classifier.prediction import Predictor
+from malaria_classifier.splits import SPLITS
+
+
+def select_records(
+    records: list[ImageRecord], card: dict[str, Any], split: str
+) -> tuple[list[ImageRecord], str]:
+    """Pick the records to evaluate and describe the choice in one sentence.
+
+    Raises:
+        ValueError: If ``split`` is unknown or selects no cell.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}.")
+    split_patients = card.get("split", {}).get("patients", {})
+    known = {patient for members in split_patients.values() for patient in members}
+    folder_patients = {record.patient for record in records}
+    if not known or not folder_patients & known:
+        reason = "the model has no split record" if not known else "none was used by the model"
+        return records, (
+            f"Evaluating all {len(records)} cells of {len(folder_patients)} patients ({reason})."
+        )
+    wanted = set(split_patients.get(split, []))
+    chosen = [
+        r for r in records if r.patient in wanted or (split == "test" and r.patient not in known)
+    ]
+    if not chosen:
+        raise ValueError(
+            f"No cell of the model's {split} patients is in this folder. Pass the folder "
+            f"the model was trained on, or another --split."
+        )
+    unseen = sum(record.patient not in known for record in chosen)
+    return chosen, (
+        f"Evaluating {len(chosen)} cells: {len(chosen) - unseen} of the model's {split} "
+        f"patients and {unseen} of patients the model never saw; "
+        f"{len(records) - len(chosen)} cells of other splits left out."
+    )
+
+
+def evaluate_model(
+    predictor: Predictor,
+    data_dir: str | Path,
+    split: str = "test",
+    output_dir: str | Path = "evaluation",
+    n_resamples: int = 1000,
+) -> dict[str, Any]:
+    """Score the chosen cells and write ``metrics.json``, ``per_patient.csv`` and figures.
+
+    Unreadable images are listed in the report and left out; they never stop it.
+
+    Returns:
+        The metrics block (see :func:`malaria_classifier.evaluation.summarize`) with
+        ``selection``, ``model`` and ``unreadable`` added.
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    records = discover_images(data_dir).records
+    chosen, description = select_records(records, predictor.card, split)
+    predictions = list(predictor.predict_paths([record.path for record in chosen]))
+    scored = [(r, p) for r, p in zip(chosen, predictions, strict=True) if not p.error]
+    if not scored:
+        raise ValueError(f"None of the {len(chosen)} selected images could be read.")
+    y_true = np.array([CLASS_NAMES.index(record.label) for record, _ in scored])
+    y_score = np.array([prediction.probability for _, prediction in scored])
+    groups = [record.patient for record, _ in scored]
+    report = summarize(y_true, y_score, groups, split, predictor.threshold, n_resamples)
+    report["selection"] = {"description": description, "data": str(data_dir)}
+    report["model"] = str(predictor.model_path)
+    report["unreadable"] = [{"path": p.path, "error": p.error} for p in predictions if p.error]
+    write_json_atomically(report, output_dir / "metrics.json")
+    _write_patient_table(
+        per_patient_table(y_true, y_score, groups, predictor.threshold), output_dir
+    )
+    save_figures(
+        output_dir,
+        report["confusion_matrix"]["counts"],
+        roc_points(y_true, y_score),
+        report["metrics"]["roc_auc"]["value"],
+        split,
+    )
+    return report
+
+
+def _write_patient_table(rows: list, output_dir: Path) -> None:
+    path = output_dir / "per_patient.csv"
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(asdict(rows[0])))
+        writer.writeheader()
+        writer.writerows(asdict(row) for row in rows)

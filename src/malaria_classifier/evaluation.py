@@ -1,0 +1,211 @@
+"""Metrics with patient-level confidence intervals, and the per-patient table.
+
+Cells of one patient are not independent (same slide, same stain), so confidence
+intervals come from a bootstrap over *patients*: patients are resampled with
+replacement and all their cells come along. The positive class is Parasitized.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
+
+from malaria_classifier.constants import CLASS_NAMES, POSITIVE_CLASS
+
+METRIC_NAMES: tuple[str, ...] = (
+    "accuracy",
+    "precision",
+    "recall",
+    "specificity",
+    "f1",
+    "mcc",
+    "roc_auc",
+)
+
+
+def compute_metrics(y_true: np.ndarray, y_score: np.ndarray, threshold: float = 0.5) -> dict:
+    """Cell-level metrics for binary labels (1 = Parasitized) and scores P(Parasitized).
+
+    Returns:
+        A dict with the metrics in METRIC_NAMES (``recall`` is sensitivity), the
+        confusion counts ``tp, fp, tn, fn`` and ``cells``. A metric whose denominator
+        is zero (e.g. precision with no positive calls) is ``nan``.
+    """
+    y_true = np.asarray(y_true).astype(int)
+    y_score = np.asarray(y_score, dtype=float)
+    y_pred = (y_score >= threshold).astype(int)
+    tn, fp, fn, tp = confusion_matrix(y_true, y_pred, labels=[0, 1]).ravel()
+    metrics = _metrics_from_counts(np.array([tp]), np.array([fp]), np.array([tn]), np.array([fn]))
+    result = {name: float(values[0]) for name, values in metrics.items()}
+    result["roc_auc"] = _safe_auc(y_true, y_score)
+    result.update(
+        {"tp": int(tp), "fp": int(fp), "tn": int(tn), "fn": int(fn), "cells": len(y_true)}
+    )
+    return result
+
+
+def _metrics_from_counts(tp: np.ndarray, fp: np.ndarray, tn: np.ndarray, fn: np.ndarray) -> dict:
+    """Vectorized threshold metrics, so thousands of bootstrap samples cost little."""
+    tp, fp, tn, fn = (np.asarray(v, dtype=float) for v in (tp, fp, tn, fn))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = tp / (tp + fp)
+        recall = tp / (tp + fn)
+        specificity = tn / (tn + fp)
+        mcc_denominator = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+        return {
+            "accuracy": (tp + tn) / (tp + tn + fp + fn),
+            "precision": precision,
+            "recall": recall,
+            "specificity": specificity,
+            "f1": 2 * tp / (2 * tp + fp + fn),
+            "mcc": np.where(mcc_denominator > 0, (tp * tn - fp * fn) / mcc_denominator, np.nan),
+        }
+
+
+def _safe_auc(y_true: np.ndarray, y_score: np.ndarray) -> float:
+    if len(np.unique(y_true)) < 2:
+        return float("nan")
+    return float(roc_auc_score(y_true, y_score))
+
+
+def bootstrap_intervals(
+    y_true: np.ndarray,
+    y_score: np.ndarray,
+    groups: Sequence[str],
+    threshold: float = 0.5,
+    n_resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict[str, tuple[float, float]]:
+    """Percentile confidence intervals from resampling whole patients.
+
+    Args:
+        y_true: 1 for Parasitized, 0 for Uninfected, per cell.
+        y_score: P(Parasitized) per cell.
+        groups: The patient of each cell.
+        threshold: Decision threshold for the threshold metrics.
+        n_resamples: Bootstrap samples.
+        confidence: Coverage of the interval.
+        seed: Makes the intervals reproducible.
+
+    Returns:
+        ``{metric: (low, high)}`` for every name in METRIC_NAMES.
+    """
+    y_true = np.asarray(y_true).astype(int)
+    y_score = np.asarray(y_score, dtype=float)
+    patient_names, patient_index = np.unique(np.asarray(groups), return_inverse=True)
+    n_patients = len(patient_names)
+    y_pred = y_score >= threshold
+    counts = np.zeros((n_patients, 4))  # tp, fp, tn, fn per patient
+    np.add.at(counts, (patient_index, 0), y_pred & (y_true == 1))
+    np.add.at(counts, (patient_index, 1), y_pred & (y_true == 0))
+    np.add.at(counts, (patient_index, 2), ~y_pred & (y_true == 0))
+    np.add.at(counts, (patient_index, 3), ~y_pred & (y_true == 1))
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, n_patients, size=(n_resamples, n_patients))
+    # How often each patient is drawn in each resample, then summed confusion counts.
+    multiplicity = np.zeros((n_resamples, n_patients))
+    np.add.at(multiplicity, (np.arange(n_resamples)[:, None], draws), 1)
+    totals = multiplicity @ counts
+    samples = _metrics_from_counts(totals[:, 0], totals[:, 1], totals[:, 2], totals[:, 3])
+    samples["roc_auc"] = _bootstrap_auc(y_true, y_score, patient_index, multiplicity)
+    alpha = (1 - confidence) / 2
+    intervals = {}
+    for name in METRIC_NAMES:
+        values = samples[name][np.isfinite(samples[name])]
+        if len(values) == 0:
+            intervals[name] = (float("nan"), float("nan"))
+        else:
+            low, high = np.quantile(values, [alpha, 1 - alpha])
+            intervals[name] = (float(low), float(high))
+    return intervals
+
+
+def _bootstrap_auc(
+    y_true: np.ndarray, y_score: np.ndarray, patient_index: np.ndarray, multiplicity: np.ndarray
+) -> np.ndarray:
+    """AUC per resample, with each cell weighted by how often its patient was drawn."""
+    aucs = np.full(len(multiplicity), np.nan)
+    for sample, weights_per_patient in enumerate(multiplicity):
+        weights = weights_per_patient[patient_index]
+        mask = weights > 0
+        if len(np.unique(y_true[mask])) < 2:
+            continue
+        aucs[sample] = roc_auc_score(y_true[mask], y_score[mask], sample_weight=weights[mask])
+    return aucs
+
+
+@dataclass
+class PatientRow:
+    """How the model did on one patient's cells."""
+
+    patient: str
+    cells: int
+    parasitized_cells: int
+    predicted_parasitized: int
+    accuracy: float
+
+
+def per_patient_table(
+    y_true: np.ndarray, y_score: np.ndarray, groups: Sequence[str], threshold: float = 0.5
+) -> list[PatientRow]:
+    """One row per patient, sorted by patient id."""
+    y_true = np.asarray(y_true).astype(int)
+    y_pred = (np.asarray(y_score) >= threshold).astype(int)
+    groups = np.asarray(groups)
+    rows = []
+    for patient in sorted(set(groups.tolist())):
+        mask = groups == patient
+        rows.append(
+            PatientRow(
+                patient=str(patient),
+                cells=int(mask.sum()),
+                parasitized_cells=int(y_true[mask].sum()),
+                predicted_parasitized=int(y_pred[mask].sum()),
+                accuracy=float((y_true[mask] == y_pred[mask]).mean()),
+            )
+        )
+    return rows
+
+
+def roc_points(y_true: np.ndarray, y_score: np.ndarray) -> dict[str, list[float]]:
+    """False/true positive rates and thresholds of the ROC curve."""
+    fpr, tpr, thresholds = roc_curve(np.asarray(y_true).astype(int), np.asarray(y_score))
+    return {
+        "false_positive_rate": fpr.tolist(),
+        "true_positive_rate": tpr.tolist(),
+        "thresholds": np.nan_to_num(thresholds, posinf=1.0).tolist(),
+    }
+
+
+def summarize(
+    y_true: np.ndarray,
+    y_score: np.ndarray,
+    groups: Sequence[str],
+    split: str,
+    threshold: float = 0.5,
+    n_resamples: int = 1000,
+) -> dict:
+    """The full metrics block written to ``metrics.json`` and the model card."""
+    point = compute_metrics(y_true, y_score, threshold)
+    intervals = bootstrap_intervals(y_true, y_score, groups, threshold, n_resamples)
+    return {
+        "split": split,
+        "unit": "cell (metrics over cells; confidence intervals from a bootstrap over patients)",
+        "positive_class": POSITIVE_CLASS,
+        "class_order": list(CLASS_NAMES),
+        "threshold": threshold,
+        "cells": point["cells"],
+        "patients": len(set(groups)),
+        "confusion_matrix": {
+            "rows_true_columns_predicted": list(CLASS_NAMES),
+            "counts": [[point["tn"], point["fp"]], [point["fn"], point["tp"]]],
+        },
+        "metrics": {
+            name: {"value": point[name], "ci95": list(intervals[name])} for name in METRIC_NAMES
+        },
+        "bootstrap": {"resamples": n_resamples, "unit": "patient", "method": "percentile"},
+    }

@@ -1,0 +1,228 @@
+"""Read one image file safely and turn it into the RGB array every other stage expects.
+
+Every image the project touches (training, evaluation, prediction, the dashboard)
+goes through :func:`load_rgb_image` and :func:`resize_with_pad`, so training and
+serving see the same pixels. Files are only ever read, never written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+# A cell crop is ~130 px a side; even a whole smear photo is ~16 Mpx. Anything far
+# bigger is a mistake or a decompression bomb, so refuse it before decoding.
+MAX_IMAGE_PIXELS = 50_000_000
+MAX_FILE_BYTES = 64 * 1024 * 1024
+
+# Truncated files must fail loudly rather than be silently padded with grey.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+SUPPORTED_FORMATS = "PNG, JPEG, TIFF, BMP, GIF or WebP"
+
+
+class ImageLoadError(ValueError):
+    """An input image could not be used; the message names the file and the fix."""
+
+    def __init__(self, source: str, problem: str, hint: str) -> None:
+        self.source = source
+        self.problem = problem
+        self.hint = hint
+        super().__init__(f"{source}: {problem}. {hint}")
+
+
+def load_rgb_image(
+    path: str | Path,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+    max_file_bytes: int = MAX_FILE_BYTES,
+) -> np.ndarray:
+    """Read an image file as an ``(height, width, 3)`` uint8 RGB array.
+
+    Grayscale, palette, 16-bit, CMYK and alpha images are converted (alpha is
+    composited on black, the background of NIH cell crops); EXIF orientation is
+    applied so a phone photo is seen the right way up.
+
+    Args:
+        path: The image file. It is opened read-only.
+        max_pixels: Largest width x height accepted (decompression-bomb guard).
+        max_file_bytes: Largest file size accepted.
+
+    Returns:
+        The image as a C-contiguous uint8 array of shape ``(height, width, 3)``.
+
+    Raises:
+        ImageLoadError: If the path is missing, unreadable, too big, or not a
+            decodable image. The message says what to do.
+    """
+    path = Path(path)
+    data = _read_file_bytes(path, max_file_bytes)
+    return decode_image_bytes(data, source=str(path), max_pixels=max_pixels)
+
+
+def _read_file_bytes(path: Path, max_file_bytes: int) -> bytes:
+    source = str(path)
+    try:
+        if path.is_dir():
+            raise ImageLoadError(source, "is a folder, not an image file", "Pass image files.")
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise ImageLoadError(source, "does not exist", "Check the path.") from None
+    except PermissionError:
+        raise ImageLoadError(
+            source, "cannot be read (permission denied)", "Fix the file permissions."
+        ) from None
+    except OSError as error:
+        raise ImageLoadError(source, f"cannot be read ({error})", "Check the path.") from None
+    if size == 0:
+        raise ImageLoadError(source, "is empty (0 bytes)", "Re-export or re-copy the image.")
+    if size > max_file_bytes:
+        raise ImageLoadError(
+            source,
+            f"is {size:,} bytes, more than the {max_file_bytes:,}-byte limit",
+            "Pass single cell crops, not whole slide scans.",
+        )
+    try:
+        return path.read_bytes()
+    except PermissionError:
+        raise ImageLoadError(
+            source, "cannot be read (permission denied)", "Fix the file permissions."
+        ) from None
+    except OSError as error:
+        raise ImageLoadError(source, f"cannot be read ({error})", "Check the path.") from None
+
+
+def decode_image_bytes(
+    data: bytes, source: str = "<upload>", max_pixels: int = MAX_IMAGE_PIXELS
+) -> np.ndarray:
+    """Decode encoded image bytes (e.g. an upload) into an RGB uint8 array.
+
+    Args:
+        data: The encoded file contents.
+        source: A name for the image, used in error messages.
+        max_pixels: Largest width x height accepted.
+
+    Returns:
+        A uint8 array of shape ``(height, width, 3)``.
+
+    Raises:
+        ImageLoadError: If the bytes are not a decodable, reasonably sized image.
+    """
+    import io
+
+    if not data:
+        raise ImageLoadError(source, "is empty (0 bytes)", "Re-export or re-copy the image.")
+    not_an_image = ImageLoadError(
+        source,
+        "is not an image that can be read",
+        f"Expected a {SUPPORTED_FORMATS} file; re-export it in one of those formats.",
+    )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                _check_dimensions(image, source, max_pixels)
+                image.seek(0)  # first frame of an animated GIF/TIFF
+                image.load()
+                image = ImageOps.exif_transpose(image)
+                return _to_rgb_array(image)
+    except ImageLoadError:
+        raise
+    except UnidentifiedImageError:
+        raise not_an_image from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageLoadError(
+            source, "is too large to decode safely", "Pass single cell crops."
+        ) from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError) as error:
+        raise ImageLoadError(
+            source,
+            f"is truncated or corrupt ({error})",
+            "Re-export or re-copy the image; the file on disk was not changed.",
+        ) from None
+
+
+def _check_dimensions(image: Image.Image, source: str, max_pixels: int) -> None:
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise ImageLoadError(source, f"has no pixels ({width}x{height})", "Re-export the image.")
+    if width * height > max_pixels:
+        raise ImageLoadError(
+            source,
+            f"is {width}x{height} px, more than the {max_pixels:,} pixel limit",
+            "Pass single cell crops, not whole slide scans.",
+        )
+
+
+def _to_rgb_array(image: Image.Image) -> np.ndarray:
+    """Convert any Pillow mode to 8-bit RGB without clipping high bit depths."""
+    mode = image.mode
+    if mode == "RGB":
+        return np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
+    if mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
+        values = np.asarray(image).astype(np.float64)
+        # 16-bit data is scaled to 8 bits; Pillow's own convert("L") would clip at 255.
+        if mode.startswith("I;16"):
+            scale = 255.0 / 65535.0
+        elif mode == "F" and values.max(initial=0) <= 1.0:
+            scale = 255.0
+        else:  # 32-bit "I" (how Pillow opens some 16-bit files): judge by the values
+            scale = 255.0 / 65535.0 if values.max(initial=0) > 255 else 1.0
+        gray = np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
+    has_alpha = mode in ("RGBA", "LA", "PA", "La", "RGBa") or (
+        mode == "P" and "transparency" in image.info
+    )
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        image = Image.alpha_composite(background, rgba)
+    return np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
+
+
+def resize_with_pad(image: np.ndarray, size: int) -> np.ndarray:
+    """Fit an RGB image into a ``size`` x ``size`` square without stretching it.
+
+    The longer side is scaled to ``size`` (antialiased bilinear) and the rest is
+    padded with black, the background NIH crops already have, so a cell keeps its
+    shape whatever the crop's aspect ratio.
+
+    Args:
+        image: A uint8 array of shape ``(height, width, 3)``.
+        size: The side of the square output.
+
+    Returns:
+        A uint8 array of shape ``(size, size, 3)``.
+    """
+    height, width = image.shape[:2]
+    scale = size / max(height, width)
+    new_width = max(1, round(width * scale))
+    new_height = max(1, round(height * scale))
+    canvas = np.zeros((size, size, 3), dtype=np.uint8)
+    if (new_width, new_height) == (width, height):
+        resized = image
+    else:
+        resized = np.asarray(
+            Image.fromarray(image).resize((new_width, new_height), Image.Resampling.BILINEAR)
+        )
+    top = (size - new_height) // 2
+    left = (size - new_width) // 2
+    canvas[top : top + new_height, left : left + new_width] = resized
+    return canvas
+
+
+def load_for_model(path: str | Path, size: int) -> np.ndarray:
+    """Read a file and fit it to the model's square input (one call for all stages)."""
+    return resize_with_pad(load_rgb_image(path), size)
+
+
+def sha256_of_file(path: str | Path) -> str:
+    """Hash file contents, to find identical images under different names."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,56 @@
+"""Where the bundled default model lives, and reading/writing model cards.
+
+A model card is a JSON file next to a ``.keras`` model (``<name>.card.json``... or
+``model_card.json`` in the same folder) that says what the model was trained on, how
+it was split, and how well it did on its own test patients.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+DEFAULT_MODEL_DIR = Path(__file__).parent / "models" / "default"
+MODEL_FILE = "model.keras"
+CARD_FILE = "model_card.json"
+
+
+def default_model_path() -> Path:
+    """The bundled default model, shipped inside the package.
+
+    Raises:
+        ValueError: If the package was installed without it.
+    """
+    path = DEFAULT_MODEL_DIR / MODEL_FILE
+    if not path.is_file():
+        raise ValueError(
+            f"The bundled default model is missing ({path}). Reinstall malaria-classifier, "
+            f"or pass --model with a model from `malaria train`."
+        )
+    return path
+
+
+def card_path_for(model_path: Path) -> Path:
+    """The model card that belongs to a model file (same folder)."""
+    return Path(model_path).parent / CARD_FILE
+
+
+def read_model_card(model_path: Path) -> dict[str, Any]:
+    """The card next to ``model_path``, or an empty dict when there is none."""
+    path = card_path_for(model_path)
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(
+            f"Model card {path} is unreadable ({error}). Delete it or re-run `malaria train`."
+        ) from None
+
+
+def write_json_atomically(data: Any, path: Path) -> None:
+    """Write JSON to a temporary file and rename it, so a crash never leaves half a file."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    temporary.replace(path)

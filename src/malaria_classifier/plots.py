@@ -1,0 +1,121 @@
+"""Confusion matrix and ROC curve as Plotly figures (for the dashboard) and PNG files.
+
+Compute, then render: these functions take results from :mod:`evaluation`, return
+figures, and never show them; the caller decides where to save.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on servers
+import matplotlib.pyplot as plt  # noqa: E402
+import plotly.graph_objects as go  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from malaria_classifier.constants import CLASS_NAMES, POSITIVE_CLASS  # noqa: E402
+
+
+def _title(kind: str, split: str) -> str:
+    return f"{kind}, {split} split (positive class: {POSITIVE_CLASS})"
+
+
+def confusion_matrix_plotly(counts: list[list[int]], split: str) -> go.Figure:
+    """Heat map with rows = true class, columns = predicted class, counts in cells."""
+    figure = go.Figure(
+        go.Heatmap(
+            z=counts,
+            x=list(CLASS_NAMES),
+            y=list(CLASS_NAMES),
+            text=[[str(value) for value in row] for row in counts],
+            texttemplate="%{text}",
+            colorscale="Blues",
+            showscale=False,
+            hovertemplate="true %{y}<br>predicted %{x}<br>%{z} cells<extra></extra>",
+        )
+    )
+    figure.update_layout(
+        title=_title("Confusion matrix (cells)", split),
+        xaxis_title="Predicted class",
+        yaxis_title="True class",
+        yaxis_autorange="reversed",
+    )
+    return figure
+
+
+def roc_curve_plotly(roc: dict[str, list[float]], auc: float, split: str) -> go.Figure:
+    """ROC curve with the chance diagonal; hovering shows the threshold."""
+    figure = go.Figure()
+    figure.add_trace(
+        go.Scatter(
+            x=roc["false_positive_rate"],
+            y=roc["true_positive_rate"],
+            customdata=roc["thresholds"],
+            mode="lines",
+            name=f"model (AUC = {auc:.4f})",
+            hovertemplate="FPR %{x:.3f}<br>TPR %{y:.3f}<br>threshold %{customdata:.3f}"
+            "<extra></extra>",
+        )
+    )
+    figure.add_trace(
+        go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="chance", line={"dash": "dash"})
+    )
+    figure.update_layout(
+        title=_title("ROC curve (cells)", split),
+        xaxis_title="False positive rate (1 - specificity)",
+        yaxis_title="True positive rate (sensitivity)",
+    )
+    return figure
+
+
+def confusion_matrix_figure(counts: list[list[int]], split: str) -> Figure:
+    """Matplotlib version of :func:`confusion_matrix_plotly` for the PNG file."""
+    figure, axis = plt.subplots(figsize=(5, 4.5))
+    axis.imshow(counts, cmap="Blues")
+    for row in range(2):
+        for column in range(2):
+            axis.text(column, row, str(counts[row][column]), ha="center", va="center")
+    axis.set_xticks([0, 1], labels=list(CLASS_NAMES))
+    axis.set_yticks([0, 1], labels=list(CLASS_NAMES))
+    axis.set_xlabel("Predicted class")
+    axis.set_ylabel("True class")
+    axis.set_title(_title("Confusion matrix (cells)", split), fontsize=9)
+    figure.tight_layout()
+    return figure
+
+
+def roc_curve_figure(roc: dict[str, list[float]], auc: float, split: str) -> Figure:
+    """Matplotlib version of :func:`roc_curve_plotly` for the PNG file."""
+    figure, axis = plt.subplots(figsize=(5, 4.5))
+    axis.plot(roc["false_positive_rate"], roc["true_positive_rate"], label=f"AUC = {auc:.4f}")
+    axis.plot([0, 1], [0, 1], linestyle="--", label="chance")
+    axis.set_xlabel("False positive rate (1 - specificity)")
+    axis.set_ylabel("True positive rate (sensitivity)")
+    axis.set_title(_title("ROC curve (cells)", split), fontsize=9)
+    axis.legend(loc="lower right")
+    figure.tight_layout()
+    return figure
+
+
+def save_figures(
+    output_dir: Path, counts: list[list[int]], roc: dict[str, list[float]], auc: float, split: str
+) -> list[Path]:
+    """Write confusion matrix and ROC curve as PNG and Plotly JSON; returns the paths."""
+    written = []
+    for stem, plotly_figure, matplotlib_figure in (
+        (
+            "confusion_matrix",
+            confusion_matrix_plotly(counts, split),
+            confusion_matrix_figure(counts, split),
+        ),
+        ("roc_curve", roc_curve_plotly(roc, auc, split), roc_curve_figure(roc, auc, split)),
+    ):
+        json_path = output_dir / f"{stem}.json"
+        json_path.write_text(plotly_figure.to_json(), encoding="utf-8")
+        png_path = output_dir / f"{stem}.png"
+        matplotlib_figure.savefig(png_path, dpi=120)
+        plt.close(matplotlib_figure)
+        written += [json_path, png_path]
+    return written

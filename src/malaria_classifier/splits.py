@@ -1,0 +1,232 @@
+"""Split images into train/validation/test by patient, and prove nothing leaks.
+
+A cell-level random split lets one patient's cells sit in train and test, which
+makes error rates look about three times lower than on new patients (Rajaraman et
+al. 2018). Here the unit of splitting is the patient; patients that share an
+identical image (same SHA-256) are kept together too.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from malaria_classifier.constants import CLASS_NAMES, POSITIVE_CLASS
+from malaria_classifier.data import ImageRecord
+
+SPLITS: tuple[str, str, str] = ("train", "validation", "test")
+MANIFEST_COLUMNS: tuple[str, ...] = ("path", "label", "patient", "split", "sha256")
+
+
+class LeakageError(RuntimeError):
+    """A patient or an identical image sits in two splits."""
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    """One line of a run's ``manifest.csv``; ``path`` is relative to the data root."""
+
+    path: str
+    label: str
+    patient: str
+    split: str
+    sha256: str
+
+
+def split_by_patient(
+    records: Sequence[ImageRecord],
+    hashes: dict[Path, str],
+    validation_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    seed: int = 42,
+) -> list[str]:
+    """Assign each record to a split so that no patient is in two splits.
+
+    Patients are stratified into those with parasitized cells and those without, and
+    each stratum is shared out in the requested proportions (counted in cells), so
+    every split holds both classes in similar proportions.
+
+    Args:
+        records: The labelled images.
+        hashes: SHA-256 of each record's file, to keep identical images together.
+        validation_fraction: Share of cells for validation.
+        test_fraction: Share of cells for the test split.
+        seed: Makes the assignment reproducible.
+
+    Returns:
+        The split name of each record, in the order of ``records``.
+
+    Raises:
+        ValueError: If the fractions are out of range or there are too few patients.
+    """
+    _check_fractions(validation_fraction, test_fraction)
+    group_of_patient = _group_patients(records, hashes)
+    groups: dict[str, list[int]] = defaultdict(list)
+    for index, record in enumerate(records):
+        groups[group_of_patient[record.patient]].append(index)
+    if len(groups) < len(SPLITS):
+        raise ValueError(
+            f"Only {len(groups)} patient group(s) found; a patient-level split needs at "
+            f"least 3. Add images from more patients (see the patient rule in "
+            f"malaria_classifier.data)."
+        )
+    targets = np.array(
+        [1.0 - validation_fraction - test_fraction, validation_fraction, test_fraction]
+    )
+    rng = np.random.default_rng(seed)
+    assignment: dict[str, str] = {}
+    for stratum_index, stratum in enumerate(_strata(groups, records)):
+        order = rng.permutation(len(stratum))
+        filled = np.zeros(len(SPLITS))
+        total = sum(len(groups[name]) for name in stratum)
+        if stratum_index == 0 and len(stratum) >= len(SPLITS):
+            # Seed every split with one group first, so small data sets never end up
+            # with an empty validation or test split.
+            for split_index, position in enumerate(order[: len(SPLITS)]):
+                assignment[stratum[position]] = SPLITS[split_index]
+                filled[split_index] += len(groups[stratum[position]])
+            order = order[len(SPLITS) :]
+        for position in order:
+            name = stratum[position]
+            # Give the group to the split furthest below its target share.
+            deficit = targets * total - filled
+            chosen = int(np.argmax(deficit))
+            assignment[name] = SPLITS[chosen]
+            filled[chosen] += len(groups[name])
+    empty = sorted(set(SPLITS) - set(assignment.values()))
+    if empty:
+        raise ValueError(
+            f"The {', '.join(empty)} split(s) got no patients ({len(groups)} patient groups). "
+            f"Add images from more patients."
+        )
+    return [assignment[group_of_patient[record.patient]] for record in records]
+
+
+def _check_fractions(validation_fraction: float, test_fraction: float) -> None:
+    for name, value in (
+        ("validation_fraction", validation_fraction),
+        ("test_fraction", test_fraction),
+    ):
+        if not 0.0 < value < 1.0:
+            raise ValueError(f"{name} must be between 0 and 1 (exclusive), got {value}.")
+    if validation_fraction + test_fraction >= 0.9:
+        raise ValueError(
+            f"validation_fraction + test_fraction = {validation_fraction + test_fraction:.2f} "
+            f"leaves almost nothing to train on; keep their sum below 0.9."
+        )
+
+
+def _group_patients(records: Sequence[ImageRecord], hashes: dict[Path, str]) -> dict[str, str]:
+    """Union patients that share an identical image; returns patient -> group name."""
+    parent: dict[str, str] = {record.patient: record.patient for record in records}
+
+    def find(patient: str) -> str:
+        while parent[patient] != patient:
+            parent[patient] = parent[parent[patient]]
+            patient = parent[patient]
+        return patient
+
+    first_patient_of_hash: dict[str, str] = {}
+    for record in records:
+        digest = hashes.get(record.path)
+        if digest is None:
+            continue
+        other = first_patient_of_hash.setdefault(digest, record.patient)
+        root_a, root_b = find(other), find(record.patient)
+        if root_a != root_b:
+            parent[max(root_a, root_b)] = min(root_a, root_b)
+    return {patient: find(patient) for patient in parent}
+
+
+def _strata(groups: dict[str, list[int]], records: Sequence[ImageRecord]) -> list[list[str]]:
+    with_positive = sorted(
+        name
+        for name, members in groups.items()
+        if any(records[i].label == POSITIVE_CLASS for i in members)
+    )
+    without_positive = sorted(set(groups) - set(with_positive))
+    return [stratum for stratum in (with_positive, without_positive) if stratum]
+
+
+def build_manifest(
+    records: Sequence[ImageRecord], hashes: dict[Path, str], splits: Sequence[str], root: Path
+) -> list[ManifestRow]:
+    """Combine records, hashes and split names into manifest rows (paths relative)."""
+    return [
+        ManifestRow(
+            path=record.path.relative_to(root).as_posix(),
+            label=record.label,
+            patient=record.patient,
+            split=split,
+            sha256=hashes[record.path],
+        )
+        for record, split in zip(records, splits, strict=True)
+    ]
+
+
+def check_no_leakage(rows: Sequence[ManifestRow]) -> None:
+    """Fail loudly if a patient or an identical image appears in two splits.
+
+    Raises:
+        LeakageError: Naming the patient or files and the splits involved.
+    """
+    for key, what in (("patient", "Patient"), ("sha256", "Identical image (SHA-256)")):
+        splits_of: dict[str, set[str]] = defaultdict(set)
+        for row in rows:
+            splits_of[getattr(row, key)].add(row.split)
+        leaks = {value: sorted(found) for value, found in splits_of.items() if len(found) > 1}
+        if leaks:
+            value, found = next(iter(sorted(leaks.items())))
+            examples = [row.path for row in rows if getattr(row, key) == value][:3]
+            raise LeakageError(
+                f"{what} {value} is in splits {found} (files {examples}; {len(leaks)} such "
+                f"case(s) in total). Test figures would be inflated. Re-create the split with "
+                f"split_by_patient instead of editing the manifest by hand."
+            )
+
+
+def split_summary(rows: Sequence[ManifestRow]) -> dict[str, dict[str, int]]:
+    """Cells per class and patients per split, for logs and the model card."""
+    summary: dict[str, dict[str, int]] = {}
+    for split in SPLITS:
+        members = [row for row in rows if row.split == split]
+        entry = {label: sum(row.label == label for row in members) for label in CLASS_NAMES}
+        entry["cells"] = len(members)
+        entry["patients"] = len({row.patient for row in members})
+        summary[split] = entry
+    return summary
+
+
+def write_manifest(rows: Sequence[ManifestRow], path: Path) -> None:
+    """Write the manifest CSV atomically (a crash never leaves half a file)."""
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(MANIFEST_COLUMNS)
+        for row in rows:
+            writer.writerow([getattr(row, column) for column in MANIFEST_COLUMNS])
+    temporary.replace(path)
+
+
+def read_manifest(path: Path) -> list[ManifestRow]:
+    """Read a manifest CSV written by :func:`write_manifest`.
+
+    Raises:
+        ValueError: If the file lacks the expected columns.
+    """
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        missing = set(MANIFEST_COLUMNS) - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(
+                f"{path} is not a manifest: columns {sorted(missing)} are missing "
+                f"(expected {', '.join(MANIFEST_COLUMNS)})."
+            )
+        return [
+            ManifestRow(**{column: line[column] for column in MANIFEST_COLUMNS}) for line in reader
+        ]

@@ -1,0 +1,348 @@
+"""Train a model into a run folder that can be resumed and reproduced.
+
+A run folder holds: ``config.yaml`` (resolved settings), ``manifest.csv`` (the
+patient-level split), ``model.keras`` (best epoch by validation loss, weights only,
+no optimizer), ``model_card.json``, ``history.json``, ``metrics.json``,
+``evaluation/`` (test-split figures), ``tensorboard/`` and ``checkpoint/`` (the last
+epoch with optimizer state, for ``--resume``). Every file is written to a temporary
+name and renamed, so a killed run never leaves a corrupt model where a good one was.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from malaria_classifier.config import TrainingConfig, load_config, save_config
+from malaria_classifier.constants import CLASS_NAMES, POSITIVE_CLASS
+from malaria_classifier.data import check_dataset, find_class_root
+from malaria_classifier.evaluation import summarize
+from malaria_classifier.model import build_model, compile_model, count_weight_bytes
+from malaria_classifier.model_card import CARD_FILE, MODEL_FILE, write_json_atomically
+from malaria_classifier.pipeline import make_dataset
+from malaria_classifier.splits import (
+    SPLITS,
+    ManifestRow,
+    build_manifest,
+    check_no_leakage,
+    read_manifest,
+    split_by_patient,
+    split_summary,
+    write_manifest,
+)
+
+CHECKPOINT_DIR = "checkpoint"
+LAST_CHECKPOINT = "last.keras"
+STATE_FILE = "state.json"
+
+
+class RunFolderError(ValueError):
+    """A run folder cannot be used as asked (e.g. it exists and --resume was not given)."""
+
+
+@dataclass
+class TrainingResult:
+    """What a finished training run produced."""
+
+    run_dir: Path
+    model_path: Path
+    metrics: dict[str, Any]
+    seconds: float
+
+
+def save_model_atomically(model: keras.Model, path: Path, include_optimizer: bool) -> None:
+    """Save to a temporary file, then rename over ``path``.
+
+    Without the optimizer the file is about three times smaller; that is what gets
+    shipped. The checkpoint keeps it so a resumed run continues Adam's state.
+    """
+    if not include_optimizer and getattr(model, "optimizer", None) is not None:
+        model = _uncompiled_copy(model)
+    temporary = path.with_name(f".{path.stem}.partial.keras")
+    model.save(temporary)
+    temporary.replace(path)
+
+
+def _uncompiled_copy(model: keras.Model) -> keras.Model:
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+class RunCheckpoint(keras.callbacks.Callback):
+    """Keeps the best model, the last checkpoint and the history on disk every epoch.
+
+    It also does early stopping, because its state (best loss, epochs without
+    improvement) must survive an interruption together with the checkpoint.
+    """
+
+    def __init__(self, run_dir: Path, patience: int, state: dict[str, Any]) -> None:
+        super().__init__()
+        self.run_dir = run_dir
+        self.patience = patience
+        self.state = state
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+        logs = {key: float(value) for key, value in (logs or {}).items()}
+        logs["learning_rate"] = float(
+            keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)
+        )
+        self.state["history"].append({"epoch": epoch + 1, **logs})
+        validation_loss = logs.get("val_loss", math.inf)
+        if validation_loss < self.state["best_val_loss"]:
+            self.state.update(best_val_loss=validation_loss, best_epoch=epoch + 1, wait=0)
+            save_model_atomically(self.model, self.run_dir / MODEL_FILE, include_optimizer=False)
+        else:
+            self.state["wait"] += 1
+        save_model_atomically(
+            self.model, self.run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT, include_optimizer=True
+        )
+        self.state["epoch"] = epoch + 1
+        write_json_atomically(self.state, self.run_dir / CHECKPOINT_DIR / STATE_FILE)
+        write_json_atomically(self.state["history"], self.run_dir / "history.json")
+        if self.state["wait"] >= self.patience:
+            self.model.stop_training = True
+
+
+def cosine_learning_rate(config: TrainingConfig):
+    """Learning rate by epoch (a pure function of the epoch, so resuming is exact)."""
+
+    def schedule(epoch: int, _current: float) -> float:
+        return 0.5 * config.learning_rate * (1 + math.cos(math.pi * epoch / config.epochs))
+
+    return schedule
+
+
+def prepare_split(
+    data_dir: Path, config: TrainingConfig, run_dir: Path, progress: bool = True
+) -> tuple[Path, list[ManifestRow]]:
+    """Check every image, split by patient, guard against leakage, write the manifest.
+
+    Unreadable images are left out and listed in ``data_report.json``.
+    """
+    report = check_dataset(data_dir, progress=progress)
+    for _path, error in report.unreadable:
+        print(f"Skipping unreadable image: {error}", file=sys.stderr)
+    splits = split_by_patient(
+        report.records, report.hashes, config.validation_fraction, config.test_fraction, config.seed
+    )
+    rows = build_manifest(report.records, report.hashes, splits, report.root)
+    check_no_leakage(rows)
+    write_manifest(rows, run_dir / "manifest.csv")
+    write_json_atomically(report.to_dict(), run_dir / "data_report.json")
+    return report.root, rows
+
+
+def _open_run(
+    data_dir: Path, config: TrainingConfig, run_dir: Path, resume: bool
+) -> tuple[TrainingConfig, Path, list[ManifestRow], dict[str, Any]]:
+    manifest_path = run_dir / "manifest.csv"
+    state_path = run_dir / CHECKPOINT_DIR / STATE_FILE
+    fresh_state = {"epoch": 0, "best_val_loss": math.inf, "best_epoch": 0, "wait": 0, "history": []}
+    if resume:
+        if not manifest_path.is_file():
+            raise RunFolderError(
+                f"Cannot resume: {run_dir} has no manifest.csv. Start a new run without --resume."
+            )
+        config = load_config(run_dir / "config.yaml")
+        rows = read_manifest(manifest_path)
+        check_no_leakage(rows)
+        state = _read_state(state_path) if state_path.is_file() else fresh_state
+        return config, find_class_root(data_dir), rows, state
+    if (run_dir / MODEL_FILE).exists() or state_path.exists():
+        raise RunFolderError(
+            f"{run_dir} already holds a training run. Pass --resume to continue it, or "
+            f"choose another --output folder."
+        )
+    (run_dir / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / "config.yaml")
+    root, rows = prepare_split(data_dir, config, run_dir)
+    return config, root, rows, fresh_state
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    import json
+
+    state = json.loads(path.read_text(encoding="utf-8"))
+    state["best_val_loss"] = float(state["best_val_loss"])
+    return state
+
+
+def train_model(
+    data_dir: str | Path,
+    config: TrainingConfig,
+    run_dir: str | Path,
+    resume: bool = False,
+    verbose: int | str = "auto",
+) -> TrainingResult:
+    """Train a CNN on ``data_dir`` and write everything into ``run_dir``.
+
+    Example:
+        >>> config = TrainingConfig(epochs=3)
+        >>> result = train_model("cell_images", config, "runs/demo")  # doctest: +SKIP
+        >>> result.metrics["test"]["metrics"]["accuracy"]["value"]  # doctest: +SKIP
+
+    Args:
+        data_dir: A folder in the NIH layout (``Parasitized/``, ``Uninfected/``).
+        config: Training settings (ignored when resuming: the run's own are used).
+        run_dir: Output folder; created if needed.
+        resume: Continue an interrupted run in ``run_dir`` from its last epoch.
+        verbose: Keras verbosity; ``"auto"`` shows a progress bar on a terminal.
+
+    Returns:
+        A :class:`TrainingResult` with the model path and its metrics.
+
+    Raises:
+        RunFolderError: If ``run_dir`` holds a run and ``resume`` is False, or the reverse.
+        DataLayoutError: If ``data_dir`` is not in the expected layout.
+    """
+    started = time.monotonic()
+    run_dir = Path(run_dir)
+    data_dir = Path(data_dir)
+    config, root, rows, state = _open_run(data_dir, config, run_dir, resume)
+    keras.utils.set_random_seed(config.seed)
+    by_split = {split: [row for row in rows if row.split == split] for split in SPLITS}
+    datasets = {
+        split: make_dataset(
+            [root / row.path for row in by_split[split]],
+            [row.label for row in by_split[split]],
+            config,
+            training=split == "train",
+        )
+        for split in ("train", "validation")
+    }
+    model = _model_for_run(config, run_dir, state)
+    if state["epoch"] < config.epochs and state["wait"] < config.early_stopping_patience:
+        model.fit(
+            datasets["train"],
+            validation_data=datasets["validation"],
+            epochs=config.epochs,
+            initial_epoch=state["epoch"],
+            callbacks=[
+                keras.callbacks.LearningRateScheduler(cosine_learning_rate(config)),
+                RunCheckpoint(run_dir, config.early_stopping_patience, state),
+                keras.callbacks.TensorBoard(log_dir=str(run_dir / "tensorboard")),
+            ],
+            verbose=_keras_verbosity(verbose),
+        )
+    training_seconds = time.monotonic() - started
+    metrics = evaluate_run(run_dir, root, by_split)
+    card = build_model_card(config, run_dir, root, rows, state, metrics, training_seconds)
+    write_json_atomically(card, run_dir / CARD_FILE)
+    return TrainingResult(run_dir, run_dir / MODEL_FILE, metrics, training_seconds)
+
+
+def _keras_verbosity(verbose: int | str) -> int | str:
+    if verbose == "auto":
+        return 1 if sys.stdout.isatty() else 2
+    return verbose
+
+
+def _model_for_run(config: TrainingConfig, run_dir: Path, state: dict[str, Any]) -> keras.Model:
+    checkpoint = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
+    if state["epoch"] > 0 and checkpoint.is_file():
+        print(f"Resuming from epoch {state['epoch']} ({checkpoint}).", file=sys.stderr)
+        return keras.saving.load_model(checkpoint, compile=True, safe_mode=True)
+    return compile_model(build_model(config), config.learning_rate)
+
+
+def evaluate_run(
+    run_dir: Path, root: Path, by_split: dict[str, list[ManifestRow]]
+) -> dict[str, Any]:
+    """Score the best model on validation and test patients; save test figures."""
+    from malaria_classifier.evaluation import roc_points
+    from malaria_classifier.plots import save_figures
+    from malaria_classifier.prediction import Predictor
+
+    predictor = Predictor(run_dir / MODEL_FILE)
+    metrics: dict[str, Any] = {}
+    for split in ("validation", "test"):
+        split_rows = by_split[split]
+        predictions = list(predictor.predict_paths([root / row.path for row in split_rows]))
+        y_true = np.array([CLASS_NAMES.index(row.label) for row in split_rows])
+        y_score = np.array([row.probability for row in predictions])
+        metrics[split] = summarize(y_true, y_score, [row.patient for row in split_rows], split)
+        if split == "test":
+            output_dir = run_dir / "evaluation"
+            output_dir.mkdir(exist_ok=True)
+            save_figures(
+                output_dir,
+                metrics[split]["confusion_matrix"]["counts"],
+                roc_points(y_true, y_score),
+                metrics[split]["metrics"]["roc_auc"]["value"],
+                split,
+            )
+    write_json_atomically(metrics, run_dir / "metrics.json")
+    return metrics
+
+
+def build_model_card(
+    config: TrainingConfig,
+    run_dir: Path,
+    root: Path,
+    rows: list[ManifestRow],
+    state: dict[str, Any],
+    metrics: dict[str, Any],
+    training_seconds: float,
+) -> dict[str, Any]:
+    """The JSON model card: data, split, config, metrics with CIs, versions, date."""
+    model = keras.saving.load_model(run_dir / MODEL_FILE, compile=False, safe_mode=True)
+    patients = {
+        split: sorted({row.patient for row in rows if row.split == split}) for split in SPLITS
+    }
+    return {
+        "model": MODEL_FILE,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "task": "Classify a single red-blood-cell crop from a Giemsa-stained thin blood smear.",
+        "class_order": list(CLASS_NAMES),
+        "positive_class": POSITIVE_CLASS,
+        "probability": f"softmax output {CLASS_NAMES.index(POSITIVE_CLASS)} = P({POSITIVE_CLASS})",
+        "decision_threshold": 0.5,
+        "input": {
+            "shape": [config.image_size, config.image_size, 3],
+            "dtype": "uint8",
+            "pixels": "raw RGB 0-255; normalization is inside the model",
+            "resize": "longer side scaled to image_size (antialiased bilinear), padded with black",
+        },
+        "weights": {"parameters": int(model.count_params()), "bytes": count_weight_bytes(model)},
+        "data": {
+            "folder": str(root),
+            "cells": {label: sum(row.label == label for row in rows) for label in CLASS_NAMES},
+            "patients": len({row.patient for row in rows}),
+        },
+        "split": {
+            "unit": "patient",
+            "seed": config.seed,
+            "fractions": {
+                "train": round(1 - config.validation_fraction - config.test_fraction, 4),
+                "validation": config.validation_fraction,
+                "test": config.test_fraction,
+            },
+            "summary": split_summary(rows),
+            "patients": patients,
+        },
+        "config": config.to_dict(),
+        "training": {
+            "epochs_run": state["epoch"],
+            "best_epoch": state["best_epoch"],
+            "best_val_loss": state["best_val_loss"],
+            "seconds": round(training_seconds, 1),
+            "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPU cores",
+        },
+        "metrics": metrics,
+        "versions": {
+            "tensorflow": tf.__version__,
+            "keras": keras.__version__,
+            "python": platform.python_version(),
+        },
+    }

@@ -1,0 +1,55 @@
+"""Synthetic cell images and tiny models shared by the tests (no real data needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+
+def draw_cell(size: int, parasitized: bool, rng: np.random.Generator) -> Image.Image:
+    """A pink disc on black; parasitized cells carry a dark purple dot, like a ring form."""
+    image = Image.new("RGB", (size, size), (0, 0, 0))
+    draw = ImageDraw.Draw(image)
+    margin = int(rng.integers(1, max(2, size // 8)))
+    pink = tuple(int(v) for v in rng.integers([200, 130, 150], [240, 170, 190]))
+    draw.ellipse([margin, margin, size - margin, size - margin], fill=pink)
+    if parasitized:
+        radius = max(2, size // 7)
+        x, y = rng.integers(size // 3, 2 * size // 3, size=2)
+        draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=(80, 20, 110))
+    return image
+
+
+def write_synthetic_dataset(
+    root: Path, patients: int = 8, cells_per_class: int = 6, size: int = 40, seed: int = 0
+) -> Path:
+    """An NIH-layout folder: infected patients P1.. with both classes, healthy donors C9xx."""
+    rng = np.random.default_rng(seed)
+    for label in ("Parasitized", "Uninfected"):
+        (root / label).mkdir(parents=True, exist_ok=True)
+    for patient in range(1, patients + 1):
+        infected = patient <= patients * 3 // 4
+        for cell in range(cells_per_class):
+            if infected:
+                name = f"C{patient + 10}P{patient}thinF_IMG_2015_{patient}_cell_{cell}.png"
+                draw_cell(size, True, rng).save(root / "Parasitized" / name)
+                prefix = f"C{patient + 10}P{patient}thinF_IMG_2015_{patient}"
+            else:
+                prefix = f"C{900 + patient}NThinF_IMG_2015_{patient}"
+            draw_cell(size, False, rng).save(root / "Uninfected" / f"{prefix}_cell_{cell + 50}.png")
+    return root
+
+
+def save_tiny_model(path: Path, image_size: int = 32) -> Path:
+    """An untrained, very small model saved like `malaria train` saves its best model."""
+    from malaria_classifier.config import TrainingConfig
+    from malaria_classifier.model import build_model, compile_model
+    from malaria_classifier.training import save_model_atomically
+
+    config = TrainingConfig(image_size=image_size, base_filters=4, conv_blocks=2, dense_units=8)
+    model = compile_model(build_model(config), config.learning_rate)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_model_atomically(model, path, include_optimizer=False)
+    return path

@@ -1,0 +1,103 @@
+"""Shared fixtures: tiny synthetic PNGs, an NIH-layout data folder, the shared data subset.
+
+``synthetic_dataset`` builds ``tmp_path/cell_images/{Parasitized,Uninfected}`` with NIH-style
+names and returns the ``cell_images`` folder. Its layout (every image's content is unique, so
+no two files share a SHA-256):
+
+- 6 infected patients ``P1``..``P6`` (slides ``C33``..``C38``), each with
+  4 cells in ``Parasitized/`` and 3 cells in ``Uninfected/``;
+- 4 healthy donors ``C1``, ``C2`` (``C<n>_thinF_IMG_...``), ``C205`` (``C205NThinF_IMG_...``)
+  and ``C3`` (``C3thin_original_IMG_...``), each with 4 cells in ``Uninfected/`` only.
+
+So 24 parasitized and 34 uninfected images, 10 patients, 6 of them with parasitized cells.
+Widths and heights each run over 20 to 40 px (both ends occur).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+INFECTED_PATIENTS = {f"P{n}": f"C{32 + n}P{n}thinF_IMG_20150619_1147{50 + n}a" for n in range(1, 7)}
+HEALTHY_DONORS = {
+    "C1": "C1_thinF_IMG_20150604_104722",
+    "C2": "C2_thinF_IMG_20150604_105130",
+    "C205": "C205NThinF_IMG_20151106_150155",
+    "C3": "C3thin_original_IMG_20150608_162922",
+}
+PARASITIZED_PER_INFECTED = 4
+UNINFECTED_PER_INFECTED = 3
+CELLS_PER_HEALTHY = 4
+N_PARASITIZED = len(INFECTED_PATIENTS) * PARASITIZED_PER_INFECTED
+N_UNINFECTED = (
+    len(INFECTED_PATIENTS) * UNINFECTED_PER_INFECTED + len(HEALTHY_DONORS) * CELLS_PER_HEALTHY
+)
+
+MakePng = Callable[..., Path]
+
+
+def write_png(
+    path: str | Path,
+    size: tuple[int, int] = (24, 24),
+    color: tuple[int, ...] | int = (200, 30, 60),
+    mode: str = "RGB",
+) -> Path:
+    """Write a one-colour image of ``size`` = (width, height) in Pillow ``mode``; return its path.
+
+    The format follows the suffix (``.png`` unless told otherwise); parent folders are created.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, color).save(path)
+    return path
+
+
+@pytest.fixture
+def make_png() -> MakePng:
+    """The :func:`write_png` helper.
+
+    Call it as ``make_png(path, size=(w, h), color=(r, g, b), mode="RGB")``.
+    """
+    return write_png
+
+
+def _unique_image(index: int) -> tuple[tuple[int, int], tuple[int, int, int]]:
+    """Size and colour of the ``index``-th synthetic cell; the colour alone is unique per index."""
+    size = (20 + (index * 5) % 21, 20 + (index * 11) % 21)
+    color = (10 + 3 * index, 250 - 2 * index, (index * 37) % 256)
+    return size, color
+
+
+@pytest.fixture
+def synthetic_dataset(tmp_path: Path) -> Path:
+    """An NIH-layout folder (see the module docstring); returns ``tmp_path/cell_images``."""
+    root = tmp_path / "cell_images"
+    index = 0
+
+    def add(label: str, field_name: str, cells: int) -> None:
+        nonlocal index
+        for cell in range(1, cells + 1):
+            size, color = _unique_image(index)
+            write_png(root / label / f"{field_name}_cell_{cell}.png", size=size, color=color)
+            index += 1
+
+    for field_name in INFECTED_PATIENTS.values():
+        add("Parasitized", field_name, PARASITIZED_PER_INFECTED)
+        add("Uninfected", field_name, UNINFECTED_PER_INFECTED)
+    for field_name in HEALTHY_DONORS.values():
+        add("Uninfected", field_name, CELLS_PER_HEALTHY)
+    return root
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir() -> Path:
+    """The NIH subset in ``../shared/data/nih-cell-images``; skips the test when it is absent."""
+    path = (REPO_ROOT / ".." / "shared" / "data" / "nih-cell-images").resolve()
+    if not (path / "Parasitized").is_dir() or not (path / "Uninfected").is_dir():
+        pytest.skip(f"shared NIH data subset not found at {path} (needs Parasitized/, Uninfected/)")
+    return path

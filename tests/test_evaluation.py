@@ -1,0 +1,103 @@
+"""Metrics are exact on hand-checked examples; intervals come from resampling patients."""
+
+import math
+
+import numpy as np
+import pytest
+
+from malaria_classifier.evaluation import (
+    METRIC_NAMES,
+    bootstrap_intervals,
+    compute_metrics,
+    per_patient_table,
+    roc_points,
+    summarize,
+)
+
+Y_TRUE = np.array([1, 1, 0, 0, 1, 0])
+Y_SCORE = np.array([0.9, 0.4, 0.2, 0.6, 0.7, 0.1])
+
+
+def test_compute_metrics_matches_hand_computed_values():
+    metrics = compute_metrics(Y_TRUE, Y_SCORE, threshold=0.5)
+    # predictions 1,0,0,1,1,0 -> tp=2, fn=1, fp=1, tn=2
+    assert (metrics["tp"], metrics["fn"], metrics["fp"], metrics["tn"]) == (2, 1, 1, 2)
+    assert metrics["accuracy"] == pytest.approx(4 / 6)
+    assert metrics["precision"] == pytest.approx(2 / 3)
+    assert metrics["recall"] == pytest.approx(2 / 3)
+    assert metrics["specificity"] == pytest.approx(2 / 3)
+    assert metrics["f1"] == pytest.approx(2 / 3)
+    assert metrics["mcc"] == pytest.approx(1 / 3)
+    assert metrics["roc_auc"] == pytest.approx(8 / 9)
+
+
+def test_threshold_moves_the_decision():
+    metrics = compute_metrics(Y_TRUE, Y_SCORE, threshold=0.35)
+    assert (metrics["tp"], metrics["fp"]) == (3, 1)
+
+
+def test_undefined_metrics_are_nan_not_errors():
+    metrics = compute_metrics(np.array([0, 0]), np.array([0.1, 0.2]))
+    assert math.isnan(metrics["precision"])
+    assert math.isnan(metrics["roc_auc"])
+    assert metrics["specificity"] == 1.0
+
+
+def _two_kinds_of_patients():
+    """20 patients: 18 classified perfectly, 2 entirely wrong."""
+    y_true, y_score, groups = [], [], []
+    for patient in range(20):
+        wrong = patient < 2
+        for cell in range(10):
+            label = cell % 2
+            y_true.append(label)
+            y_score.append(1.0 - label if wrong else float(label))
+            groups.append(f"P{patient}")
+    return np.array(y_true), np.array(y_score), groups
+
+
+def test_bootstrap_interval_brackets_the_point_estimate_and_is_reproducible():
+    y_true, y_score, groups = _two_kinds_of_patients()
+    point = compute_metrics(y_true, y_score)["accuracy"]
+    intervals = bootstrap_intervals(y_true, y_score, groups, n_resamples=500, seed=3)
+    low, high = intervals["accuracy"]
+    assert low < point < high
+    assert point == pytest.approx(0.9)
+    assert intervals == bootstrap_intervals(y_true, y_score, groups, n_resamples=500, seed=3)
+    assert set(intervals) == set(METRIC_NAMES)
+
+
+def test_bootstrap_resamples_patients_not_cells():
+    y_true, y_score, groups = _two_kinds_of_patients()
+    by_patient = bootstrap_intervals(y_true, y_score, groups, n_resamples=500)
+    # Treating every cell as its own patient hides the between-patient variation.
+    by_cell = bootstrap_intervals(
+        y_true, y_score, [str(i) for i in range(len(groups))], n_resamples=500
+    )
+    width = lambda interval: interval[1] - interval[0]  # noqa: E731
+    assert width(by_patient["accuracy"]) > 1.5 * width(by_cell["accuracy"])
+
+
+def test_per_patient_table_counts_each_patient():
+    rows = per_patient_table(Y_TRUE, Y_SCORE, ["A", "A", "A", "B", "B", "B"])
+    assert [row.patient for row in rows] == ["A", "B"]
+    assert (rows[0].cells, rows[0].parasitized_cells, rows[0].predicted_parasitized) == (3, 2, 1)
+    assert rows[0].accuracy == pytest.approx(2 / 3)
+    assert rows[1].accuracy == pytest.approx(2 / 3)
+
+
+def test_summarize_names_split_unit_and_positive_class():
+    report = summarize(Y_TRUE, Y_SCORE, ["A", "A", "B", "B", "C", "C"], "test", n_resamples=50)
+    assert report["split"] == "test"
+    assert report["positive_class"] == "Parasitized"
+    assert "cell" in report["unit"] and "patient" in report["unit"]
+    assert report["confusion_matrix"]["counts"] == [[2, 1], [1, 2]]
+    assert report["patients"] == 3
+    assert set(report["metrics"]) == set(METRIC_NAMES)
+
+
+def test_roc_points_start_at_origin_and_end_at_one():
+    roc = roc_points(Y_TRUE, Y_SCORE)
+    assert roc["false_positive_rate"][0] == 0.0
+    assert roc["true_positive_rate"][-1] == 1.0
+    assert all(np.isfinite(roc["thresholds"]))

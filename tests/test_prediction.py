@@ -1,0 +1,169 @@
+"""Predictor rows, bad files in a batch, output formats, and the bundled model on real cells."""
+
+import csv
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+from _synthetic import draw_cell, save_tiny_model, write_synthetic_dataset
+
+from malaria_classifier.images import load_for_model
+from malaria_classifier.prediction import (
+    OUTPUT_COLUMNS,
+    Predictor,
+    expand_inputs,
+    label_for,
+    write_rows,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_predictor(tmp_path_factory):
+    path = save_tiny_model(tmp_path_factory.mktemp("model") / "model.keras")
+    return Predictor(path, batch_size=4)
+
+
+@pytest.fixture
+def mixed_folder(tmp_path):
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "batch"
+    (folder / "nested").mkdir(parents=True)
+    for index in range(5):
+        draw_cell(30 + index, index % 2 == 0, rng).save(folder / f"cell_{index}.png")
+    draw_cell(50, True, rng).convert("L").save(folder / "nested" / "gray.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def test_label_for_uses_the_threshold_and_positive_class():
+    assert label_for(0.5) == "Parasitized"
+    assert label_for(0.49) == "Uninfected"
+    assert label_for(0.7, threshold=0.8) == "Uninfected"
+
+
+def test_expand_inputs_recurses_folders_and_reports_missing_paths(mixed_folder, tmp_path):
+    pairs = list(expand_inputs([mixed_folder, tmp_path / "missing.png"]))
+    paths = [os.path.basename(path) for path, _ in pairs]
+    assert "gray.png" in paths and "notes.txt" not in paths
+    assert pairs[-1][1] is not None and "does not exist" in pairs[-1][1]
+
+
+def test_one_bad_file_never_stops_the_batch(tiny_predictor, mixed_folder):
+    rows = list(tiny_predictor.predict_paths([mixed_folder]))
+    by_name = {os.path.basename(row.path): row for row in rows}
+    assert len(rows) == 8
+    for name in ("broken.png", "empty.png"):
+        assert by_name[name].label == ""
+        assert name in by_name[name].error
+        assert by_name[name].probability is None
+    good = [row for row in rows if not row.error]
+    assert len(good) == 6
+    for row in good:
+        assert row.label in ("Parasitized", "Uninfected")
+        assert 0.0 <= row.probability <= 1.0
+        expected = row.probability if row.label == "Parasitized" else 1 - row.probability
+        assert row.confidence == pytest.approx(expected)
+        assert row.confidence >= 0.5
+
+
+def test_rows_keep_input_order_across_batches(tiny_predictor, mixed_folder):
+    files = sorted(mixed_folder.glob("cell_*.png")) * 3  # more than one batch of 4
+    rows = list(tiny_predictor.predict_paths(files))
+    assert [row.path for row in rows] == [str(path) for path in files]
+    first = {row.path: row.probability for row in rows[:5]}
+    for row in rows[5:]:
+        assert row.probability == pytest.approx(first[row.path], abs=1e-6)
+
+
+def test_predict_arrays_matches_predict_paths(tiny_predictor, mixed_folder):
+    path = mixed_folder / "cell_0.png"
+    from_path = next(tiny_predictor.predict_paths([path])).probability
+    from_array = tiny_predictor.predict_arrays([load_for_model(path, 32)])[0]
+    assert from_array == pytest.approx(from_path, abs=1e-6)
+
+
+def test_write_rows_csv_has_the_documented_columns(tiny_predictor, mixed_folder):
+    buffer = io.StringIO()
+    counts = write_rows(tiny_predictor.predict_paths([mixed_folder]), buffer, "csv")
+    lines = list(csv.reader(io.StringIO(buffer.getvalue())))
+    assert (
+        tuple(lines[0]) == OUTPUT_COLUMNS == ("path", "label", "probability", "confidence", "error")
+    )
+    assert counts == {"predicted": 6, "failed": 2}
+    assert len(lines) == 9
+
+
+def test_write_rows_json_is_valid(tiny_predictor, mixed_folder):
+    buffer = io.StringIO()
+    write_rows(tiny_predictor.predict_paths([mixed_folder]), buffer, "json")
+    records = json.loads(buffer.getvalue())
+    assert len(records) == 8
+    assert set(records[0]) == set(OUTPUT_COLUMNS)
+
+
+def test_write_rows_rejects_unknown_format():
+    with pytest.raises(ValueError, match="csv.*json"):
+        write_rows([], io.StringIO(), "xml")
+
+
+def test_predictor_rejects_missing_model(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        Predictor(tmp_path / "nope.keras")
+
+
+def test_predictor_rejects_a_file_that_is_not_a_model(tmp_path):
+    fake = tmp_path / "model.keras"
+    fake.write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="could not be loaded"):
+        Predictor(fake)
+
+
+def test_inputs_are_never_modified(tiny_predictor, mixed_folder):
+    before = {
+        p: (p.read_bytes(), p.stat().st_mtime_ns) for p in mixed_folder.rglob("*") if p.is_file()
+    }
+    list(tiny_predictor.predict_paths([mixed_folder]))
+    after = {
+        p: (p.read_bytes(), p.stat().st_mtime_ns) for p in mixed_folder.rglob("*") if p.is_file()
+    }
+    assert before == after
+
+
+def test_default_model_is_bundled_and_described():
+    predictor = Predictor()
+    card = predictor.card
+    assert card["class_order"] == ["Uninfected", "Parasitized"]
+    assert card["positive_class"] == "Parasitized"
+    assert card["input"]["shape"] == [predictor.image_size, predictor.image_size, 3]
+    assert predictor.model_path.stat().st_size < 3 * 2**20
+    test_metrics = card["metrics"]["test"]["metrics"]
+    assert test_metrics["accuracy"]["ci95"][0] <= test_metrics["accuracy"]["value"]
+
+
+def test_default_model_separates_real_cells_of_its_test_patients(shared_data_dir):
+    """The shipped model on 100 cells of each class from its own held-out test patients."""
+    predictor = Predictor()
+    test_patients = set(predictor.card["split"]["patients"]["test"])
+    from malaria_classifier.data import patient_id_from_name
+
+    correct = 0
+    for label in ("Parasitized", "Uninfected"):
+        files = sorted(
+            path
+            for path in (shared_data_dir / label).iterdir()
+            if patient_id_from_name(path.name) in test_patients
+        )[:100]
+        assert len(files) == 100
+        rows = list(predictor.predict_paths(files))
+        correct += sum(row.label == label for row in rows)
+    assert correct / 200 >= 0.9
+
+
+def test_synthetic_folder_layout_is_usable(tmp_path, tiny_predictor):
+    root = write_synthetic_dataset(tmp_path / "cells", patients=4, cells_per_class=2)
+    rows = list(tiny_predictor.predict_paths([root]))
+    assert len(rows) == 4 * 2 + 3 * 2 and not any(row.error for row in rows)

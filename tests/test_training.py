@@ -1,0 +1,130 @@
+"""End-to-end training on synthetic cells: run folder contents, resume, atomic saves."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+from _synthetic import write_synthetic_dataset
+
+from malaria_classifier.config import TrainingConfig, load_config
+from malaria_classifier.splits import check_no_leakage, read_manifest
+from malaria_classifier.training import RunCheckpoint, RunFolderError, train_model
+
+TINY = TrainingConfig(
+    image_size=32,
+    base_filters=8,
+    conv_blocks=2,
+    dense_units=16,
+    batch_size=16,
+    epochs=2,
+    learning_rate=0.003,
+    validation_fraction=0.25,
+    test_fraction=0.25,
+)
+
+
+@pytest.fixture(scope="module")
+def synthetic_cells(tmp_path_factory):
+    return write_synthetic_dataset(tmp_path_factory.mktemp("data") / "cells", patients=12)
+
+
+@pytest.fixture(scope="module")
+def finished_run(synthetic_cells, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "run"
+    return train_model(synthetic_cells, TINY, run_dir, verbose=0)
+
+
+def test_run_folder_holds_everything_needed_to_reproduce(finished_run):
+    run_dir = finished_run.run_dir
+    for name in (
+        "config.yaml",
+        "manifest.csv",
+        "model.keras",
+        "model_card.json",
+        "history.json",
+        "metrics.json",
+        "data_report.json",
+        "evaluation/confusion_matrix.png",
+        "evaluation/roc_curve.json",
+        "checkpoint/last.keras",
+    ):
+        assert (run_dir / name).is_file(), name
+    assert any((run_dir / "tensorboard").rglob("*tfevents*"))
+    assert load_config(run_dir / "config.yaml") == TINY
+    assert len(json.loads((run_dir / "history.json").read_text())) == 2
+
+
+def test_manifest_is_split_by_patient_without_leakage(finished_run):
+    rows = read_manifest(finished_run.run_dir / "manifest.csv")
+    check_no_leakage(rows)
+    assert {row.split for row in rows} == {"train", "validation", "test"}
+    assert all(len(row.sha256) == 64 for row in rows)
+
+
+def test_model_card_describes_data_split_and_metrics(finished_run):
+    card = json.loads((finished_run.run_dir / "model_card.json").read_text())
+    assert card["class_order"] == ["Uninfected", "Parasitized"]
+    assert card["input"]["shape"] == [32, 32, 3]
+    assert card["split"]["unit"] == "patient"
+    split_patients = card["split"]["patients"]
+    assert not set(split_patients["train"]) & set(split_patients["test"])
+    test_block = card["metrics"]["test"]
+    assert test_block["split"] == "test" and test_block["positive_class"] == "Parasitized"
+    assert len(test_block["metrics"]["accuracy"]["ci95"]) == 2
+    assert card["versions"]["keras"] == keras.__version__
+
+
+def test_saved_model_takes_raw_uint8_and_has_no_optimizer(finished_run):
+    model = keras.saving.load_model(finished_run.model_path, compile=False)
+    assert model.inputs[0].dtype == "uint8"
+    assert getattr(model, "optimizer", None) is None
+    output = model(np.zeros((2, 32, 32, 3), dtype=np.uint8))
+    assert np.allclose(np.asarray(output).sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_existing_run_is_not_overwritten_without_resume(finished_run, synthetic_cells):
+    before = finished_run.model_path.read_bytes()
+    with pytest.raises(RunFolderError, match="--resume"):
+        train_model(synthetic_cells, TINY, finished_run.run_dir, verbose=0)
+    assert finished_run.model_path.read_bytes() == before
+
+
+def test_resume_without_a_run_is_refused(synthetic_cells, tmp_path):
+    with pytest.raises(RunFolderError, match="no manifest"):
+        train_model(synthetic_cells, TINY, tmp_path / "new", resume=True, verbose=0)
+
+
+def test_interrupted_run_keeps_its_last_good_model_and_resumes(
+    synthetic_cells, tmp_path, monkeypatch
+):
+    original = RunCheckpoint.on_epoch_end
+
+    def crash_after_first_epoch(self, epoch, logs=None):
+        original(self, epoch, logs)
+        if epoch == 0:
+            raise KeyboardInterrupt  # as if the user pressed Ctrl-C or the machine died
+
+    monkeypatch.setattr(RunCheckpoint, "on_epoch_end", crash_after_first_epoch)
+    run_dir = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train_model(synthetic_cells, TINY, run_dir, verbose=0)
+    assert keras.saving.load_model(run_dir / "model.keras", compile=False) is not None
+    assert not list(run_dir.rglob("*.partial.keras"))
+    state = json.loads((run_dir / "checkpoint" / "state.json").read_text())
+    assert state["epoch"] == 1
+
+    monkeypatch.setattr(RunCheckpoint, "on_epoch_end", original)
+    result = train_model(synthetic_cells, TINY, run_dir, resume=True, verbose=0)
+    history = json.loads((run_dir / "history.json").read_text())
+    assert [entry["epoch"] for entry in history] == [1, 2]
+    assert result.model_path.is_file()
+
+
+def test_training_learns_the_synthetic_signal(synthetic_cells, tmp_path):
+    """Dark dots (parasites) on pink discs are easy: a few epochs must beat chance clearly."""
+    config = TINY.replace(epochs=8, augment=False)
+    result = train_model(synthetic_cells, config, tmp_path / "learn", verbose=0)
+    history = json.loads((tmp_path / "learn" / "history.json").read_text())
+    assert max(entry["accuracy"] for entry in history) > 0.8
+    assert result.metrics["validation"]["metrics"]["roc_auc"]["value"] > 0.8
