@@ -74,20 +74,23 @@ def main() -> None:
     started = time.monotonic()
     model.fit(datasets["train"], epochs=args.epochs, verbose=2)
     seconds = time.monotonic() - started
-    run_metrics = json.loads((args.run / "metrics.json").read_text())
+    metrics_path = args.run / "metrics.json"
+    run_metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     print(f"tutorial CNN: {model.count_params():,} parameters, trained {seconds / 60:.1f} min")
     for split in ("validation", "test"):
         y_true = np.array([CLASS_NAMES.index(r.label) for r in split_rows[split]])
         y_score = model.predict(datasets[split], verbose=0)[:, 1]
         baseline = summarize(y_true, y_score, [r.patient for r in split_rows[split]], split)
         for name in ("accuracy", "roc_auc", "recall", "specificity"):
-            ours = run_metrics[split]["metrics"][name]
             theirs = baseline["metrics"][name]
-            print(
-                f"{split:<10} {name:<11} run {ours['value']:.4f} "
-                f"[{ours['ci95'][0]:.4f}, {ours['ci95'][1]:.4f}]   tutorial CNN {theirs['value']:.4f} "
+            line = (
+                f"{split:<10} {name:<11} tutorial CNN {theirs['value']:.4f} "
                 f"[{theirs['ci95'][0]:.4f}, {theirs['ci95'][1]:.4f}]"
             )
+            if split in run_metrics:
+                ours = run_metrics[split]["metrics"][name]
+                line += f"   run {ours['value']:.4f} [{ours['ci95'][0]:.4f}, {ours['ci95'][1]:.4f}]"
+            print(line)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from _synthetic import write_synthetic_dataset
 from malaria_classifier.config import TrainingConfig
 from malaria_classifier.data import discover_images
 from malaria_classifier.images import load_for_model
-from malaria_classifier.pipeline import iter_images, make_color_augmenter, make_dataset, one_hot
+from malaria_classifier.pipeline import iter_images, make_batch_augmenter, make_dataset, one_hot
 
 CONFIG = TrainingConfig(image_size=32, batch_size=5, conv_blocks=2, seed=7)
 
@@ -43,14 +43,53 @@ def test_training_dataset_is_augmented_but_keeps_labels(records):
     assert sum(image not in originals for image in augmented) > len(records) // 2
 
 
-def test_flips_and_turns_alone_only_move_pixels():
-    config = CONFIG.replace(
-        brightness_delta=0.0, contrast_range=0.0, saturation_range=0.0, hue_delta=0.0
+def _augment_once(config, images):
+    augmented, _ = make_batch_augmenter(config)(images, np.zeros((len(images), 2), np.float32))
+    return augmented.numpy()
+
+
+NO_COLOUR_OR_GEOMETRY = CONFIG.replace(
+    brightness_delta=0.0,
+    contrast_range=0.0,
+    saturation_range=0.0,
+    hue_delta=0.0,
+    zoom_range=0.0,
+    shift_range=0.0,
+)
+
+
+def test_symmetries_alone_only_move_pixels():
+    images = np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+    augmented = _augment_once(NO_COLOUR_OR_GEOMETRY, images)
+    assert augmented.dtype == np.uint8 and augmented.shape == images.shape
+    for original, result in zip(images, augmented, strict=True):
+        assert sorted(result.reshape(-1, 3).tolist()) == sorted(original.reshape(-1, 3).tolist())
+    assert any(
+        (result != original).any() for original, result in zip(images, augmented, strict=True)
     )
-    image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-    augmented, _ = make_color_augmenter(config)(image, np.zeros(2, np.float32))
-    augmented = augmented.numpy()
-    assert sorted(augmented.reshape(-1, 3).tolist()) == sorted(image.reshape(-1, 3).tolist())
+
+
+def test_hue_and_saturation_jitter_leave_gray_pixels_gray():
+    config = NO_COLOUR_OR_GEOMETRY.replace(hue_delta=0.2, saturation_range=0.5)
+    images = np.full((8, 32, 32, 3), 90, dtype=np.uint8)
+    augmented = _augment_once(config, images)
+    assert np.abs(augmented.astype(int) - 90).max() <= 1
+
+
+def test_hue_jitter_changes_coloured_pixels_per_image():
+    config = NO_COLOUR_OR_GEOMETRY.replace(hue_delta=0.1)
+    images = np.zeros((8, 4, 4, 3), dtype=np.uint8)
+    images[..., 0] = 200  # saturated red
+    augmented = _augment_once(config, images)
+    assert len({tuple(image[0, 0]) for image in augmented}) > 1
+
+
+def test_black_background_stays_black_under_zoom_and_shift():
+    config = NO_COLOUR_OR_GEOMETRY.replace(zoom_range=0.2, shift_range=0.2)
+    images = np.zeros((4, 32, 32, 3), dtype=np.uint8)
+    images[:, 12:20, 12:20] = 255
+    augmented = _augment_once(config, images)
+    assert augmented.min() == 0 and (augmented[:, 0, 0] == 0).all()
 
 
 def test_iter_images_reports_bad_files_in_place(records, tmp_path):

@@ -48,6 +48,24 @@ def _user_errors(function: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        from malaria_classifier import __version__
+
+        typer.echo(f"malaria-classifier {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_show_version, is_eager=True, help="Show version."),
+    ] = False,
+) -> None:
+    """Tell Parasitized from Uninfected red-blood-cell images (NIH/NLM malaria cells)."""
+
+
 @data_app.command("check")
 @_user_errors
 def data_check(
@@ -200,6 +218,10 @@ def predict(
         raise ValueError(f"--format must be csv or json, got {output_format!r}.")
     predictor = Predictor(model)
     rows = predictor.predict_paths(paths)
+    if output is not None and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        rows = tqdm(rows, desc="Predicting", unit="img", file=sys.stderr)
     if output is None:
         counts = write_rows(rows, sys.stdout, output_format)
     else:

@@ -47,9 +47,10 @@ def split_by_patient(
 ) -> list[str]:
     """Assign each record to a split so that no patient is in two splits.
 
-    Patients are stratified into those with parasitized cells and those without, and
-    each stratum is shared out in the requested proportions (counted in cells), so
-    every split holds both classes in similar proportions.
+    Patients are stratified into those with parasitized cells and those without; in
+    each stratum, patients (in a seeded random order) go to the split that brings the
+    per-class cell counts closest to the requested proportions. So every split holds
+    both classes, and infected and healthy patients, in similar proportions.
 
     Args:
         records: The labelled images.
@@ -81,23 +82,21 @@ def split_by_patient(
     rng = np.random.default_rng(seed)
     assignment: dict[str, str] = {}
     for stratum_index, stratum in enumerate(_strata(groups, records)):
+        counts = np.array([_class_counts(groups[name], records) for name in stratum])
+        totals = np.maximum(counts.sum(axis=0), 1)
+        filled = np.zeros((len(SPLITS), len(CLASS_NAMES)))
         order = rng.permutation(len(stratum))
-        filled = np.zeros(len(SPLITS))
-        total = sum(len(groups[name]) for name in stratum)
         if stratum_index == 0 and len(stratum) >= len(SPLITS):
             # Seed every split with one group first, so small data sets never end up
             # with an empty validation or test split.
             for split_index, position in enumerate(order[: len(SPLITS)]):
                 assignment[stratum[position]] = SPLITS[split_index]
-                filled[split_index] += len(groups[stratum[position]])
+                filled[split_index] += counts[position]
             order = order[len(SPLITS) :]
         for position in order:
-            name = stratum[position]
-            # Give the group to the split furthest below its target share.
-            deficit = targets * total - filled
-            chosen = int(np.argmax(deficit))
-            assignment[name] = SPLITS[chosen]
-            filled[chosen] += len(groups[name])
+            chosen = _best_split(counts[position], filled, targets, totals)
+            assignment[stratum[position]] = SPLITS[chosen]
+            filled[chosen] += counts[position]
     empty = sorted(set(SPLITS) - set(assignment.values()))
     if empty:
         raise ValueError(
@@ -105,6 +104,23 @@ def split_by_patient(
             f"Add images from more patients."
         )
     return [assignment[group_of_patient[record.patient]] for record in records]
+
+
+def _class_counts(members: list[int], records: Sequence[ImageRecord]) -> list[int]:
+    return [sum(records[i].label == label for i in members) for label in CLASS_NAMES]
+
+
+def _best_split(
+    group_counts: np.ndarray, filled: np.ndarray, targets: np.ndarray, totals: np.ndarray
+) -> int:
+    """The split whose per-class shares move closest to their targets with this group.
+
+    Minimizes the increase in squared error between each split's share of each class
+    and its target fraction, so classes stay in similar proportions in every split.
+    """
+    goal = targets[:, None] * totals[None, :]
+    increase = ((group_counts**2 + 2 * group_counts * (filled - goal)) / totals**2).sum(axis=1)
+    return int(np.argmin(increase))
 
 
 def _check_fractions(validation_fraction: float, test_fraction: float) -> None:
