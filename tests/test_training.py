@@ -1,7 +1,9 @@
 """End-to-end training on synthetic cells: run folder contents, resume, atomic saves."""
 
 import json
+import zipfile
 
+import h5py
 import keras
 import numpy as np
 import pytest
@@ -75,10 +77,14 @@ def test_model_card_describes_data_split_and_metrics(finished_run):
     assert card["versions"]["keras"] == keras.__version__
 
 
-def test_saved_model_takes_raw_uint8_and_has_no_optimizer(finished_run):
+def test_saved_model_takes_raw_uint8_and_has_no_optimizer(finished_run, tmp_path):
     model = keras.saving.load_model(finished_run.model_path, compile=False)
     assert model.inputs[0].dtype == "uint8"
     assert getattr(model, "optimizer", None) is None
+    with zipfile.ZipFile(finished_run.model_path) as archive:
+        archive.extract("model.weights.h5", tmp_path)
+    with h5py.File(tmp_path / "model.weights.h5") as weights:
+        assert "optimizer" not in weights  # the shipped file carries no Adam state
     output = model(np.zeros((2, 32, 32, 3), dtype=np.uint8))
     assert np.allclose(np.asarray(output).sum(axis=1), 1.0, atol=1e-5)
 

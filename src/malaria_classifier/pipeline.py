@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -44,11 +45,11 @@ def iter_images(
             return None, str(error)
 
     with ThreadPoolExecutor(max_workers=workers) as executor:
-        pending = []
+        pending: deque = deque()
         for path in paths:
             pending.append(executor.submit(load, path))
             if len(pending) >= lookahead:
-                yield pending.pop(0).result()
+                yield pending.popleft().result()
         for future in pending:
             yield future.result()
 

@@ -120,15 +120,16 @@ class Predictor:
         readable = [path for path, error in pairs if error is None]
         loaded = iter_images(readable, self.image_size)
         pending: list[tuple[str, np.ndarray | None, str | None]] = []
+        images_pending = 0
         for path, error in pairs:
+            image = None
             if error is None:
                 image, error = next(loaded)
-                pending.append((path, image, error))
-            else:
-                pending.append((path, None, error))
-            if sum(image is not None for _, image, _ in pending) >= self.batch_size:
+            pending.append((path, image, error))
+            images_pending += image is not None
+            if images_pending >= self.batch_size:
                 yield from self._flush(pending)
-                pending = []
+                pending, images_pending = [], 0
         yield from self._flush(pending)
 
     def _flush(

@@ -74,7 +74,8 @@ def save_model_atomically(model: keras.Model, path: Path, include_optimizer: boo
 
 
 def _uncompiled_copy(model: keras.Model) -> keras.Model:
-    copy = keras.models.clone_model(model)
+    # keras.models.clone_model would carry the compiled optimizer along in Keras 3.
+    copy = keras.Model.from_config(model.get_config())
     copy.set_weights(model.get_weights())
     return copy
 
