@@ -8,6 +8,7 @@ serving see the same pixels. Files are only ever read, never written.
 from __future__ import annotations
 
 import hashlib
+import io
 import warnings
 from pathlib import Path
 
@@ -111,8 +112,11 @@ def decode_image_bytes(
     Raises:
         ImageLoadError: If the bytes are not a decodable, reasonably sized image.
     """
-    import io
+    return np.asarray(_decode_rgb_image(data, source, max_pixels), dtype=np.uint8).copy()
 
+
+def _decode_rgb_image(data: bytes, source: str, max_pixels: int) -> Image.Image:
+    """Decode to a Pillow RGB image, kept as Pillow so resizing needs no array copy."""
     if not data:
         raise ImageLoadError(source, "is empty (0 bytes)", "Re-export or re-copy the image.")
     not_an_image = ImageLoadError(
@@ -128,7 +132,7 @@ def decode_image_bytes(
                 image.seek(0)  # first frame of an animated GIF/TIFF
                 image.load()
                 image = ImageOps.exif_transpose(image)
-                return _to_rgb_array(image)
+                return _to_rgb_image(image)
     except ImageLoadError:
         raise
     except UnidentifiedImageError:
@@ -157,11 +161,11 @@ def _check_dimensions(image: Image.Image, source: str, max_pixels: int) -> None:
         )
 
 
-def _to_rgb_array(image: Image.Image) -> np.ndarray:
+def _to_rgb_image(image: Image.Image) -> Image.Image:
     """Convert any Pillow mode to 8-bit RGB without clipping high bit depths."""
     mode = image.mode
     if mode == "RGB":
-        return np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
+        return image
     if mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
         values = np.asarray(image).astype(np.float64)
         # 16-bit data is scaled to 8 bits; Pillow's own convert("L") would clip at 255.
@@ -172,7 +176,7 @@ def _to_rgb_array(image: Image.Image) -> np.ndarray:
         else:  # 32-bit "I" (how Pillow opens some 16-bit files): judge by the values
             scale = 255.0 / 65535.0 if values.max(initial=0) > 255 else 1.0
         gray = np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
-        return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
+        return Image.fromarray(np.repeat(gray[:, :, None], 3, axis=2), mode="RGB")
     has_alpha = mode in ("RGBA", "LA", "PA", "La", "RGBa") or (
         mode == "P" and "transparency" in image.info
     )
@@ -180,7 +184,7 @@ def _to_rgb_array(image: Image.Image) -> np.ndarray:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
         image = Image.alpha_composite(background, rgba)
-    return np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
+    return image.convert("RGB")
 
 
 def resize_with_pad(image: np.ndarray, size: int) -> np.ndarray:
@@ -197,26 +201,35 @@ def resize_with_pad(image: np.ndarray, size: int) -> np.ndarray:
     Returns:
         A uint8 array of shape ``(size, size, 3)``.
     """
-    height, width = image.shape[:2]
+    return _fit_square(Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)), size)
+
+
+def _fit_square(image: Image.Image, size: int) -> np.ndarray:
+    width, height = image.size
     scale = size / max(height, width)
     new_width = max(1, round(width * scale))
     new_height = max(1, round(height * scale))
-    canvas = np.zeros((size, size, 3), dtype=np.uint8)
-    if (new_width, new_height) == (width, height):
-        resized = image
-    else:
-        resized = np.asarray(
-            Image.fromarray(image).resize((new_width, new_height), Image.Resampling.BILINEAR)
-        )
-    top = (size - new_height) // 2
-    left = (size - new_width) // 2
-    canvas[top : top + new_height, left : left + new_width] = resized
-    return canvas
+    if (new_width, new_height) != (width, height):
+        image = image.resize((new_width, new_height), Image.Resampling.BILINEAR)
+    canvas = Image.new("RGB", (size, size), (0, 0, 0))
+    canvas.paste(image, ((size - new_width) // 2, (size - new_height) // 2))
+    return np.asarray(canvas, dtype=np.uint8).copy()
 
 
-def load_for_model(path: str | Path, size: int) -> np.ndarray:
-    """Read a file and fit it to the model's square input (one call for all stages)."""
-    return resize_with_pad(load_rgb_image(path), size)
+def load_for_model(
+    path: str | Path,
+    size: int,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+    max_file_bytes: int = MAX_FILE_BYTES,
+) -> np.ndarray:
+    """Read a file and fit it to the model's square input (one call for all stages).
+
+    Equal to ``resize_with_pad(load_rgb_image(path), size)`` without the intermediate
+    array; this is the hot path of both training and prediction.
+    """
+    path = Path(path)
+    data = _read_file_bytes(path, max_file_bytes)
+    return _fit_square(_decode_rgb_image(data, str(path), max_pixels), size)
 
 
 def sha256_of_file(path: str | Path) -> str:
