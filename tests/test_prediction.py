@@ -140,6 +140,7 @@ def test_default_model_is_bundled_and_described():
     assert card["positive_class"] == "Parasitized"
     assert card["input"]["shape"] == [predictor.image_size, predictor.image_size, 3]
     assert predictor.model_path.stat().st_size < 3 * 2**20
+    assert card["weights"]["bytes"] < 1_000_000  # "well under 1 MB of weights"
     test_metrics = card["metrics"]["test"]["metrics"]
     assert test_metrics["accuracy"]["ci95"][0] <= test_metrics["accuracy"]["value"]
 

@@ -74,9 +74,12 @@ def confusion_matrix_figure(counts: list[list[int]], split: str) -> Figure:
     """Matplotlib version of :func:`confusion_matrix_plotly` for the PNG file."""
     figure, axis = plt.subplots(figsize=(5, 4.5))
     axis.imshow(counts, cmap="Blues")
+    largest = max(max(row) for row in counts) or 1
     for row in range(2):
         for column in range(2):
-            axis.text(column, row, str(counts[row][column]), ha="center", va="center")
+            value = counts[row][column]
+            colour = "white" if value > largest / 2 else "black"  # readable on dark cells
+            axis.text(column, row, str(value), ha="center", va="center", color=colour)
     axis.set_xticks([0, 1], labels=list(CLASS_NAMES))
     axis.set_yticks([0, 1], labels=list(CLASS_NAMES))
     axis.set_xlabel("Predicted class")

@@ -1,0 +1,56 @@
+"""Figures name their axes, split and positive class; files are written where asked."""
+
+import json
+
+from malaria_classifier.plots import (
+    confusion_matrix_figure,
+    confusion_matrix_plotly,
+    roc_curve_figure,
+    roc_curve_plotly,
+    save_figures,
+)
+
+COUNTS = [[50, 3], [4, 43]]
+ROC = {
+    "false_positive_rate": [0.0, 0.1, 1.0],
+    "true_positive_rate": [0.0, 0.9, 1.0],
+    "thresholds": [1.0, 0.5, 0.0],
+}
+
+
+def test_plotly_confusion_matrix_shows_counts_and_labels():
+    figure = confusion_matrix_plotly(COUNTS, "test")
+    assert figure.layout.xaxis.title.text == "Predicted class"
+    assert figure.layout.yaxis.title.text == "True class"
+    assert "test split" in figure.layout.title.text and "Parasitized" in figure.layout.title.text
+    assert [list(row) for row in figure.data[0].z] == COUNTS
+    assert list(figure.data[0].x) == ["Uninfected", "Parasitized"]
+
+
+def test_plotly_roc_names_auc_and_axes():
+    figure = roc_curve_plotly(ROC, 0.95, "validation")
+    assert figure.data[0].name == "model (AUC = 0.9500)"
+    assert "sensitivity" in figure.layout.yaxis.title.text
+    assert "validation split" in figure.layout.title.text
+
+
+def test_matplotlib_figures_label_axes():
+    axis = confusion_matrix_figure(COUNTS, "test").axes[0]
+    assert axis.get_xlabel() == "Predicted class" and axis.get_ylabel() == "True class"
+    assert sorted(text.get_text() for text in axis.texts) == ["3", "4", "43", "50"]
+    roc_axis = roc_curve_figure(ROC, 0.95, "test").axes[0]
+    assert roc_axis.get_legend().get_texts()[0].get_text() == "AUC = 0.9500"
+
+
+def test_save_figures_writes_png_and_plotly_json(tmp_path):
+    written = save_figures(tmp_path, COUNTS, ROC, 0.95, "test")
+    assert sorted(path.name for path in written) == [
+        "confusion_matrix.json",
+        "confusion_matrix.png",
+        "roc_curve.json",
+        "roc_curve.png",
+    ]
+    assert (tmp_path / "roc_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (
+        json.loads((tmp_path / "confusion_matrix.json").read_text())["data"][0]["type"] == "heatmap"
+    )
