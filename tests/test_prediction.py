@@ -168,3 +168,15 @@ def test_synthetic_folder_layout_is_usable(tmp_path, tiny_predictor):
     root = write_synthetic_dataset(tmp_path / "cells", patients=4, cells_per_class=2)
     rows = list(tiny_predictor.predict_paths([root]))
     assert len(rows) == 4 * 2 + 3 * 2 and not any(row.error for row in rows)
+
+
+def test_threshold_comes_from_the_model_card_unless_given(tmp_path):
+    import json
+
+    path = save_tiny_model(tmp_path / "model.keras")
+    assert Predictor(path).threshold == 0.5
+    (tmp_path / "model_card.json").write_text(json.dumps({"decision_threshold": 0.3}))
+    assert Predictor(path).threshold == 0.3
+    assert Predictor(path, threshold=0.7).threshold == 0.7
+    with pytest.raises(ValueError, match="threshold must be between 0 and 1"):
+        Predictor(path, threshold=1.5)

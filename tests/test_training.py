@@ -28,7 +28,11 @@ TINY = TrainingConfig(
 
 @pytest.fixture(scope="module")
 def synthetic_cells(tmp_path_factory):
-    return write_synthetic_dataset(tmp_path_factory.mktemp("data") / "cells", patients=12)
+    root = write_synthetic_dataset(tmp_path_factory.mktemp("data") / "cells", patients=12)
+    (root / "Parasitized" / "C20P10thinF_IMG_truncated_cell_99.png").write_bytes(
+        b"\x89PNG\r\n\x1a\n" + b"\x00" * 10
+    )
+    return root
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +59,15 @@ def test_run_folder_holds_everything_needed_to_reproduce(finished_run):
     assert any((run_dir / "tensorboard").rglob("*tfevents*"))
     assert load_config(run_dir / "config.yaml") == TINY
     assert len(json.loads((run_dir / "history.json").read_text())) == 2
+
+
+def test_unreadable_images_are_skipped_and_reported(finished_run):
+    report = json.loads((finished_run.run_dir / "data_report.json").read_text())
+    assert [entry["path"].endswith("truncated_cell_99.png") for entry in report["unreadable"]] == [
+        True
+    ]
+    rows = read_manifest(finished_run.run_dir / "manifest.csv")
+    assert not any("truncated" in row.path for row in rows)
 
 
 def test_manifest_is_split_by_patient_without_leakage(finished_run):

@@ -26,7 +26,9 @@ class TrainingConfig:
         dense_units: Width of the fully connected layer before the softmax.
         dropout_rate: Dropout before the softmax (0 turns it off).
         batch_size: Images per training step.
-        learning_rate: Adam's initial learning rate.
+        learning_rate: Adam's initial learning rate (cosine-decayed over ``epochs``).
+        label_smoothing: Cross-entropy label smoothing; softens the few percent of
+            doubtful labels in the NIH set (0 turns it off).
         epochs: Upper limit on training epochs.
         early_stopping_patience: Epochs without validation improvement before stopping.
         augment: Whether to augment the training split.
@@ -49,6 +51,7 @@ class TrainingConfig:
     dropout_rate: float = 0.3
     batch_size: int = 64
     learning_rate: float = 0.001
+    label_smoothing: float = 0.0
     epochs: int = 30
     early_stopping_patience: int = 8
     augment: bool = True
@@ -69,6 +72,8 @@ class TrainingConfig:
         _check_positive(self, ("batch_size", "epochs", "early_stopping_patience"))
         if not 0.0 < self.learning_rate < 1.0:
             raise ValueError(f"learning_rate must be in (0, 1), got {self.learning_rate}.")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}.")
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate}.")
         if self.image_size < 2**self.conv_blocks:

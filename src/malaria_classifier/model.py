@@ -54,11 +54,13 @@ def _conv_bn_relu(x: keras.KerasTensor, filters: int, name: str) -> keras.KerasT
     return layers.ReLU(name=name)(x)
 
 
-def compile_model(model: keras.Model, learning_rate: float) -> keras.Model:
+def compile_model(
+    model: keras.Model, learning_rate: float, label_smoothing: float = 0.0
+) -> keras.Model:
     """Attach Adam and categorical cross-entropy (labels are one-hot over CLASS_NAMES)."""
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
-        loss=keras.losses.CategoricalCrossentropy(),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
         metrics=[
             keras.metrics.CategoricalAccuracy(name="accuracy"),
             keras.metrics.AUC(name="auc"),

@@ -77,14 +77,15 @@ class Predictor:
     Args:
         model_path: A ``.keras`` file from ``malaria train``; None for the default.
         batch_size: Images per forward pass.
-        threshold: P(Parasitized) at or above which a cell is called Parasitized.
+        threshold: P(Parasitized) at or above which a cell is called Parasitized;
+            None takes the model card's ``decision_threshold`` (0.5 without a card).
     """
 
     def __init__(
         self,
         model_path: str | Path | None = None,
         batch_size: int = 256,
-        threshold: float = DEFAULT_THRESHOLD,
+        threshold: float | None = None,
     ) -> None:
         from malaria_classifier.model import load_model
 
@@ -93,6 +94,8 @@ class Predictor:
         self.card = read_model_card(self.model_path)
         self.image_size = int(self.model.input_shape[1])
         self.batch_size = batch_size
+        if threshold is None:
+            threshold = float(self.card.get("decision_threshold", DEFAULT_THRESHOLD))
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"threshold must be between 0 and 1, got {threshold}.")
         self.threshold = threshold

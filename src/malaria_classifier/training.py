@@ -229,6 +229,7 @@ def train_model(
             validation_data=datasets["validation"],
             epochs=config.epochs,
             initial_epoch=state["epoch"],
+            shuffle=False,  # the tf.data pipeline reshuffles the training split itself
             callbacks=[
                 keras.callbacks.LearningRateScheduler(cosine_learning_rate(config)),
                 RunCheckpoint(run_dir, config.early_stopping_patience, state),
@@ -254,7 +255,7 @@ def _model_for_run(config: TrainingConfig, run_dir: Path, state: dict[str, Any])
     if state["epoch"] > 0 and checkpoint.is_file():
         print(f"Resuming from epoch {state['epoch']} ({checkpoint}).", file=sys.stderr)
         return keras.saving.load_model(checkpoint, compile=True, safe_mode=True)
-    return compile_model(build_model(config), config.learning_rate)
+    return compile_model(build_model(config), config.learning_rate, config.label_smoothing)
 
 
 def evaluate_run(
