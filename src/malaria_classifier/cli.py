@@ -56,6 +56,28 @@ def _show_version(value: bool) -> None:
         raise typer.Exit()
 
 
+def _import_tensorflow_quietly() -> None:
+    """Import TensorFlow and probe devices with its C++ start-up log hidden.
+
+    TensorFlow 2.21 writes oneDNN/CUDA notices straight to file descriptor 2 before
+    its logging honours TF_CPP_MIN_LOG_LEVEL; they bury our own messages. Set
+    MALARIA_TF_LOGS=1 to see them.
+    """
+    if os.environ.get("MALARIA_TF_LOGS") == "1":
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            import tensorflow as tf
+
+            tf.config.list_physical_devices()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 @app.callback()
 def main(
     version: Annotated[
@@ -64,6 +86,7 @@ def main(
     ] = False,
 ) -> None:
     """Tell Parasitized from Uninfected red-blood-cell images (NIH/NLM malaria cells)."""
+    _import_tensorflow_quietly()
 
 
 @data_app.command("check")
@@ -125,7 +148,9 @@ def data_download(
     """Download the official NIH cell_images.zip, verify it and extract it."""
     from malaria_classifier.download import OFFICIAL_URL, download_dataset
 
-    folder = download_dataset(dest, url=url or OFFICIAL_URL, sha256=sha256, progress=True)
+    source = url or OFFICIAL_URL
+    typer.echo(f"Downloading {source} into {dest} (skipped if already there)", err=True)
+    folder = download_dataset(dest, url=source, sha256=sha256, progress=True)
     typer.echo(f"Data ready in {folder}. Next: malaria data check {folder}")
 
 

@@ -185,6 +185,9 @@ def _fetch(url: str, dest_dir: Path, known_hash: str | None, progress: bool) -> 
     has just judged not good, so a later run cannot pick it up.
     """
     target = dest_dir / _archive_name(url)
+    # Pooch's own INFO lines duplicate what the CLI prints; its handler is also bound
+    # to the stderr of the moment it was imported, which test runners replace.
+    pooch.get_logger().setLevel("WARNING")
     try:
         fetched = pooch.retrieve(
             url,

@@ -172,7 +172,7 @@ def write_rows(rows: Iterable[PredictionRow], handle: TextIO, output_format: str
     if output_format not in ("csv", "json"):
         raise ValueError(f"Unknown output format {output_format!r}; use 'csv' or 'json'.")
     counts = {"predicted": 0, "failed": 0}
-    writer = csv.writer(handle) if output_format == "csv" else None
+    writer = csv.writer(handle, lineterminator="\n") if output_format == "csv" else None
     if writer:
         writer.writerow(OUTPUT_COLUMNS)
     else:
