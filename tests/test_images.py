@@ -371,3 +371,8 @@ def test_sha256_of_file_equals_hashlib(tmp_path, n_bytes):
     path.write_bytes(data)
 
     assert sha256_of_file(path) == hashlib.sha256(data).hexdigest()
+
+
+def test_device_files_are_refused_without_reading_them():
+    with pytest.raises(ImageLoadError, match=r"^/dev/zero: is not a regular file"):
+        load_rgb_image("/dev/zero")

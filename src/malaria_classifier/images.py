@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -65,11 +67,22 @@ def load_rgb_image(
 
 
 def _read_file_bytes(path: Path, max_file_bytes: int) -> bytes:
+    """Read a whole regular file, refusing folders, devices and oversized files first."""
     source = str(path)
+    if path.is_dir():
+        raise ImageLoadError(source, "is a folder, not an image file", "Pass image files.")
     try:
-        if path.is_dir():
-            raise ImageLoadError(source, "is a folder, not an image file", "Pass image files.")
-        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            status = os.fstat(handle.fileno())
+            if not stat.S_ISREG(status.st_mode):
+                raise ImageLoadError(source, "is not a regular file", "Pass image files.")
+            if status.st_size > max_file_bytes:
+                raise ImageLoadError(
+                    source,
+                    f"is {status.st_size:,} bytes, more than the {max_file_bytes:,}-byte limit",
+                    "Pass single cell crops, not whole slide scans.",
+                )
+            data = handle.read(max_file_bytes + 1)
     except FileNotFoundError:
         raise ImageLoadError(source, "does not exist", "Check the path.") from None
     except PermissionError:
@@ -78,22 +91,9 @@ def _read_file_bytes(path: Path, max_file_bytes: int) -> bytes:
         ) from None
     except OSError as error:
         raise ImageLoadError(source, f"cannot be read ({error})", "Check the path.") from None
-    if size == 0:
+    if not data:
         raise ImageLoadError(source, "is empty (0 bytes)", "Re-export or re-copy the image.")
-    if size > max_file_bytes:
-        raise ImageLoadError(
-            source,
-            f"is {size:,} bytes, more than the {max_file_bytes:,}-byte limit",
-            "Pass single cell crops, not whole slide scans.",
-        )
-    try:
-        return path.read_bytes()
-    except PermissionError:
-        raise ImageLoadError(
-            source, "cannot be read (permission denied)", "Fix the file permissions."
-        ) from None
-    except OSError as error:
-        raise ImageLoadError(source, f"cannot be read ({error})", "Check the path.") from None
+    return data
 
 
 def decode_image_bytes(
