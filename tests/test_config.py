@@ -24,6 +24,7 @@ DEFAULTS = {
     "dropout_rate": 0.3,
     "batch_size": 64,
     "learning_rate": 0.001,
+    "label_smoothing": 0.0,
     "epochs": 30,
     "early_stopping_patience": 8,
     "augment": True,
@@ -144,6 +145,7 @@ def test_wrong_types_are_rejected(write_yaml, text, message):
     [
         ({"learning_rate": 0}, r"learning_rate must be in \(0, 1\), got 0\.0"),
         ({"learning_rate": 1.5}, r"learning_rate must be in \(0, 1\), got 1\.5"),
+        ({"label_smoothing": 0.5}, r"label_smoothing must be in \[0, 0\.5\), got 0\.5"),
         ({"dropout_rate": 1.0}, r"dropout_rate must be in \[0, 1\), got 1\.0"),
         ({"dropout_rate": -0.1}, r"dropout_rate must be in \[0, 1\), got -0\.1"),
         (
