@@ -175,6 +175,12 @@ def train(
 
     if resume and output is None:
         raise ValueError("--resume needs --output: the run folder to continue.")
+    overrides = (config, epochs, batch_size, learning_rate, image_size, seed)
+    if resume and any(value is not None for value in overrides):
+        typer.echo(
+            f"Note: --resume continues with {output}/config.yaml; other settings are ignored.",
+            err=True,
+        )
     run_dir = output or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
     settings = load_config(
         config,

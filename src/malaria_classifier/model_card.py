@@ -1,8 +1,9 @@
 """Where the bundled default model lives, and reading/writing model cards.
 
-A model card is a JSON file next to a ``.keras`` model (``<name>.card.json``... or
-``model_card.json`` in the same folder) that says what the model was trained on, how
-it was split, and how well it did on its own test patients.
+A model card is ``model_card.json`` in the same folder as a ``.keras`` model. It says
+what the model was trained on, how the patients were split (and which patients went
+where, so ``malaria evaluate`` can pick unseen ones), the settings, and how well the
+model did on its own validation and test patients.
 """
 
 from __future__ import annotations
