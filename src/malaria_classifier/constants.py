@@ -9,6 +9,10 @@ CLASS_NAMES: tuple[str, str] = ("Uninfected", "Parasitized")
 POSITIVE_CLASS: str = "Parasitized"
 POSITIVE_INDEX: int = CLASS_NAMES.index(POSITIVE_CLASS)
 
+# P(Parasitized) at or above which a cell is called Parasitized, unless a model card
+# says otherwise.
+DEFAULT_THRESHOLD: float = 0.5
+
 IMAGE_SUFFIXES: frozenset[str] = frozenset(
     {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp"}
 )

@@ -17,14 +17,18 @@ from typing import TextIO
 
 import numpy as np
 
-from malaria_classifier.constants import CLASS_NAMES, POSITIVE_CLASS, POSITIVE_INDEX
+from malaria_classifier.constants import (
+    CLASS_NAMES,
+    DEFAULT_THRESHOLD,
+    POSITIVE_CLASS,
+    POSITIVE_INDEX,
+)
 from malaria_classifier.data import is_image_file
 from malaria_classifier.images import resize_with_pad
 from malaria_classifier.model_card import default_model_path, read_model_card
 from malaria_classifier.pipeline import iter_images
 
 OUTPUT_COLUMNS: tuple[str, ...] = ("path", "label", "probability", "confidence", "error")
-DEFAULT_THRESHOLD = 0.5
 
 
 @dataclass

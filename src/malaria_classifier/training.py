@@ -10,7 +10,9 @@ name and renamed, so a killed run never leaves a corrupt model where a good one 
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import platform
 import sys
 import time
@@ -24,9 +26,9 @@ import numpy as np
 import tensorflow as tf
 
 from malaria_classifier.config import TrainingConfig, load_config, save_config
-from malaria_classifier.constants import CLASS_NAMES, POSITIVE_CLASS
+from malaria_classifier.constants import CLASS_NAMES, DEFAULT_THRESHOLD, POSITIVE_CLASS
 from malaria_classifier.data import check_dataset, find_class_root
-from malaria_classifier.evaluation import summarize
+from malaria_classifier.evaluation import roc_points, summarize
 from malaria_classifier.model import build_model, compile_model, count_weight_bytes
 from malaria_classifier.model_card import CARD_FILE, MODEL_FILE, write_json_atomically
 from malaria_classifier.pipeline import make_dataset
@@ -172,8 +174,6 @@ def _open_run(
 
 
 def _read_state(path: Path) -> dict[str, Any]:
-    import json
-
     state = json.loads(path.read_text(encoding="utf-8"))
     state["best_val_loss"] = float(state["best_val_loss"])
     return state
@@ -262,7 +262,6 @@ def evaluate_run(
     run_dir: Path, root: Path, by_split: dict[str, list[ManifestRow]]
 ) -> dict[str, Any]:
     """Score the best model on validation and test patients; save test figures."""
-    from malaria_classifier.evaluation import roc_points
     from malaria_classifier.plots import save_figures
     from malaria_classifier.prediction import Predictor
 
@@ -273,7 +272,8 @@ def evaluate_run(
         predictions = list(predictor.predict_paths([root / row.path for row in split_rows]))
         y_true = np.array([CLASS_NAMES.index(row.label) for row in split_rows])
         y_score = np.array([row.probability for row in predictions])
-        metrics[split] = summarize(y_true, y_score, [row.patient for row in split_rows], split)
+        groups = [row.patient for row in split_rows]
+        metrics[split] = summarize(y_true, y_score, groups, split, predictor.threshold)
         if split == "test":
             output_dir = run_dir / "evaluation"
             output_dir.mkdir(exist_ok=True)
@@ -309,7 +309,7 @@ def build_model_card(
         "class_order": list(CLASS_NAMES),
         "positive_class": POSITIVE_CLASS,
         "probability": f"softmax output {CLASS_NAMES.index(POSITIVE_CLASS)} = P({POSITIVE_CLASS})",
-        "decision_threshold": 0.5,
+        "decision_threshold": DEFAULT_THRESHOLD,
         "input": {
             "shape": [config.image_size, config.image_size, 3],
             "dtype": "uint8",
@@ -339,7 +339,7 @@ def build_model_card(
             "best_epoch": state["best_epoch"],
             "best_val_loss": state["best_val_loss"],
             "seconds": round(training_seconds, 1),
-            "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPU cores",
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
         },
         "metrics": metrics,
         "versions": {
