@@ -265,5 +265,31 @@ def predict(
         raise typer.Exit(code=1)
 
 
+@app.command()
+@_user_errors
+def dashboard(
+    model: Annotated[Path | None, typer.Option(help="Model (.keras); default: bundled.")] = None,
+    host: Annotated[
+        str, typer.Option(help="Address to listen on; 0.0.0.0 exposes it to the network.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8050,
+    examples: Annotated[
+        Path | None, typer.Option(help="Folder of cell images shown as a gallery to try.")
+    ] = None,
+    debug: Annotated[
+        bool, typer.Option(help="Dash debug mode (never on a shared server).")
+    ] = False,
+) -> None:
+    """Start the web dashboard: upload cell images, see label, confidence and why.
+
+    Open the printed address in a browser. For several workers, see the README
+    (gunicorn "malaria_classifier.dashboard.wsgi:create_server()").
+    """
+    from malaria_classifier.dashboard import run_dashboard
+
+    typer.echo(f"Loading the model; then open http://{host}:{port}/ (Ctrl+C stops).", err=True)
+    run_dashboard(model=model, host=host, port=port, examples=examples, debug=debug)
+
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,162 @@
+"""Callbacks: decode the input, call the library, build components; nothing else.
+
+Each callback is a plain function (tested as such) that :func:`register_callbacks` wires
+to the page. State lives in the browser (``dcc.Store``), so any server worker can answer
+any request and several workers can run side by side.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dash import ALL, ClientsideFunction, Dash, Input, Output, State, ctx, dcc
+from dash.exceptions import PreventUpdate
+
+from malaria_classifier.dashboard import ids
+from malaria_classifier.dashboard.components import result_cards, summary_panel, table_rows
+from malaria_classifier.dashboard.uploads import (
+    UploadLimits,
+    add_heat_maps,
+    batch_summary,
+    classify_uploads,
+    read_example,
+    receive_browser_uploads,
+    results_csv,
+    results_to_dicts,
+)
+
+
+@dataclass
+class DashboardContext:
+    """What the callbacks need, loaded once at start-up and shared by every request."""
+
+    predictor: Any
+    explainer: Any
+    limits: UploadLimits = field(default_factory=UploadLimits)
+    examples: list[Path] = field(default_factory=list)
+
+
+def classify_pending(
+    context: DashboardContext, pending: dict[str, Any] | None, show_why: bool
+) -> list[dict[str, Any]]:
+    """Classify a batch taken from the upload box; one result per file, in order."""
+    if not pending or not pending.get("filenames"):
+        raise PreventUpdate
+    uploads = receive_browser_uploads(pending["contents"], pending["filenames"], context.limits)
+    explainer = context.explainer if show_why else None
+    return results_to_dicts(classify_uploads(context.predictor, uploads, explainer))
+
+
+def classify_example(
+    context: DashboardContext, triggered_index: int | None, clicks: int | None, show_why: bool
+) -> list[dict[str, Any]]:
+    """Classify the gallery image that was clicked (chosen by index, never by a path)."""
+    if triggered_index is None or not clicks:
+        raise PreventUpdate
+    if not 0 <= triggered_index < len(context.examples):
+        raise PreventUpdate
+    upload = read_example(context.examples[triggered_index], context.limits)
+    explainer = context.explainer if show_why else None
+    return results_to_dicts(classify_uploads(context.predictor, [upload], explainer))
+
+
+def explain_results(
+    context: DashboardContext, show_why: bool, results: list[dict[str, Any]] | None
+) -> list[dict[str, Any]]:
+    """Add Grad-CAM overlays to the current results when the switch is turned on."""
+    if not show_why or not results:
+        raise PreventUpdate
+    updated = add_heat_maps(context.explainer, results)
+    if updated is results:
+        raise PreventUpdate
+    return updated
+
+
+def render_results(
+    results: list[dict[str, Any]] | None, show_why: bool
+) -> tuple[list[Any], list[dict[str, Any]], Any, bool]:
+    """Cards, table rows, summary, and whether the CSV button is disabled."""
+    results = results or []
+    return (
+        result_cards(results, bool(show_why)),
+        table_rows(results),
+        summary_panel(batch_summary(results)),
+        not results,
+    )
+
+
+def download_csv(clicks: int | None, results: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """The batch as ``predictions.csv``, with the columns of ``malaria predict``."""
+    if not clicks or not results:
+        raise PreventUpdate
+    return dcc.send_string(results_csv(results), "predictions.csv")
+
+
+def register_callbacks(app: Dash, context: DashboardContext) -> None:
+    """Wire the plain functions above to the page's components."""
+    app.clientside_callback(
+        ClientsideFunction(namespace="malaria", function_name="takeUpload"),
+        Output(ids.PENDING_UPLOAD, "data"),
+        Output(ids.UPLOAD, "contents"),
+        Output(ids.UPLOAD, "filename"),
+        Output(ids.PROGRESS_TEXT, "children"),
+        Input(ids.UPLOAD, "contents"),
+        State(ids.UPLOAD, "filename"),
+        State(ids.LIMITS_STORE, "data"),
+        prevent_initial_call=True,
+    )
+
+    @app.callback(
+        Output(ids.RESULTS_STORE, "data"),
+        Input(ids.PENDING_UPLOAD, "data"),
+        State(ids.SHOW_WHY, "value"),
+        running=[(Output(ids.PROGRESS, "style"), {"display": "block"}, {"display": "none"})],
+        prevent_initial_call=True,
+    )
+    def _classify_pending(pending, show_why):
+        return classify_pending(context, pending, show_why)
+
+    if context.examples:
+
+        @app.callback(
+            Output(ids.RESULTS_STORE, "data", allow_duplicate=True),
+            Input({"type": ids.EXAMPLE_BUTTON, "index": ALL}, "n_clicks"),
+            State(ids.SHOW_WHY, "value"),
+            prevent_initial_call=True,
+        )
+        def _classify_example(_clicks, show_why):
+            triggered = ctx.triggered_id
+            index = triggered["index"] if isinstance(triggered, dict) else None
+            clicks = ctx.triggered[0]["value"] if ctx.triggered else None
+            return classify_example(context, index, clicks, show_why)
+
+    @app.callback(
+        Output(ids.RESULTS_STORE, "data", allow_duplicate=True),
+        Input(ids.SHOW_WHY, "value"),
+        State(ids.RESULTS_STORE, "data"),
+        prevent_initial_call=True,
+    )
+    def _explain_results(show_why, results):
+        return explain_results(context, show_why, results)
+
+    @app.callback(
+        Output(ids.CARDS, "children"),
+        Output(ids.TABLE, "rowData"),
+        Output(ids.SUMMARY, "children"),
+        Output(ids.DOWNLOAD_BUTTON, "disabled"),
+        Input(ids.RESULTS_STORE, "data"),
+        Input(ids.SHOW_WHY, "value"),
+    )
+    def _render_results(results, show_why):
+        return render_results(results, show_why)
+
+    @app.callback(
+        Output(ids.DOWNLOAD, "data"),
+        Input(ids.DOWNLOAD_BUTTON, "n_clicks"),
+        State(ids.RESULTS_STORE, "data"),
+        prevent_initial_call=True,
+    )
+    def _download_csv(clicks, results):
+        return download_csv(clicks, results)

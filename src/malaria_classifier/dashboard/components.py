@@ -1,0 +1,204 @@
+"""Reusable pieces of the page, each a pure function of plain data.
+
+Colours carry meaning consistently: red (``danger``) for Parasitized, green (``success``)
+for Uninfected, grey for files that could not be classified.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import dash_ag_grid as dag
+import dash_bootstrap_components as dbc
+from dash import html
+
+from malaria_classifier.constants import POSITIVE_CLASS
+from malaria_classifier.dashboard import ids
+
+LABEL_COLOURS = {"Parasitized": "danger", "Uninfected": "success"}
+TABLE_COLUMNS = (
+    ("filename", "File"),
+    ("label", "Label"),
+    ("probability", "P(Parasitized)"),
+    ("confidence", "Confidence"),
+    ("error", "Error"),
+)
+
+
+def result_card(result: dict[str, Any], show_why: bool) -> dbc.Card:
+    """One file's card: the cell, its label, P(Parasitized) and a confidence bar."""
+    if result.get("error"):
+        return _error_card(result)
+    colour = LABEL_COLOURS[result["label"]]
+    picture = result.get("heat_map") if show_why and result.get("heat_map") else result["image"]
+    caption = "Grad-CAM: bright = what drove the answer" if show_why else "What the model sees"
+    return dbc.Card(
+        [
+            dbc.CardImg(src=picture, className="cell-image", alt=f"cell {result['filename']}"),
+            dbc.CardBody(
+                [
+                    html.Div(caption, className="image-caption"),
+                    html.Div(result["filename"], className="file-name", title=result["filename"]),
+                    html.H5(result["label"], className=f"text-{colour} result-label"),
+                    html.Div(
+                        f"P(Parasitized) = {result['probability']:.3f}", className="probability"
+                    ),
+                    dbc.Progress(
+                        value=round(100 * result["confidence"], 1),
+                        label=f"{100 * result['confidence']:.1f}% confident",
+                        color=colour,
+                        className="confidence-bar",
+                    ),
+                ]
+            ),
+        ],
+        className="result-card",
+        color=colour,
+        outline=True,
+    )
+
+
+def _error_card(result: dict[str, Any]) -> dbc.Card:
+    return dbc.Card(
+        dbc.CardBody(
+            [
+                html.Div(result["filename"], className="file-name", title=result["filename"]),
+                html.H5("Not classified", className="text-secondary result-label"),
+                html.P(result["error"], className="error-message small"),
+            ]
+        ),
+        className="result-card error-card",
+        color="secondary",
+        outline=True,
+    )
+
+
+def result_cards(results: Sequence[dict[str, Any]], show_why: bool) -> list[dbc.Col]:
+    """A responsive grid of cards, in upload order."""
+    return [dbc.Col(result_card(result, show_why), xs=6, md=4, lg=3, xl=2) for result in results]
+
+
+def summary_panel(summary: dict[str, Any]) -> html.Div:
+    """Counts for the batch and the parasitized share, with what that share means."""
+    if summary["files"] == 0:
+        return html.Div("No images yet: upload cell images or pick an example.", className="muted")
+    share = summary["parasitized_share"]
+    share_text = "—" if share is None else f"{100 * share:.1f}%"
+    items = [
+        ("Files", summary["files"], "secondary"),
+        ("Parasitized", summary["parasitized"], "danger"),
+        ("Uninfected", summary["uninfected"], "success"),
+        ("Not classified", summary["failed"], "secondary"),
+        ("Parasitized share", share_text, "dark"),
+    ]
+    badges = [
+        html.Span([html.Span(name + ": "), dbc.Badge(str(value), color=colour)], className="me-3")
+        for name, value, colour in items
+    ]
+    return html.Div(
+        [
+            html.Div(badges, className="summary-badges"),
+            html.Small(
+                "Parasitized share = parasitized cells / classified cells: a parasitemia "
+                "estimate only if the batch holds every red cell of the field. Screening "
+                "aid, not a diagnosis: confirm by microscopy.",
+                className="text-muted",
+            ),
+        ]
+    )
+
+
+def results_table(results: Sequence[dict[str, Any]]) -> dag.AgGrid:
+    """A sortable, filterable grid with one row per file (AG Grid)."""
+    return dag.AgGrid(
+        id=ids.TABLE,
+        columnDefs=[_column(key, title) for key, title in TABLE_COLUMNS],
+        rowData=table_rows(results),
+        defaultColDef={"sortable": True, "filter": True, "resizable": True},
+        columnSize="responsiveSizeToFit",
+        dashGridOptions={"pagination": True, "paginationPageSize": 25},
+        rowClassRules={
+            "row-parasitized": "params.data.label == 'Parasitized'",
+            "row-uninfected": "params.data.label == 'Uninfected'",
+        },
+        className="ag-theme-alpine results-grid",
+    )
+
+
+def _column(key: str, title: str) -> dict[str, Any]:
+    column: dict[str, Any] = {"field": key, "headerName": title}
+    if key in ("probability", "confidence"):
+        column["filter"] = "agNumberColumnFilter"
+        column["valueFormatter"] = {
+            "function": "params.value == null ? '' : d3.format('.4f')(params.value)"
+        }
+    return column
+
+
+def table_rows(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Table cells: the fields of ``malaria predict``, without the images."""
+    return [{key: result.get(key) for key, _ in TABLE_COLUMNS} for result in results]
+
+
+def example_gallery(thumbnails: Sequence[tuple[str, str]]) -> html.Div:
+    """Clickable thumbnails; ``thumbnails`` holds (file name, PNG data URL) pairs."""
+    buttons = [
+        html.Button(
+            html.Img(src=url, alt=name, className="example-image"),
+            id={"type": ids.EXAMPLE_BUTTON, "index": index},
+            title=f"Classify {name}",
+            className="example-button",
+            n_clicks=0,
+        )
+        for index, (name, url) in enumerate(thumbnails)
+    ]
+    return html.Div(
+        [html.H6("Examples: click one to classify it"), html.Div(buttons, className="gallery")],
+        id=ids.EXAMPLES,
+    )
+
+
+def metrics_table(metrics: dict[str, Any]) -> dbc.Table:
+    """Validation and test metrics from a model card, each with its 95% CI."""
+    splits = [split for split in ("validation", "test") if split in metrics]
+    names = list(metrics[splits[0]]["metrics"]) if splits else []
+    header = html.Thead(
+        html.Tr(
+            [html.Th("metric (cells)")]
+            + [
+                html.Th(
+                    f"{split}: {metrics[split]['patients']} patients, "
+                    f"{metrics[split]['cells']:,} cells"
+                )
+                for split in splits
+            ]
+        )
+    )
+    body = html.Tbody(
+        [
+            html.Tr(
+                [html.Td(name)]
+                + [
+                    html.Td(_value_with_interval(metrics[split]["metrics"][name]))
+                    for split in splits
+                ]
+            )
+            for name in names
+        ]
+    )
+    return dbc.Table([header, body], bordered=True, size="sm", className="metrics-table")
+
+
+def _value_with_interval(entry: dict[str, Any]) -> str:
+    low, high = entry["ci95"]
+    return f"{entry['value']:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def positive_class_note() -> html.Small:
+    """The sentence every metric display needs."""
+    return html.Small(
+        f"Positive class = {POSITIVE_CLASS}. Metrics are over cells of patients the model "
+        f"never saw in training; 95% confidence intervals come from a bootstrap over patients.",
+        className="text-muted",
+    )

@@ -1,0 +1,135 @@
+"""The page: a "Classify" tab (upload, progress, summary, cards, table) and a "Model" tab."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict
+
+import dash_bootstrap_components as dbc
+from dash import dcc, html
+
+from malaria_classifier.dashboard import ids
+from malaria_classifier.dashboard.components import (
+    example_gallery,
+    results_table,
+    summary_panel,
+)
+from malaria_classifier.dashboard.uploads import ACCEPTED_SUFFIXES, UploadLimits, batch_summary
+
+TITLE = "Malaria cell classifier"
+
+
+def build_layout(
+    limits: UploadLimits,
+    model_name: str,
+    model_page: html.Div,
+    example_thumbnails: Sequence[tuple[str, str]] = (),
+) -> dbc.Container:
+    """The whole page; the model page is built once at start-up by the caller."""
+    return dbc.Container(
+        [
+            dcc.Store(id=ids.RESULTS_STORE, data=[]),
+            dcc.Store(id=ids.PENDING_UPLOAD),
+            dcc.Store(id=ids.LIMITS_STORE, data=asdict(limits)),
+            dcc.Download(id=ids.DOWNLOAD),
+            _header(model_name),
+            dbc.Tabs(
+                [
+                    dbc.Tab(
+                        _classify_tab(limits, example_thumbnails),
+                        label="Classify",
+                        tab_id="classify",
+                    ),
+                    dbc.Tab(model_page, label="Model", tab_id="model", className="pt-3"),
+                ],
+                id=ids.TABS,
+                active_tab="classify",
+            ),
+        ],
+        fluid=True,
+        className="app-container",
+    )
+
+
+def _header(model_name: str) -> html.Div:
+    return html.Div(
+        [
+            html.H2(TITLE, className="mb-0"),
+            html.Div(
+                [
+                    "Giemsa-stained thin-smear red-cell crops → ",
+                    html.Span("Parasitized", className="text-danger fw-bold"),
+                    " or ",
+                    html.Span("Uninfected", className="text-success fw-bold"),
+                    f" · model: {model_name}",
+                ],
+                className="text-muted",
+            ),
+        ],
+        className="app-header",
+    )
+
+
+def _classify_tab(limits: UploadLimits, example_thumbnails: Sequence[tuple[str, str]]) -> html.Div:
+    return html.Div(
+        [
+            dcc.Upload(
+                id=ids.UPLOAD,
+                children=html.Div(
+                    [
+                        html.Strong("Drag and drop cell images here, or click to browse"),
+                        html.Div(
+                            f"One or many files: {limits.describe()}. Each upload is a new batch.",
+                            id=ids.UPLOAD_LIMITS_TEXT,
+                            className="small text-muted",
+                        ),
+                    ]
+                ),
+                multiple=True,
+                accept=",".join(ACCEPTED_SUFFIXES),
+                className="upload-box",
+            ),
+            html.Div(
+                [
+                    dbc.Progress(value=100, striped=True, animated=True, className="mb-1"),
+                    html.Div(id=ids.PROGRESS_TEXT, className="small"),
+                ],
+                id=ids.PROGRESS,
+                style={"display": "none"},
+            ),
+            example_gallery(example_thumbnails) if example_thumbnails else html.Div(),
+            dbc.Row(
+                [
+                    dbc.Col(html.Div(summary_panel(batch_summary([])), id=ids.SUMMARY), md=9),
+                    dbc.Col(
+                        [
+                            dbc.Switch(
+                                id=ids.SHOW_WHY,
+                                label="Show why (Grad-CAM heat map)",
+                                value=False,
+                            ),
+                            dbc.Button(
+                                "Download CSV",
+                                id=ids.DOWNLOAD_BUTTON,
+                                color="primary",
+                                size="sm",
+                                disabled=True,
+                            ),
+                        ],
+                        md=3,
+                        className="text-md-end",
+                    ),
+                ],
+                className="my-3 align-items-center",
+            ),
+            dcc.Loading(
+                [
+                    dbc.Row(id=ids.CARDS, className="g-3 mb-4"),
+                    html.H5("All results (click a column to sort)"),
+                    results_table([]),
+                ],
+                type="default",
+            ),
+        ],
+        className="pt-3",
+    )

@@ -1,0 +1,299 @@
+"""Turn uploaded files into results: size checks, decoding, prediction, Grad-CAM.
+
+Nothing here knows about Dash components, so the same code serves the upload box, the
+example gallery and ``POST /api/predict``, and tests call it as plain functions. Every
+file gets its own result; a file that fails carries an error and never stops the batch.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from malaria_classifier.explain import encode_png, overlay_heat_map
+from malaria_classifier.images import ImageLoadError, decode_image_bytes, resize_with_pad
+from malaria_classifier.prediction import PredictionRow, label_for, write_rows
+
+ACCEPTED_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+ACCEPTED_KINDS = "PNG, JPEG, TIFF or BMP"
+# The browser replaces a file that breaks a limit by this marker and its size in bytes
+# (assets/uploads.js), so oversized data never travels; the server checks again anyway.
+DROPPED_PREFIX = "dropped:"
+
+
+@dataclass(frozen=True)
+class UploadLimits:
+    """How much one request may carry; checked before anything is decoded.
+
+    The defaults fit a few thousand NIH cell crops (about 10 KB each) per batch while
+    keeping one request's memory bounded on a small server.
+    """
+
+    max_file_bytes: int = 10 * 1024 * 1024
+    max_files: int = 1000
+    max_batch_bytes: int = 50 * 1024 * 1024
+
+    def describe(self) -> str:
+        """The limits in words, for the upload box and error messages."""
+        return (
+            f"{ACCEPTED_KINDS}; up to {_megabytes(self.max_file_bytes)} per file, "
+            f"{self.max_files:,} files and {_megabytes(self.max_batch_bytes)} per batch"
+        )
+
+    def request_bytes(self) -> int:
+        """Largest HTTP body to accept: a full batch in base64 (4/3) plus 1 MB of framing."""
+        return self.max_batch_bytes * 4 // 3 + 1024 * 1024
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / (1024 * 1024):g} MB"
+
+
+class UploadError(ValueError):
+    """One uploaded file cannot be used; the message names it and says what to do."""
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One file as received: its name and its bytes (or why they were refused)."""
+
+    filename: str
+    data: bytes | None
+    error: str | None = None
+
+
+def check_kind(filename: str) -> str | None:
+    """An error message if the file name's suffix is not an accepted image kind."""
+    suffix = Path(filename).suffix.lower()
+    if suffix in ACCEPTED_SUFFIXES:
+        return None
+    shown = suffix or "no suffix"
+    return f"{filename}: unsupported file kind ({shown}). Upload a cell image as {ACCEPTED_KINDS}."
+
+
+def decode_data_url(contents: str, filename: str, limits: UploadLimits) -> bytes:
+    """Bytes of a browser upload (``data:<type>;base64,<data>``), size-checked first.
+
+    Raises:
+        UploadError: If the file is too large or the upload is not base64 data.
+    """
+    _, separator, encoded = contents.partition(";base64,")
+    if not separator:
+        raise UploadError(f"{filename}: the upload is not base64 data. Upload the file again.")
+    size = len(encoded) * 3 // 4
+    if size > limits.max_file_bytes:
+        raise UploadError(_too_large(filename, size, limits))
+    try:
+        return base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        raise UploadError(
+            f"{filename}: the upload arrived damaged (bad base64). Upload the file again."
+        ) from None
+
+
+def _too_large(filename: str, size: int, limits: UploadLimits) -> str:
+    return (
+        f"{filename}: too large ({_megabytes(size)}; the limit is "
+        f"{_megabytes(limits.max_file_bytes)} per file). Upload a single-cell crop, not a "
+        f"whole smear photo."
+    )
+
+
+def receive_browser_uploads(
+    contents: Sequence[str], filenames: Sequence[str], limits: UploadLimits
+) -> list[Upload]:
+    """Check kinds and limits for a batch from the upload box, one :class:`Upload` each."""
+    uploads: list[Upload] = []
+    batch_bytes = 0
+    for index, (content, filename) in enumerate(zip(contents, filenames, strict=True)):
+        name = filename or f"file {index + 1}"
+        if index >= limits.max_files:
+            uploads.append(Upload(name, None, _batch_full(name, limits)))
+            continue
+        error = check_kind(name)
+        data = None
+        if error is None and (content or "").startswith(DROPPED_PREFIX):
+            error = _dropped_error(name, content, limits)
+        elif error is None:
+            try:
+                data = decode_data_url(content or "", name, limits)
+            except UploadError as upload_error:
+                error = str(upload_error)
+        if data is not None and batch_bytes + len(data) > limits.max_batch_bytes:
+            data, error = None, _batch_full(name, limits)
+        batch_bytes += len(data or b"")
+        uploads.append(Upload(name, data, error))
+    return uploads
+
+
+def _dropped_error(filename: str, content: str, limits: UploadLimits) -> str:
+    """The message for a file the browser held back because it broke a limit."""
+    try:
+        size = int(content[len(DROPPED_PREFIX) :])
+    except ValueError:
+        size = 0
+    if size > limits.max_file_bytes:
+        return _too_large(filename, size, limits)
+    return _batch_full(filename, limits)
+
+
+def _batch_full(filename: str, limits: UploadLimits) -> str:
+    return (
+        f"{filename}: not classified, the batch limit ({limits.max_files:,} files, "
+        f"{_megabytes(limits.max_batch_bytes)}) was reached. Upload the rest as another batch."
+    )
+
+
+def read_example(path: Path, limits: UploadLimits) -> Upload:
+    """An example image from the gallery folder, read with the same checks as an upload."""
+    try:
+        size = path.stat().st_size
+        if size > limits.max_file_bytes:
+            return Upload(path.name, None, _too_large(path.name, size, limits))
+        return Upload(path.name, path.read_bytes(), check_kind(path.name))
+    except OSError as error:
+        return Upload(path.name, None, f"{path.name}: cannot be read ({error.strerror}).")
+
+
+@dataclass
+class CellResult:
+    """What the dashboard shows for one file; ``error`` set means it was not classified."""
+
+    filename: str
+    label: str
+    probability: float | None
+    confidence: float | None
+    error: str
+    image: str | None = None  # the model's input view, as a PNG data URL
+    heat_map: str | None = None  # Grad-CAM overlay on that view, as a PNG data URL
+
+    def to_row(self) -> PredictionRow:
+        """The same fields ``malaria predict`` writes."""
+        return PredictionRow(
+            self.filename, self.label, self.probability, self.confidence, self.error
+        )
+
+
+def classify_uploads(
+    predictor, uploads: Sequence[Upload], explainer=None, with_images: bool = True
+) -> list[CellResult]:
+    """Decode, predict and (with an ``explainer``) explain a batch in one forward pass.
+
+    Args:
+        predictor: A loaded :class:`~malaria_classifier.prediction.Predictor`.
+        uploads: Files from :func:`receive_browser_uploads`, :func:`read_example` or the API.
+        explainer: A :class:`~malaria_classifier.explain.GradCam`, or None for no heat maps.
+        with_images: Attach the model's input view as a PNG (the API does not need it).
+    """
+    inputs: list[np.ndarray] = []
+    results: list[CellResult] = []
+    for upload in uploads:
+        result = CellResult(upload.filename, "", None, None, upload.error or "")
+        if upload.error is None:
+            try:
+                image = decode_image_bytes(upload.data or b"", upload.filename)
+                inputs.append(resize_with_pad(image, predictor.image_size))
+            except ImageLoadError as error:
+                result.error = str(error)
+        results.append(result)
+    if inputs:
+        _fill_predictions(predictor, results, np.stack(inputs), explainer, with_images)
+    return results
+
+
+def _fill_predictions(
+    predictor, results: list[CellResult], batch: np.ndarray, explainer, with_images: bool
+) -> None:
+    probabilities = predictor.predict_arrays(batch)
+    heat_maps = explainer(batch) if explainer is not None else None
+    classified = [result for result in results if not result.error]
+    for index, result in enumerate(classified):
+        probability = float(probabilities[index])
+        result.label = label_for(probability, predictor.threshold)
+        result.probability = probability
+        result.confidence = probability if result.label == "Parasitized" else 1.0 - probability
+        if with_images:
+            result.image = png_data_url(batch[index])
+        if heat_maps is not None:
+            result.heat_map = png_data_url(overlay_heat_map(batch[index], heat_maps[index]))
+
+
+def add_heat_maps(explainer, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Results (as stored in the browser) with Grad-CAM overlays added where missing.
+
+    The stored model-input view is lossless PNG, so the map explains exactly the pixels
+    that were classified.
+    """
+    missing = [
+        index
+        for index, result in enumerate(results)
+        if result.get("image") and not result.get("heat_map")
+    ]
+    if not missing:
+        return results
+    batch = np.stack([decode_data_url_image(results[index]["image"]) for index in missing])
+    heat_maps = explainer(batch)
+    updated = [dict(result) for result in results]
+    for position, index in enumerate(missing):
+        updated[index]["heat_map"] = png_data_url(
+            overlay_heat_map(batch[position], heat_maps[position])
+        )
+    return updated
+
+
+def png_data_url(image: np.ndarray) -> str:
+    """A uint8 RGB array as a ``data:image/png;base64`` URL for an ``<img>`` tag."""
+    return "data:image/png;base64," + base64.b64encode(encode_png(image)).decode("ascii")
+
+
+def decode_data_url_image(url: str) -> np.ndarray:
+    """The RGB array back from :func:`png_data_url` (our own stored images only)."""
+    data = base64.b64decode(url.partition(";base64,")[2])
+    return decode_image_bytes(data, "<stored image>")
+
+
+def results_to_dicts(results: Iterable[CellResult]) -> list[dict[str, Any]]:
+    """JSON-ready results for a ``dcc.Store``."""
+    return [asdict(result) for result in results]
+
+
+def batch_summary(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Counts for a batch and the share of classified cells called Parasitized.
+
+    That share estimates parasitemia (infected red cells per 100 red cells) only when the
+    batch is every cell of a field, not a hand-picked selection.
+    """
+    classified = [result for result in results if not result.get("error")]
+    parasitized = sum(result["label"] == "Parasitized" for result in classified)
+    return {
+        "files": len(results),
+        "classified": len(classified),
+        "failed": len(results) - len(classified),
+        "parasitized": parasitized,
+        "uninfected": len(classified) - parasitized,
+        "parasitized_share": parasitized / len(classified) if classified else None,
+    }
+
+
+def results_csv(results: Sequence[dict[str, Any]]) -> str:
+    """The batch as CSV, written by the same code as ``malaria predict`` (same columns)."""
+    rows = (
+        PredictionRow(
+            result["filename"],
+            result["label"],
+            result["probability"],
+            result["confidence"],
+            result["error"],
+        )
+        for result in results
+    )
+    buffer = io.StringIO()
+    write_rows(rows, buffer, "csv")
+    return buffer.getvalue()

@@ -1,0 +1,384 @@
+"""The dashboard without a browser: callbacks as plain functions, layout by id, the API."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from dash.exceptions import PreventUpdate
+from PIL import Image
+
+from malaria_classifier.dashboard import ids
+from malaria_classifier.dashboard.callbacks import (
+    DashboardContext,
+    classify_example,
+    classify_pending,
+    download_csv,
+    explain_results,
+    render_results,
+)
+from malaria_classifier.dashboard.uploads import (
+    DROPPED_PREFIX,
+    UploadLimits,
+    batch_summary,
+    receive_browser_uploads,
+)
+from malaria_classifier.prediction import OUTPUT_COLUMNS
+from tests._synthetic import draw_cell
+
+
+@pytest.fixture(scope="module")
+def predictor():
+    from malaria_classifier.prediction import Predictor
+
+    return Predictor()
+
+
+@pytest.fixture(scope="module")
+def explainer(predictor):
+    from malaria_classifier.explain import GradCam
+
+    return GradCam(predictor.model)
+
+
+@pytest.fixture
+def context(predictor, explainer):
+    return DashboardContext(predictor=predictor, explainer=explainer)
+
+
+def png_bytes(image: np.ndarray, image_format: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format=image_format)
+    return buffer.getvalue()
+
+
+def data_url(data: bytes, kind: str = "image/png") -> str:
+    return f"data:{kind};base64," + base64.b64encode(data).decode()
+
+
+def cell_png(parasitized: bool = True, seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    return png_bytes(np.asarray(draw_cell(48, parasitized, rng)))
+
+
+def find_by_id(component, wanted: str):
+    """Depth-first search of a Dash layout for the component with id ``wanted``."""
+    if getattr(component, "id", None) == wanted:
+        return component
+    children = getattr(component, "children", None)
+    if children is None:
+        return None
+    for child in children if isinstance(children, list | tuple) else [children]:
+        found = find_by_id(child, wanted)
+        if found is not None:
+            return found
+    return None
+
+
+# --- uploads: limits and kinds, checked before decoding -------------------------------
+
+
+def test_receive_uploads_refuses_wrong_kind_oversize_and_damaged_but_keeps_the_rest():
+    limits = UploadLimits(max_file_bytes=1000, max_files=10, max_batch_bytes=10_000)
+    good = cell_png()[:900] if len(cell_png()) > 1000 else cell_png()
+    uploads = receive_browser_uploads(
+        [data_url(good), data_url(b"x" * 2000), data_url(b"hello"), "data:image/png;base64,@@"],
+        ["good.png", "huge.png", "notes.txt", "damaged.png"],
+        limits,
+    )
+    assert [upload.error is None for upload in uploads] == [True, False, False, False]
+    assert "huge.png: too large" in uploads[1].error and "1000 B" not in uploads[1].error
+    assert "notes.txt: unsupported file kind (.txt)" in uploads[2].error
+    assert "damaged.png" in uploads[3].error and "again" in uploads[3].error
+
+
+def test_receive_uploads_enforces_the_batch_limits_per_file():
+    limits = UploadLimits(max_file_bytes=1000, max_files=2, max_batch_bytes=1500)
+    contents = [data_url(b"a" * 800), data_url(b"b" * 800), data_url(b"c" * 10)]
+    uploads = receive_browser_uploads(contents, ["a.png", "b.png", "c.png"], limits)
+    assert uploads[0].error is None
+    assert "batch limit" in uploads[1].error and "another batch" in uploads[1].error
+    assert "batch limit" in uploads[2].error
+
+
+def test_files_held_back_by_the_browser_get_the_right_message():
+    limits = UploadLimits(max_file_bytes=1000)
+    uploads = receive_browser_uploads(
+        [DROPPED_PREFIX + "5000000", DROPPED_PREFIX + "10"], ["big.tif", "late.png"], limits
+    )
+    assert "big.tif: too large (4.76837 MB" in uploads[0].error
+    assert "late.png: not classified, the batch limit" in uploads[1].error
+
+
+# --- callbacks as plain functions -----------------------------------------------------
+
+
+def test_classify_pending_gives_one_result_per_file_and_survives_bad_files(context):
+    pending = {
+        "contents": [
+            data_url(cell_png(True, 1)),
+            data_url(b"not an image at all"),
+            data_url(png_bytes(np.asarray(draw_cell(40, False, np.random.default_rng(2))), "JPEG")),
+        ],
+        "filenames": ["infected.png", "corrupt.png", "healthy.jpg"],
+    }
+    results = classify_pending(context, pending, show_why=False)
+    assert [result["filename"] for result in results] == [
+        "infected.png",
+        "corrupt.png",
+        "healthy.jpg",
+    ]
+    assert results[1]["label"] == "" and "corrupt.png" in results[1]["error"]
+    for result in (results[0], results[2]):
+        assert result["label"] in ("Parasitized", "Uninfected")
+        assert 0.5 <= result["confidence"] <= 1.0
+        assert result["image"].startswith("data:image/png;base64,")
+        assert result["heat_map"] is None
+
+
+def test_classify_pending_matches_the_predictor_on_the_same_file(context, predictor, tmp_path):
+    data = cell_png(True, 3)
+    path = tmp_path / "cell.png"
+    path.write_bytes(data)
+    [expected] = list(predictor.predict_paths([path]))
+    [result] = classify_pending(
+        context, {"contents": [data_url(data)], "filenames": ["cell.png"]}, False
+    )
+    assert result["label"] == expected.label
+    assert result["probability"] == pytest.approx(expected.probability, abs=1e-6)
+
+
+def test_classify_pending_ignores_an_empty_store(context):
+    with pytest.raises(PreventUpdate):
+        classify_pending(context, None, False)
+
+
+def test_show_why_adds_heat_maps_that_differ_from_the_plain_image(context):
+    pending = {"contents": [data_url(cell_png(True, 4))], "filenames": ["a.png"]}
+    plain = classify_pending(context, pending, show_why=False)
+    explained = explain_results(context, True, plain)
+    assert explained[0]["heat_map"].startswith("data:image/png;base64,")
+    assert explained[0]["heat_map"] != explained[0]["image"]
+    assert plain[0]["heat_map"] is None  # the stored results are not modified in place
+    with pytest.raises(PreventUpdate):
+        explain_results(context, True, explained)  # nothing left to add
+    with pytest.raises(PreventUpdate):
+        explain_results(context, False, plain)
+
+
+def test_render_results_builds_cards_table_summary_and_enables_download(context):
+    pending = {
+        "contents": [data_url(cell_png(True, 5)), data_url(b"junk")],
+        "filenames": ["a.png", "b.png"],
+    }
+    results = classify_pending(context, pending, show_why=True)
+    cards, rows, summary, download_disabled = render_results(results, show_why=True)
+    assert len(cards) == 2 and len(rows) == 2 and download_disabled is False
+    assert set(rows[0]) == {"filename", "label", "probability", "confidence", "error"}
+    card_text = json.dumps(cards[0].to_plotly_json(), default=str)
+    assert results[0]["label"] in card_text and "confident" in card_text
+    assert results[0]["heat_map"] in card_text  # the overlay is shown, not the plain view
+    assert "Not classified" in json.dumps(cards[1].to_plotly_json(), default=str)
+    assert render_results([], False)[3] is True
+
+
+def test_batch_summary_counts_and_parasitized_share():
+    results = [
+        {"label": "Parasitized", "error": ""},
+        {"label": "Uninfected", "error": ""},
+        {"label": "Uninfected", "error": ""},
+        {"label": "", "error": "bad"},
+    ]
+    summary = batch_summary(results)
+    assert summary == {
+        "files": 4,
+        "classified": 3,
+        "failed": 1,
+        "parasitized": 1,
+        "uninfected": 2,
+        "parasitized_share": pytest.approx(1 / 3),
+    }
+    assert batch_summary([results[3]])["parasitized_share"] is None
+
+
+def test_download_csv_has_the_columns_of_malaria_predict(context):
+    pending = {
+        "contents": [data_url(cell_png(False, 6)), data_url(b"x")],
+        "filenames": ["a.png", "b.png"],
+    }
+    results = classify_pending(context, pending, False)
+    download = download_csv(1, results)
+    assert download["filename"] == "predictions.csv"
+    table = list(csv.reader(io.StringIO(download["content"])))
+    assert tuple(table[0]) == OUTPUT_COLUMNS
+    assert table[1][0] == "a.png" and float(table[1][2]) == pytest.approx(
+        results[0]["probability"], abs=1e-6
+    )
+    assert table[2][1] == "" and "b.png" in table[2][4]
+    with pytest.raises(PreventUpdate):
+        download_csv(None, results)
+
+
+def test_classify_example_uses_the_gallery_index_only(context, tmp_path):
+    example = tmp_path / "example.png"
+    example.write_bytes(cell_png(True, 7))
+    context.examples = [example]
+    [result] = classify_example(context, 0, 1, show_why=False)
+    assert result["filename"] == "example.png" and result["label"]
+    for index, clicks in ((1, 1), (-1, 1), (0, 0), (None, 1)):
+        with pytest.raises(PreventUpdate):
+            classify_example(context, index, clicks, False)
+
+
+# --- the app: layout by id, model page, API -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def app(predictor, explainer, tmp_path_factory):
+    from malaria_classifier.dashboard import create_app
+
+    examples = tmp_path_factory.mktemp("examples")
+    for index in range(3):
+        (examples / f"cell_{index}.png").write_bytes(cell_png(index % 2 == 0, 10 + index))
+    (examples / "notes.txt").write_text("not an image")
+    return create_app(predictor, examples=examples, explainer=explainer)
+
+
+def test_layout_has_every_component_the_callbacks_use(app):
+    for component_id in (
+        ids.UPLOAD,
+        ids.UPLOAD_LIMITS_TEXT,
+        ids.PENDING_UPLOAD,
+        ids.LIMITS_STORE,
+        ids.SHOW_WHY,
+        ids.PROGRESS,
+        ids.PROGRESS_TEXT,
+        ids.RESULTS_STORE,
+        ids.SUMMARY,
+        ids.CARDS,
+        ids.TABLE,
+        ids.DOWNLOAD_BUTTON,
+        ids.DOWNLOAD,
+        ids.EXAMPLES,
+        ids.TABS,
+        ids.MODEL_PAGE,
+        ids.CONFUSION_MATRIX,
+        ids.ROC_CURVE,
+    ):
+        assert find_by_id(app.layout, component_id) is not None, component_id
+    upload = find_by_id(app.layout, ids.UPLOAD)
+    assert upload.multiple is True and ".tiff" in upload.accept
+    limits_text = find_by_id(app.layout, ids.UPLOAD_LIMITS_TEXT).children
+    assert "10 MB per file" in limits_text and "per batch" in limits_text
+    gallery = find_by_id(app.layout, ids.EXAMPLES)
+    assert len(gallery.children[1].children) == 3  # the .txt file is not offered
+
+
+def test_model_page_shows_the_card_metrics_and_interactive_figures(app, predictor):
+    page = find_by_id(app.layout, ids.MODEL_PAGE)
+    text = json.dumps(page.to_plotly_json(), default=str)
+    test_metrics = predictor.card["metrics"]["test"]
+    assert f"{test_metrics['metrics']['roc_auc']['value']:.3f}" in text
+    assert "Positive class = Parasitized" in text and "bootstrap over patients" in text
+    assert f"{test_metrics['patients']} patients" in text
+    roc = find_by_id(app.layout, ids.ROC_CURVE)
+    assert "ROC curve" in json.dumps(roc.figure.to_plotly_json()["layout"]["title"])
+
+
+def test_model_page_without_a_card_says_so(tmp_path):
+    from malaria_classifier.dashboard.model_page import model_page
+
+    page = model_page(tmp_path / "model.keras", {}, {})
+    assert "no model card" in json.dumps(page.to_plotly_json(), default=str)
+
+
+def test_model_page_rebuilds_the_confusion_matrix_from_the_card(predictor, tmp_path):
+    from malaria_classifier.dashboard.model_page import load_evaluation_figures
+
+    figures = load_evaluation_figures(tmp_path / "model.keras", predictor.card)
+    assert set(figures) == {"confusion_matrix"}
+    counts = predictor.card["metrics"]["test"]["confusion_matrix"]["counts"]
+    assert [list(row) for row in figures["confusion_matrix"].data[0].z] == counts
+
+
+def test_page_and_assets_are_served(app):
+    client = app.server.test_client()
+    assert client.get("/").status_code == 200
+    layout = client.get("/_dash-layout")
+    assert layout.status_code == 200 and ids.UPLOAD in layout.get_data(as_text=True)
+
+
+def test_api_predict_returns_the_fields_of_malaria_predict(app):
+    client = app.server.test_client()
+    response = client.post(
+        "/api/predict",
+        data={
+            "file": [
+                (io.BytesIO(cell_png(True, 20)), "cell.png"),
+                (io.BytesIO(b"garbage"), "broken.png"),
+                (io.BytesIO(b"text"), "readme.txt"),
+            ]
+        },
+        content_type="multipart/form-data",
+    )
+    assert response.status_code == 200
+    rows = response.get_json()
+    assert [set(row) for row in rows] == [set(OUTPUT_COLUMNS)] * 3
+    assert rows[0]["path"] == "cell.png" and rows[0]["label"] in ("Parasitized", "Uninfected")
+    assert rows[1]["label"] == "" and "broken.png" in rows[1]["error"]
+    assert "unsupported file kind" in rows[2]["error"]
+
+
+def test_api_predict_without_a_file_explains_how_to_call_it(app):
+    response = app.server.test_client().post("/api/predict")
+    assert response.status_code == 400
+    assert "curl -F file=@cell.png" in response.get_json()["error"]
+
+
+def test_api_refuses_oversized_requests_before_decoding(predictor, explainer):
+    from malaria_classifier.dashboard import create_app
+
+    limits = UploadLimits(max_file_bytes=1000, max_files=5, max_batch_bytes=3000)
+    small = create_app(predictor, limits=limits, explainer=explainer)
+    client = small.server.test_client()
+    response = client.post(
+        "/api/predict",
+        data={"file": [(io.BytesIO(b"x" * 2_000_000), "huge.png")]},
+        content_type="multipart/form-data",
+    )
+    assert response.status_code == 413
+    assert "split the batch" in response.get_json()["error"]
+    response = client.post(
+        "/api/predict",
+        data={"file": [(io.BytesIO(b"x" * 1500), "big.png")]},
+        content_type="multipart/form-data",
+    )
+    assert response.status_code == 200
+    assert "big.png: too large" in response.get_json()[0]["error"]
+
+
+def test_find_examples_rejects_a_missing_or_empty_folder(tmp_path):
+    from malaria_classifier.dashboard.app import find_examples
+
+    with pytest.raises(ValueError, match="not a folder"):
+        find_examples(tmp_path / "missing")
+    with pytest.raises(ValueError, match="no images"):
+        find_examples(tmp_path)
+
+
+def test_real_cells_from_the_shared_data_are_classified_correctly(context, shared_data_dir):
+    paths = sorted((shared_data_dir / "Parasitized").glob("*.png"))[:20]
+    paths += sorted((shared_data_dir / "Uninfected").glob("*.png"))[:20]
+    pending = {
+        "contents": [data_url(Path(path).read_bytes()) for path in paths],
+        "filenames": [path.name for path in paths],
+    }
+    results = classify_pending(context, pending, False)
+    truth = [path.parent.name for path in paths]
+    correct = sum(result["label"] == label for result, label in zip(results, truth, strict=True))
+    assert correct >= 36, f"only {correct} of 40 real cells right"
