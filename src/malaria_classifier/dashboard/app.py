@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import dash_bootstrap_components as dbc
 from dash import Dash
 
 from malaria_classifier.dashboard.api import register_api
@@ -26,6 +25,7 @@ from malaria_classifier.images import ImageLoadError, load_for_model
 
 ASSETS = Path(__file__).parent / "assets"
 MAX_EXAMPLES = 24
+BOOTSTRAP_URL = "/vendor/bootstrap.min.css"
 
 
 def create_app(
@@ -57,9 +57,10 @@ def create_app(
         __name__,
         title=TITLE,
         assets_folder=str(ASSETS),
-        external_stylesheets=[dbc.themes.BOOTSTRAP],
+        external_stylesheets=[BOOTSTRAP_URL],
         serve_locally=True,
     )
+    serve_bootstrap_css(app.server)
     card = predictor.card
     figures = load_evaluation_figures(predictor.model_path, card)
     app.layout = build_layout(
@@ -72,6 +73,23 @@ def create_app(
     app.server.config["MAX_CONTENT_LENGTH"] = limits.request_bytes()
     register_api(app.server, predictor, limits)
     return app
+
+
+def serve_bootstrap_css(server) -> None:
+    """Serve Bootstrap's CSS from the installed Bootstrap-Flask package.
+
+    dash-bootstrap-components points at a CDN by default; lab networks are often offline,
+    and nothing at run time may be fetched from outside, so the page styles itself from a
+    file installed with the package.
+    """
+    import flask_bootstrap
+    from flask import send_from_directory
+
+    folder = Path(flask_bootstrap.__file__).parent / "static" / "bootstrap5" / "css"
+
+    @server.get(BOOTSTRAP_URL)
+    def _bootstrap_css():
+        return send_from_directory(folder, "bootstrap.min.css", max_age=24 * 3600)
 
 
 def find_examples(folder: Path) -> list[Path]:

@@ -117,7 +117,11 @@ def results_table(results: Sequence[dict[str, Any]]) -> dag.AgGrid:
         rowData=table_rows(results),
         defaultColDef={"sortable": True, "filter": True, "resizable": True},
         columnSize="responsiveSizeToFit",
-        dashGridOptions={"pagination": True, "paginationPageSize": 25},
+        dashGridOptions={
+            "pagination": True,
+            "paginationPageSize": 25,
+            "paginationPageSizeSelector": [25, 100, 500],
+        },
         rowClassRules={
             "row-parasitized": "params.data.label == 'Parasitized'",
             "row-uninfected": "params.data.label == 'Uninfected'",

@@ -14,7 +14,7 @@ from malaria_classifier.dashboard.components import (
     results_table,
     summary_panel,
 )
-from malaria_classifier.dashboard.uploads import ACCEPTED_SUFFIXES, UploadLimits, batch_summary
+from malaria_classifier.dashboard.uploads import UploadLimits, batch_summary
 
 TITLE = "Malaria cell classifier"
 
@@ -86,7 +86,8 @@ def _classify_tab(limits: UploadLimits, example_thumbnails: Sequence[tuple[str, 
                     ]
                 ),
                 multiple=True,
-                accept=",".join(ACCEPTED_SUFFIXES),
+                # No ``accept`` filter: the browser would drop other files silently, and a
+                # user must see on its own card why a file was not classified.
                 className="upload-box",
             ),
             html.Div(

@@ -1,0 +1,166 @@
+"""The upload flow in a real browser: headless Chromium driven by Selenium.
+
+Uses Debian's ``/usr/bin/chromium`` and ``/usr/bin/chromedriver`` (``.ci/run`` installs
+them); skipped with the reason when they are missing. The app runs in a thread on a free
+port of 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+WAIT_SECONDS = 60
+
+
+@pytest.fixture(scope="module")
+def server_url():
+    from werkzeug.serving import make_server
+
+    from malaria_classifier.dashboard import create_app
+    from malaria_classifier.prediction import Predictor
+
+    app = create_app(Predictor())
+    server = make_server("127.0.0.1", 0, app.server, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}/"
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
+        pytest.skip(
+            f"needs Debian's chromium and chromium-driver ({CHROMIUM}, {CHROMEDRIVER}); "
+            f"install with: apt-get install -y chromium chromium-driver"
+        )
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-dev-shm-usage",
+        "--window-size=1400,1000",
+    ):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def upload(browser, paths: list[Path]) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    field = WebDriverWait(browser, WAIT_SECONDS).until(
+        expected_conditions.presence_of_element_located(
+            (By.CSS_SELECTOR, "#upload input[type=file]")
+        )
+    )
+    # Chromedriver adds to a multiple file input's earlier selection; a person's file
+    # dialog replaces it. Clear it so each call is one fresh selection, as in a browser.
+    browser.execute_script("arguments[0].value = '';", field)
+    field.send_keys("\n".join(str(path) for path in paths))
+
+
+def wait_for_cards(browser, count: int, containing: str) -> list[str]:
+    """The result cards' texts, once there are ``count`` and the first holds ``containing``."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def cards_ready(driver):
+        texts = [card.text for card in driver.find_elements(By.CSS_SELECTOR, ".result-card")]
+        return texts if len(texts) == count and containing in texts[0] else False
+
+    wait = WebDriverWait(
+        browser, WAIT_SECONDS, ignored_exceptions=(StaleElementReferenceException,)
+    )
+    return wait.until(cards_ready)
+
+
+@pytest.fixture(scope="module")
+def real_cell(shared_data_dir):
+    return sorted((shared_data_dir / "Parasitized").glob("*.png"))[0]
+
+
+def test_upload_a_real_cell_then_a_corrupt_file_then_the_same_cell_again(
+    browser, server_url, real_cell, tmp_path_factory
+):
+    from malaria_classifier.prediction import Predictor
+
+    [expected] = list(Predictor().predict_paths([real_cell]))
+    browser.get(server_url)
+
+    upload(browser, [real_cell])
+    [card] = wait_for_cards(browser, 1, real_cell.name)
+    assert expected.label in card
+    assert f"{100 * expected.confidence:.1f}% confident" in card
+    assert f"P(Parasitized) = {expected.probability:.3f}" in card
+
+    corrupt = tmp_path_factory.mktemp("corrupt") / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
+    upload(browser, [corrupt])
+    [card] = wait_for_cards(browser, 1, "corrupt.png")
+    assert "Not classified" in card and "is not an image that can be read" in card
+
+    upload(browser, [real_cell])  # the same file again must be classified again
+    [card] = wait_for_cards(browser, 1, real_cell.name)
+    assert expected.label in card
+
+
+def test_a_batch_with_a_bad_file_classifies_the_rest_and_fills_the_table(
+    browser, server_url, shared_data_dir, tmp_path_factory
+):
+    from selenium.webdriver.common.by import By
+
+    cells = sorted((shared_data_dir / "Uninfected").glob("*.png"))[:3]
+    bad = tmp_path_factory.mktemp("bad") / "notes.txt"
+    bad.write_text("not an image")
+    browser.get(server_url)
+    upload(browser, [*cells, bad])
+    cards = wait_for_cards(browser, 4, cells[0].name)
+    assert "unsupported file kind" in cards[3]
+    summary = browser.find_element(By.ID, "summary").text
+    assert "Files: 4" in summary and "Not classified: 1" in summary
+    grid_rows = browser.find_elements(
+        By.CSS_SELECTOR, "#result-table .ag-center-cols-container .ag-row"
+    )
+    assert len(grid_rows) == 4
+    download = browser.find_element(By.ID, "download-button")
+    assert download.is_enabled()
+
+
+def test_model_tab_shows_metrics_and_the_roc_curve(browser, server_url):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(server_url)
+    WebDriverWait(browser, WAIT_SECONDS).until(
+        expected_conditions.element_to_be_clickable((By.LINK_TEXT, "Model"))
+    ).click()
+    WebDriverWait(browser, WAIT_SECONDS).until(
+        expected_conditions.visibility_of_element_located((By.CSS_SELECTOR, "#roc-curve .main-svg"))
+    )
+    page = browser.find_element(By.ID, "model-page").text
+    assert "roc_auc" in page and "Positive class = Parasitized" in page
+
+
+def test_chromium_is_on_ci(request):
+    """Guard: CI must not silently skip the browser tests (``.ci/run`` installs Chromium)."""
+    ci_script = Path(request.config.rootpath) / ".ci" / "run"
+    assert "chromium-driver" in ci_script.read_text(), "install chromium in .ci/run"
