@@ -95,3 +95,71 @@ def test_download_failure_is_reported_cleanly(tmp_path):
     )
     assert result.exit_code == 2
     assert "127.0.0.1:9" in result.output and "Traceback" not in result.output
+
+
+def test_dashboard_rejects_a_missing_examples_folder_before_loading(tmp_path):
+    result = _run("dashboard", "--examples", tmp_path / "nowhere")
+    assert result.exit_code == 2
+    assert "not a folder" in result.output and "Traceback" not in result.output
+
+
+def test_dashboard_rejects_a_missing_model(tmp_path):
+    result = _run("dashboard", "--model", tmp_path / "missing.keras")
+    assert result.exit_code == 2
+    assert "missing.keras" in result.output and "Traceback" not in result.output
+
+
+def test_dashboard_serves_the_page_and_the_api(tmp_path):
+    """`malaria dashboard` really starts a server on 127.0.0.1 (in a subprocess)."""
+    import io
+    import json
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    import numpy as np
+    from _synthetic import draw_cell
+    from PIL import Image
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "malaria_classifier.cli", "dashboard", "--port", str(port)]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(240):
+            try:
+                page = urllib.request.urlopen(url + "/", timeout=2).read().decode()
+                break
+            except OSError:
+                assert server.poll() is None, server.stdout.read().decode()[-2000:]
+                time.sleep(0.5)
+        else:
+            raise AssertionError("the dashboard did not start within 2 minutes")
+        assert "Malaria cell classifier" in page
+        buffer = io.BytesIO()
+        Image.fromarray(np.asarray(draw_cell(40, True, np.random.default_rng(0)))).save(
+            buffer, format="PNG"
+        )
+        boundary = "malaria-test-boundary"
+        body = (
+            (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="c.png"\r\n'
+                f"Content-Type: image/png\r\n\r\n"
+            ).encode()
+            + buffer.getvalue()
+            + f"\r\n--{boundary}--\r\n".encode()
+        )
+        request = urllib.request.Request(
+            url + "/api/predict",
+            data=body,
+            headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+        )
+        [row] = json.loads(urllib.request.urlopen(request, timeout=30).read())
+        assert row["path"] == "c.png" and row["label"] in ("Parasitized", "Uninfected")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _synthetic import draw_cell
 from dash.exceptions import PreventUpdate
 from PIL import Image
 
@@ -29,7 +30,6 @@ from malaria_classifier.dashboard.uploads import (
     receive_browser_uploads,
 )
 from malaria_classifier.prediction import OUTPUT_COLUMNS
-from tests._synthetic import draw_cell
 
 
 @pytest.fixture(scope="module")

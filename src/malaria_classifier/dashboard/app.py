@@ -160,5 +160,7 @@ def run_dashboard(
     """Load the model once and serve the dashboard with Flask's built-in server."""
     from malaria_classifier.prediction import Predictor
 
+    if examples is not None:
+        find_examples(Path(examples))  # a wrong folder fails now, not after loading the model
     app = create_app(Predictor(model), examples=examples)
     app.run(host=host, port=port, debug=debug)
