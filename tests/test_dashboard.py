@@ -294,7 +294,7 @@ def test_model_page_shows_the_card_metrics_and_interactive_figures(app, predicto
 def test_model_page_without_a_card_says_so(tmp_path):
     from malaria_classifier.dashboard.model_page import model_page
 
-    page = model_page(tmp_path / "model.keras", {}, {})
+    page = model_page(str(tmp_path / "model.keras"), {}, {})
     assert "no model card" in json.dumps(page.to_plotly_json(), default=str)
 
 
@@ -385,3 +385,14 @@ def test_real_cells_from_the_shared_data_are_classified_correctly(context, share
     truth = [path.parent.name for path in paths]
     correct = sum(result["label"] == label for result, label in zip(results, truth, strict=True))
     assert correct >= 36, f"only {correct} of 40 real cells right"
+
+
+def test_wsgi_entry_point_reads_its_settings_from_the_environment(monkeypatch, tmp_path):
+    from malaria_classifier.dashboard.wsgi import create_server
+
+    (tmp_path / "one.png").write_bytes(cell_png(True, 30))
+    monkeypatch.setenv("MALARIA_EXAMPLES", str(tmp_path))
+    monkeypatch.delenv("MALARIA_MODEL", raising=False)
+    server = create_server()
+    page = server.test_client().get("/_dash-layout").get_data(as_text=True)
+    assert ids.EXAMPLE_BUTTON in page and "bundled default" in page

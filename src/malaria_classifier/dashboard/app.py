@@ -63,10 +63,11 @@ def create_app(
     serve_bootstrap_css(app.server)
     card = predictor.card
     figures = load_evaluation_figures(predictor.model_path, card)
+    model_name = _model_name(predictor.model_path)
     app.layout = build_layout(
         limits,
-        model_name=_model_name(predictor.model_path),
-        model_page=model_page(predictor.model_path, card, figures),
+        model_name=model_name,
+        model_page=model_page(model_name, card, figures),
         example_thumbnails=example_thumbnails(example_paths, predictor.image_size),
     )
     register_callbacks(app, context)
@@ -146,7 +147,7 @@ def _model_name(model_path: Path) -> str:
     from malaria_classifier.model_card import DEFAULT_MODEL_DIR
 
     if Path(model_path).parent == DEFAULT_MODEL_DIR:
-        return "bundled default"
+        return "bundled default (malaria_classifier/models/default/model.keras)"
     return str(model_path)
 
 

@@ -42,13 +42,13 @@ def load_evaluation_figures(model_path: Path, card: dict[str, Any]) -> dict[str,
     return figures
 
 
-def model_page(model_path: Path, card: dict[str, Any], figures: dict[str, go.Figure]) -> html.Div:
+def model_page(model_name: str, card: dict[str, Any], figures: dict[str, go.Figure]) -> html.Div:
     """What the model is, what it was trained on and how well it did on unseen patients."""
     if not card:
         return html.Div(
             [
                 html.H4("Model"),
-                html.P(f"{model_path}: this model has no model card (model_card.json)."),
+                html.P(f"{model_name}: this model has no model card (model_card.json)."),
                 html.P("Train with `malaria train` to get one, with metrics and figures."),
             ],
             id=ids.MODEL_PAGE,
@@ -56,7 +56,7 @@ def model_page(model_path: Path, card: dict[str, Any], figures: dict[str, go.Fig
     return html.Div(
         [
             html.H4("Model card"),
-            _facts(model_path, card),
+            _facts(model_name, card),
             html.H5("How well it does on patients it never saw", className="mt-4"),
             positive_class_note(),
             metrics_table(card.get("metrics", {})),
@@ -71,14 +71,14 @@ def model_page(model_path: Path, card: dict[str, Any], figures: dict[str, go.Fig
     )
 
 
-def _facts(model_path: Path, card: dict[str, Any]) -> dbc.Table:
+def _facts(model_name: str, card: dict[str, Any]) -> dbc.Table:
     data = card.get("data", {})
     split = card.get("split", {})
     summary = split.get("summary", {})
     weights = card.get("weights", {})
     shape = card.get("input", {}).get("shape", [])
     rows = [
-        ("File", str(model_path)),
+        ("File", model_name),
         ("Task", card.get("task", "")),
         ("Created", card.get("created", "")),
         ("Positive class", card.get("positive_class", "")),
