@@ -145,7 +145,9 @@ def cell_mosaic(rng: np.random.Generator, cells: Sequence[np.ndarray]) -> np.nda
         for column in range(columns):
             cell = cells[int(rng.integers(0, len(cells)))]
             fitted = np.asarray(Image.fromarray(cell).resize((tile - 4, tile - 4)))
-            mosaic[row * tile + 2 : (row + 1) * tile - 2, column * tile + 2 : (column + 1) * tile - 2] = fitted
+            mosaic[
+                row * tile + 2 : (row + 1) * tile - 2, column * tile + 2 : (column + 1) * tile - 2
+            ] = fitted
     return mosaic
 
 
