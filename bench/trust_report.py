@@ -166,7 +166,7 @@ def report_verdicts(model, scores, rule, verdict_rule, split):
         counts[key][1] += verdict == ("positive" if infected else "negative")
         print(
             f"  {patient:<6} {'infected' if infected else 'healthy ':<8} cells {mask.sum():>4} "
-            f"parasitized {int(scores.labels[mask].sum()):>4} -> {verdict:<13} top-3 P {np.round(top, 4).tolist()}"
+            f"truly parasitized {int(scores.labels[mask].sum()):>4} -> {verdict:<13} top-3 P {np.round(top, 4).tolist()}"
         )
     for key, wanted in (("infected", "positive"), ("healthy", "negative")):
         n, right = counts[key]

@@ -26,6 +26,8 @@ from malaria_classifier.images import (
     load_rgb_image,
 )
 
+# Pillow warns about each corrupt EXIF/TIFF tag it skips; that is expected here.
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 EXAMPLES = int(os.environ.get("MALARIA_FUZZ_EXAMPLES", "150"))
 FUZZ = settings(
     max_examples=EXAMPLES,
