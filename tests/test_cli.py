@@ -51,7 +51,7 @@ def test_predict_writes_csv_and_exits_zero_when_some_images_work(cells, tiny_mod
     assert result.exit_code == 0, result.output
     with open(output) as handle:
         rows = list(csv.DictReader(handle))
-    assert list(rows[0]) == ["path", "label", "probability", "confidence", "error"]
+    assert list(rows[0]) == ["path", "label", "probability", "confidence", "error", "decision"]
     assert rows[-1]["label"] == "" and "junk.png" in rows[-1]["error"]
     assert sum(1 for row in rows if row["label"]) == 42  # 3 infected x 12 + 1 healthy x 6
 
@@ -163,3 +163,63 @@ def test_dashboard_serves_the_page_and_the_api(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_predict_summary_needs_group_by_and_a_verdict_rule(cells, tiny_model, tmp_path):
+    result = _run("predict", cells, "--model", tiny_model, "--summary", tmp_path / "s.csv")
+    assert result.exit_code == 2 and "--group-by and --summary go together" in result.output
+    result = _run(
+        "predict", cells, "--model", tiny_model, "--group-by", "patient", "--summary", "s.csv"
+    )
+    assert result.exit_code == 2 and "Run `malaria calibrate`" in result.output
+
+
+def _write_manifest(data, run_dir):
+    """A manifest splitting the synthetic patients: 4 train, 4 validation, 4 test."""
+    from malaria_classifier.data import discover_images
+
+    splits = {}
+    for index, patient in enumerate(sorted({r.patient for r in discover_images(data).records})):
+        splits[patient] = ("train", "validation", "test")[index % 3]
+    run_dir.mkdir()
+    with open(run_dir / "manifest.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label", "patient", "split", "sha256"])
+        for record in discover_images(data).records:
+            relative = record.path.relative_to(data)
+            writer.writerow([relative, record.label, record.patient, splits[record.patient], "0"])
+
+
+def test_calibrate_then_predict_with_decisions_and_a_patient_summary(tmp_path):
+    data = write_synthetic_dataset(tmp_path / "cell_images", patients=12, size=32)
+    run_dir = tmp_path / "run"
+    _write_manifest(data, run_dir)
+    model = save_tiny_model(run_dir / "model.keras")
+    result = _run("calibrate", "--data", data, "--run", run_dir)
+    assert result.exit_code == 0, result.output
+    assert "Temperature" in result.output and "Test patients: ECE" in result.output
+    assert (run_dir / "ood.json").is_file()
+
+    output, summary = tmp_path / "predictions.csv", tmp_path / "summary.csv"
+    result = _run(
+        "predict", data, "--model", model, "--output", output,
+        "--group-by", "patient", "--summary", summary,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    with open(output) as handle:
+        rows = list(csv.DictReader(handle))
+    assert {row["decision"] for row in rows} <= {"Parasitized", "Uninfected", "Uncertain"} | {
+        "Not a cell"
+    }
+    with open(summary) as handle:
+        groups = list(csv.DictReader(handle))
+    assert list(groups[0]) == [
+        "group", "cells", "parasitized_cells", "parasitemia", "verdict", "confidence"
+    ]  # fmt: skip
+    assert len(groups) == 12
+    assert {group["verdict"] for group in groups} <= {"positive", "negative", "indeterminate"}
+
+
+def test_calibrate_without_a_manifest_says_what_to_pass(tiny_model, cells):
+    result = _run("calibrate", "--data", cells, "--model", tiny_model)
+    assert result.exit_code == 2 and "Pass --run" in result.output

@@ -92,9 +92,9 @@ def test_receive_uploads_refuses_wrong_kind_oversize_and_damaged_but_keeps_the_r
         limits,
     )
     assert [upload.error is None for upload in uploads] == [True, False, False, False]
-    assert "huge.png: too large" in uploads[1].error and "1000 B" not in uploads[1].error
+    assert "huge.png: is 2,001 bytes, more than the 1,000-byte limit" in uploads[1].error
     assert "notes.txt: unsupported file kind (.txt)" in uploads[2].error
-    assert "damaged.png" in uploads[3].error and "again" in uploads[3].error
+    assert "damaged.png: is not valid base64" in uploads[3].error and "again" in uploads[3].error
 
 
 def test_receive_uploads_enforces_the_batch_limits_per_file():
@@ -111,7 +111,7 @@ def test_files_held_back_by_the_browser_get_the_right_message():
     uploads = receive_browser_uploads(
         [DROPPED_PREFIX + "5000000", DROPPED_PREFIX + "10"], ["big.tif", "late.png"], limits
     )
-    assert "big.tif: too large (4.76837 MB" in uploads[0].error
+    assert "big.tif: is 5,000,000 bytes, more than the 1,000-byte limit" in uploads[0].error
     assert "late.png: not classified, the batch limit" in uploads[1].error
 
 
@@ -171,39 +171,63 @@ def test_show_why_adds_heat_maps_that_differ_from_the_plain_image(context):
         explain_results(context, False, plain)
 
 
-def test_render_results_builds_cards_table_summary_and_enables_download(context):
+def test_render_results_builds_cards_table_summary_and_enables_download(
+    context, predictor, shared_data_dir
+):
+    real_cell = sorted((shared_data_dir / "Parasitized").glob("*.png"))[0]
     pending = {
-        "contents": [data_url(cell_png(True, 5)), data_url(b"junk")],
+        "contents": [data_url(real_cell.read_bytes()), data_url(b"junk")],
         "filenames": ["a.png", "b.png"],
     }
     results = classify_pending(context, pending, show_why=True)
-    cards, rows, summary, download_disabled = render_results(results, show_why=True)
+    cards, rows, summary, download_disabled = render_results(results, True, predictor.verdict_rule)
     assert len(cards) == 2 and len(rows) == 2 and download_disabled is False
-    assert set(rows[0]) == {"filename", "label", "probability", "confidence", "error"}
+    assert set(rows[0]) == {"filename", "decision", "label", "probability", "confidence", "error"}
     card_text = json.dumps(cards[0].to_plotly_json(), default=str)
-    assert results[0]["label"] in card_text and "confident" in card_text
+    assert results[0]["decision"] in card_text and "P(Parasitized)" in card_text
     assert results[0]["heat_map"] in card_text  # the overlay is shown, not the plain view
     assert "Not classified" in json.dumps(cards[1].to_plotly_json(), default=str)
+    summary_text = json.dumps(summary.to_plotly_json(), default=str)
+    assert "If these cells are one patient" in summary_text and "indeterminate" in summary_text
     assert render_results([], False)[3] is True
 
 
-def test_batch_summary_counts_and_parasitized_share():
+def test_batch_summary_counts_decisions_share_and_verdict():
+    from malaria_classifier.verdict import VerdictRule
+
+    def result(decision, probability, error=""):
+        label = "" if error else ("Parasitized" if probability >= 0.5 else "Uninfected")
+        return {
+            "filename": "x.png",
+            "label": label,
+            "probability": None if error else probability,
+            "confidence": None,
+            "error": error,
+            "decision": "" if error else decision,
+        }
+
     results = [
-        {"label": "Parasitized", "error": ""},
-        {"label": "Uninfected", "error": ""},
-        {"label": "Uninfected", "error": ""},
-        {"label": "", "error": "bad"},
+        result("Parasitized", 0.99),
+        result("Parasitized", 0.95),
+        result("Uninfected", 0.01),
+        result("Uncertain", 0.45),
+        result("Not a cell", 0.9),
+        result("", None, error="bad"),
     ]
-    summary = batch_summary(results)
-    assert summary == {
-        "files": 4,
-        "classified": 3,
-        "failed": 1,
-        "parasitized": 1,
-        "uninfected": 2,
-        "parasitized_share": pytest.approx(1 / 3),
+    rule = VerdictRule(cell_threshold=0.9, min_suspicious_cells=2, min_cells=3)
+    summary = batch_summary(results, rule)
+    assert summary["files"] == 6 and summary["failed"] == 1 and summary["cells"] == 4
+    assert summary["decisions"] == {
+        "Parasitized": 2,
+        "Uninfected": 1,
+        "Uncertain": 1,
+        "Not a cell": 1,
     }
-    assert batch_summary([results[3]])["parasitized_share"] is None
+    assert summary["parasitized_share"] == pytest.approx(2 / 4)  # Not a cell is no cell
+    assert summary["verdict"] == {"verdict": "positive", "confidence": pytest.approx(0.95)}
+    negative = batch_summary(results[2:], rule)["verdict"]
+    assert negative["verdict"] == "indeterminate"  # only 2 usable cells, fewer than 3
+    assert batch_summary(results)["verdict"] is None  # no rule, no verdict
 
 
 def test_download_csv_has_the_columns_of_malaria_predict(context):
@@ -362,7 +386,9 @@ def test_api_refuses_oversized_requests_before_decoding(predictor, explainer):
         content_type="multipart/form-data",
     )
     assert response.status_code == 200
-    assert "big.png: too large" in response.get_json()[0]["error"]
+    assert (
+        "big.png: is 1,001 bytes, more than the 1,000-byte limit" in response.get_json()[0]["error"]
+    )
 
 
 def test_find_examples_rejects_a_missing_or_empty_folder(tmp_path):

@@ -54,3 +54,18 @@ def test_save_figures_writes_png_and_plotly_json(tmp_path):
     assert (
         json.loads((tmp_path / "confusion_matrix.json").read_text())["data"][0]["type"] == "heatmap"
     )
+
+
+def test_reliability_diagram_labels_its_axes_and_names_the_ece():
+    import numpy as np
+
+    from malaria_classifier.calibration import reliability_bins
+    from malaria_classifier.plots import reliability_diagram
+
+    labels = np.array([1, 1, 0, 0, 1])
+    scores = np.array([0.9, 0.8, 0.3, 0.6, 0.95])
+    figure = reliability_diagram({"calibrated": reliability_bins(labels, scores).to_dict()}, "test")
+    axis = figure.axes[0]
+    assert axis.get_xlabel().startswith("Confidence of the chosen label")
+    assert axis.get_ylabel().startswith("Accuracy")
+    assert "ECE" in axis.get_legend().get_texts()[1].get_text()

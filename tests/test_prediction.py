@@ -90,11 +90,13 @@ def test_write_rows_csv_has_the_documented_columns(tiny_predictor, mixed_folder)
     buffer = io.StringIO()
     counts = write_rows(tiny_predictor.predict_paths([mixed_folder]), buffer, "csv")
     lines = list(csv.reader(io.StringIO(buffer.getvalue())))
-    assert (
-        tuple(lines[0]) == OUTPUT_COLUMNS == ("path", "label", "probability", "confidence", "error")
-    )
+    assert tuple(lines[0]) == OUTPUT_COLUMNS
+    assert OUTPUT_COLUMNS == ("path", "label", "probability", "confidence", "error", "decision")
     assert counts == {"predicted": 6, "failed": 2}
     assert len(lines) == 9
+    decisions = {line[0].rsplit("/", 1)[-1]: line[5] for line in lines[1:]}
+    assert decisions["broken.png"] == ""
+    assert decisions["cell_0.png"] in ("Parasitized", "Uninfected", "Uncertain", "Not a cell")
 
 
 def test_write_rows_json_is_valid(tiny_predictor, mixed_folder):
@@ -180,3 +182,76 @@ def test_threshold_comes_from_the_model_card_unless_given(tmp_path):
     assert Predictor(path, threshold=0.7).threshold == 0.7
     with pytest.raises(ValueError, match="threshold must be between 0 and 1"):
         Predictor(path, threshold=1.5)
+
+
+def test_model_without_calibration_decides_by_its_threshold(tiny_predictor, mixed_folder):
+    rows = [row for row in tiny_predictor.predict_paths([mixed_folder]) if not row.error]
+    for row in rows:
+        assert row.decision == row.label
+        assert row.uncalibrated_probability == pytest.approx(row.probability)
+
+
+def test_predict_images_gives_the_same_rows_as_files(tiny_predictor, mixed_folder):
+    path = mixed_folder / "cell_1.png"
+    from_file = next(tiny_predictor.predict_paths([path]))
+    from_array = tiny_predictor.predict_images([load_for_model(path, 32)], names=["upload"])[0]
+    assert from_array.path == "upload"
+    assert from_array.probability == pytest.approx(from_file.probability, abs=1e-6)
+    assert from_array.decision == from_file.decision
+    with pytest.raises(ValueError, match="one each"):
+        tiny_predictor.predict_images([load_for_model(path, 32)], names=[])
+
+
+def test_temperature_in_the_card_changes_probability_not_order(tmp_path, mixed_folder):
+    path = save_tiny_model(tmp_path / "model.keras")
+    files = sorted(mixed_folder.glob("cell_*.png"))
+    plain = list(Predictor(path).predict_paths(files))
+    card = {"decision_threshold": 0.5, "calibration": {"temperature": 4.0}}
+    (tmp_path / "model_card.json").write_text(json.dumps(card))
+    scaled = list(Predictor(path).predict_paths(files))
+    for before, after in zip(plain, scaled, strict=True):
+        assert after.uncalibrated_probability == pytest.approx(before.probability, abs=1e-6)
+        # a temperature of 4 pulls every probability towards 0.5, keeping its side
+        assert abs(after.probability - 0.5) <= abs(before.probability - 0.5) + 1e-9
+        assert (after.probability >= 0.5) == (before.probability >= 0.5)
+
+
+def test_test_time_views_make_asymmetric_near_threshold_cells_uncertain(tmp_path):
+    path = save_tiny_model(tmp_path / "model.keras")
+    rng = np.random.default_rng(3)
+    images = [rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8) for _ in range(16)]
+    plain = Predictor(path).predict_images(images)
+    probabilities = np.array([row.probability for row in plain])
+    # put the threshold in the middle of the scores so some views must straddle it
+    threshold = float(np.median(probabilities))
+    viewed = Predictor(path, threshold=threshold, test_time_views=True).predict_images(images)
+    unstable = [row for row in viewed if row.reason == "flipped or rotated copies disagree"]
+    assert unstable and all(row.decision == "Uncertain" for row in unstable)
+    stable = Predictor(path, threshold=threshold).predict_images(images)
+    assert all(row.decision != "Uncertain" for row in stable)
+
+
+def test_bundled_model_is_calibrated_and_has_a_verdict_rule():
+    predictor = Predictor()
+    calibration = predictor.card["calibration"]
+    assert calibration["temperature"] > 0
+    assert predictor.threshold == pytest.approx(predictor.card["decision_threshold"])
+    assert predictor.rule.ood is not None and predictor.rule.ood.density is not None
+    assert predictor.verdict_rule is not None
+    report = predictor.card["calibration_report"]["test"]
+    assert report["reliability_calibrated"]["expected_calibration_error"] <= 0.02
+
+
+def test_bundled_model_says_not_a_cell_for_blank_and_text_images():
+    from PIL import Image, ImageDraw
+
+    text = Image.new("RGB", (200, 80), "white")
+    ImageDraw.Draw(text).text((10, 30), "hello world", fill="black")
+    images = [
+        np.zeros((64, 64, 3), np.uint8),
+        np.full((100, 100, 3), 255, np.uint8),
+        np.asarray(text),
+    ]
+    rows = Predictor().predict_images(images)
+    assert [row.decision for row in rows] == ["Not a cell"] * 3
+    assert all(row.reason.startswith("unlike the training cells") for row in rows)

@@ -237,18 +237,44 @@ def predict(
         Path | None, typer.Option(help="Write results here instead of standard output.")
     ] = None,
     output_format: Annotated[str, typer.Option("--format", help="csv or json.")] = "csv",
+    group_by: Annotated[
+        str | None,
+        typer.Option(help="Aggregate cells into verdicts by patient, slide, folder or all."),
+    ] = None,
+    summary: Annotated[
+        Path | None,
+        typer.Option(help="Write per-group verdicts here (CSV); needs --group-by."),
+    ] = None,
+    views: Annotated[
+        bool,
+        typer.Option(
+            "--views/--no-views",
+            help="Also score flipped/rotated copies; Uncertain when they disagree (slower).",
+        ),
+    ] = False,
 ) -> None:
-    """One row per image: path,label,probability,confidence,error.
+    """One row per image: path,label,probability,confidence,error,decision.
 
-    probability is P(Parasitized); confidence is the probability of the chosen label.
+    probability is the calibrated P(Parasitized); confidence is the probability of the
+    chosen label; decision is Parasitized, Uninfected, Uncertain or Not a cell.
     Exits non-zero only when no image could be predicted.
     """
     from malaria_classifier.prediction import Predictor, write_rows
+    from malaria_classifier.verdict import GROUPINGS
 
     if output_format not in ("csv", "json"):
         raise ValueError(f"--format must be csv or json, got {output_format!r}.")
-    predictor = Predictor(model)
-    rows = predictor.predict_paths(paths)
+    if (group_by is None) != (summary is None):
+        raise ValueError("--group-by and --summary go together: pass both or neither.")
+    if group_by is not None and group_by not in GROUPINGS:
+        raise ValueError(f"--group-by must be one of {', '.join(GROUPINGS)}, got {group_by!r}.")
+    predictor = Predictor(model, test_time_views=views)
+    if summary is not None and predictor.verdict_rule is None:
+        raise ValueError(
+            f"{predictor.model_path} has no verdict rule. Run `malaria calibrate` on it first."
+        )
+    collected: list = []
+    rows = _collecting(predictor.predict_paths(paths), collected if summary else None)
     if output is not None and sys.stderr.isatty():
         from tqdm import tqdm
 
@@ -261,6 +287,15 @@ def predict(
             counts = write_rows(rows, handle, output_format)
         temporary.replace(output)
     typer.echo(f"{counts['predicted']} predicted, {counts['failed']} failed", err=True)
+    if summary is not None and group_by is not None and predictor.verdict_rule is not None:
+        from malaria_classifier.verdict import summarize_rows, write_summary
+
+        groups = summarize_rows(collected, predictor.verdict_rule, group_by)
+        temporary = summary.with_name(summary.name + ".partial")
+        with open(temporary, "w", newline="", encoding="utf-8") as handle:
+            write_summary(groups, handle)
+        temporary.replace(summary)
+        typer.echo(f"{len(groups)} {group_by} verdict(s) written to {summary}", err=True)
     if counts["predicted"] == 0:
         raise typer.Exit(code=1)
 
@@ -289,6 +324,57 @@ def dashboard(
 
     typer.echo(f"Loading the model; then open http://{host}:{port}/ (Ctrl+C stops).", err=True)
     run_dashboard(model=model, host=host, port=port, examples=examples, debug=debug)
+
+
+def _collecting(rows: Any, into: list | None) -> Any:
+    """Pass rows through, keeping a copy when a summary will be needed."""
+    for row in rows:
+        if into is not None:
+            into.append(row)
+        yield row
+
+
+@app.command()
+@_user_errors
+def calibrate(
+    data: Annotated[Path, typer.Option("--data", help="The NIH-layout folder the run used.")],
+    run: Annotated[
+        Path | None, typer.Option(help="Run folder with manifest.csv; default: the model's.")
+    ] = None,
+    model: Annotated[
+        Path | None, typer.Option(help="Model (.keras) to calibrate; default: RUN/model.keras.")
+    ] = None,
+    min_specificity: Annotated[
+        float, typer.Option(help="Cell specificity the threshold keeps on validation.")
+    ] = 0.97,
+) -> None:
+    """Fit calibration, threshold, Uncertain band, Not-a-cell check, verdict rule.
+
+    Everything is chosen on the run's validation patients (training cells for the
+    Not-a-cell feature density) and written into the model card and ood.json beside
+    the model; the card's calibration_report adds the same figures on test patients.
+    """
+    from malaria_classifier.calibrate import calibrate_model
+
+    if run is None and model is None:
+        raise ValueError("Pass --run (a `malaria train` run folder) and/or --model.")
+    model_path = model or run / "model.keras"
+    card = calibrate_model(model_path, run or model_path.parent, data, min_specificity)
+    calibration, report = card["calibration"], card["calibration_report"]["test"]
+    typer.echo(
+        f"Temperature {calibration['temperature']:.4f}; threshold "
+        f"{card['decision_threshold']:.4f}; written to {model_path.parent}"
+    )
+    before = report["reliability_uncalibrated"]["expected_calibration_error"]
+    after = report["reliability_calibrated"]["expected_calibration_error"]
+    verdicts = report["verdicts"]
+    typer.echo(
+        f"Test patients: ECE {before:.4f} -> {after:.4f}; sensitivity "
+        f"{report['sensitivity']:.4f}, specificity {report['specificity']:.4f}; "
+        f"{verdicts['infected_called_positive']}/{verdicts['infected_patients']} infected "
+        f"positive, {verdicts['healthy_called_negative']}/{verdicts['healthy_donors']} "
+        f"healthy negative"
+    )
 
 
 if __name__ == "__main__":

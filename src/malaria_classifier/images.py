@@ -7,6 +7,8 @@ serving see the same pixels. Files are only ever read, never written.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import io
 import os
@@ -97,14 +99,19 @@ def _read_file_bytes(path: Path, max_file_bytes: int) -> bytes:
 
 
 def decode_image_bytes(
-    data: bytes, source: str = "<upload>", max_pixels: int = MAX_IMAGE_PIXELS
+    data: bytes,
+    source: str = "<upload>",
+    max_pixels: int = MAX_IMAGE_PIXELS,
+    max_file_bytes: int = MAX_FILE_BYTES,
 ) -> np.ndarray:
     """Decode encoded image bytes (e.g. an upload) into an RGB uint8 array.
 
     Args:
         data: The encoded file contents.
         source: A name for the image, used in error messages.
-        max_pixels: Largest width x height accepted.
+        max_pixels: Largest width x height accepted (checked from the header, before
+            any pixel is decoded).
+        max_file_bytes: Largest encoded size accepted (checked first).
 
     Returns:
         A uint8 array of shape ``(height, width, 3)``.
@@ -112,7 +119,53 @@ def decode_image_bytes(
     Raises:
         ImageLoadError: If the bytes are not a decodable, reasonably sized image.
     """
+    _check_encoded_size(len(data), source, max_file_bytes)
     return np.asarray(_decode_rgb_image(data, source, max_pixels), dtype=np.uint8).copy()
+
+
+def decode_upload(
+    contents: str,
+    source: str = "<upload>",
+    max_pixels: int = MAX_IMAGE_PIXELS,
+    max_file_bytes: int = MAX_FILE_BYTES,
+) -> np.ndarray:
+    """Decode a browser upload (``data:<type>;base64,<data>``, as ``dcc.Upload`` sends it).
+
+    The size limit is enforced on the base64 text *before* it is decoded, so a huge
+    upload costs no memory beyond the string the web server already holds.
+
+    Raises:
+        ImageLoadError: If the text is not a base64 data URL of a usable image.
+    """
+    data = data_url_bytes(contents, source, max_file_bytes)
+    return decode_image_bytes(data, source, max_pixels, max_file_bytes)
+
+
+def data_url_bytes(contents: str, source: str, max_file_bytes: int = MAX_FILE_BYTES) -> bytes:
+    """The file bytes inside a base64 data URL, size-checked before decoding.
+
+    Raises:
+        ImageLoadError: If the text is not a base64 data URL, or too large.
+    """
+    _header, separator, payload = contents.partition(",")
+    if not separator or ";base64" not in _header:
+        raise ImageLoadError(source, "is not a base64 data URL", "Upload the image file itself.")
+    _check_encoded_size(len(payload) * 3 // 4, source, max_file_bytes)
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageLoadError(
+            source, "is not valid base64 (the upload arrived damaged)", "Upload the file again."
+        ) from None
+
+
+def _check_encoded_size(size: int, source: str, max_file_bytes: int) -> None:
+    if size > max_file_bytes:
+        raise ImageLoadError(
+            source,
+            f"is {size:,} bytes, more than the {max_file_bytes:,}-byte limit",
+            "Pass single cell crops, not whole slide scans.",
+        )
 
 
 def _decode_rgb_image(data: bytes, source: str, max_pixels: int) -> Image.Image:

@@ -122,3 +122,36 @@ def save_figures(
         plt.close(matplotlib_figure)
         written += [json_path, png_path]
     return written
+
+
+def reliability_diagram(
+    bins_by_name: dict[str, dict], split: str, axis: plt.Axes | None = None
+) -> Figure:
+    """Accuracy against confidence per bin, one line per score set, with the diagonal.
+
+    Args:
+        bins_by_name: ``{"uncalibrated": bins, "calibrated": bins}``, each the dict form of
+            :class:`malaria_classifier.calibration.ReliabilityBins`.
+        split: Named in the title.
+        axis: Draw here instead of on a new figure.
+    """
+    if axis is None:
+        figure, axis = plt.subplots(figsize=(5, 5))
+    else:
+        figure = axis.figure
+    axis.plot([0.5, 1.0], [0.5, 1.0], color="grey", linestyle="--", label="perfect calibration")
+    for name, bins in bins_by_name.items():
+        points = [
+            (confidence, accuracy)
+            for confidence, accuracy, count in zip(
+                bins["mean_confidence"], bins["accuracy"], bins["counts"], strict=True
+            )
+            if count > 0
+        ]
+        ece = bins["expected_calibration_error"]
+        axis.plot(*zip(*points, strict=True), marker="o", label=f"{name} (ECE {ece:.4f})")
+    axis.set_xlabel("Confidence of the chosen label (bin mean)")
+    axis.set_ylabel("Accuracy (fraction of cells right)")
+    axis.set_title(f"Reliability, {split} split (cells)")
+    axis.legend(loc="upper left")
+    return figure

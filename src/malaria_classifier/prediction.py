@@ -1,8 +1,11 @@
 """Score image files with a trained model: the :class:`Predictor` API and CSV/JSON output.
 
-Rows have the columns ``path,label,probability,confidence,error``: ``probability`` is
-always P(Parasitized); ``confidence`` is the probability of the chosen label. A bad
-file gets a row with an empty label and a clear error, and the rest go on.
+Rows have the columns ``path,label,probability,confidence,error,decision``:
+``probability`` is always P(Parasitized), calibrated when the model has a calibration
+(``malaria calibrate``); ``confidence`` is the probability of the chosen label;
+``decision`` is Parasitized, Uninfected, Uncertain or Not a cell (see
+:mod:`malaria_classifier.decision`). A bad file gets a row with an empty label and
+decision and a clear error, and the rest go on.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import csv
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
@@ -24,22 +27,38 @@ from malaria_classifier.constants import (
     POSITIVE_INDEX,
 )
 from malaria_classifier.data import is_image_file
+from malaria_classifier.decision import load_decision_rule, transformed_views
 from malaria_classifier.images import resize_with_pad
 from malaria_classifier.model_card import default_model_path, read_model_card
 from malaria_classifier.pipeline import iter_images
+from malaria_classifier.verdict import VerdictRule
 
-OUTPUT_COLUMNS: tuple[str, ...] = ("path", "label", "probability", "confidence", "error")
+OUTPUT_COLUMNS: tuple[str, ...] = (
+    "path",
+    "label",
+    "probability",
+    "confidence",
+    "error",
+    "decision",
+)
 
 
 @dataclass
 class PredictionRow:
-    """One image's result; ``label`` is empty and ``error`` set when it failed."""
+    """One image's result; ``label`` is empty and ``error`` set when it failed.
+
+    ``probability`` and ``confidence`` are calibrated; ``uncalibrated_probability`` is
+    the raw softmax output, and ``reason`` says why a cell is Uncertain or Not a cell.
+    """
 
     path: str
     label: str
     probability: float | None
     confidence: float | None
     error: str
+    decision: str = ""
+    uncalibrated_probability: float | None = None
+    reason: str = ""
 
 
 def expand_inputs(inputs: Iterable[str | Path]) -> Iterator[tuple[str, str | None]]:
@@ -81,8 +100,12 @@ class Predictor:
     Args:
         model_path: A ``.keras`` file from ``malaria train``; None for the default.
         batch_size: Images per forward pass.
-        threshold: P(Parasitized) at or above which a cell is called Parasitized;
-            None takes the model card's ``decision_threshold`` (0.5 without a card).
+        threshold: Calibrated P(Parasitized) at or above which a cell is called
+            Parasitized; None takes the model card's ``decision_threshold`` (0.5
+            without a card).
+        test_time_views: Also score three flipped/rotated copies of every cell and call
+            it Uncertain when they disagree (about 2x slower; off by default).
+        check_ood: Run the "Not a cell" check when the model has an ``ood.json``.
     """
 
     def __init__(
@@ -90,6 +113,8 @@ class Predictor:
         model_path: str | Path | None = None,
         batch_size: int = 256,
         threshold: float | None = None,
+        test_time_views: bool = False,
+        check_ood: bool = True,
     ) -> None:
         from malaria_classifier.model import load_model
 
@@ -98,16 +123,37 @@ class Predictor:
         self.card = read_model_card(self.model_path)
         self.image_size = int(self.model.input_shape[1])
         self.batch_size = batch_size
-        if threshold is None:
-            threshold = float(self.card.get("decision_threshold", DEFAULT_THRESHOLD))
-        if not 0.0 < threshold < 1.0:
-            raise ValueError(f"threshold must be between 0 and 1, got {threshold}.")
-        self.threshold = threshold
-        self._forward = _make_forward(self.model)
+        self.rule = load_decision_rule(self.model_path, self.card, threshold)
+        if not check_ood:
+            self.rule.ood = None
+        self.threshold = self.rule.threshold
+        self.test_time_views = test_time_views
+        self.verdict_rule: VerdictRule | None = VerdictRule.from_card(self.card)
+        self._with_features = self.rule.ood is not None and self.rule.ood.density is not None
+        self._forward = _make_forward(self.model, self._with_features)
 
     def predict_arrays(self, images: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
-        """P(Parasitized) for RGB uint8 arrays of any size (each is resized with padding)."""
-        batch = np.stack(
+        """Calibrated P(Parasitized) for RGB uint8 arrays of any size (resized with padding)."""
+        return self._predict_batch(self._fit_arrays(images))
+
+    def predict_images(
+        self, images: Sequence[np.ndarray], names: Sequence[str] | None = None
+    ) -> list[PredictionRow]:
+        """Full rows (decision included) for decoded RGB arrays, e.g. dashboard uploads.
+
+        Args:
+            images: uint8 arrays ``(height, width, 3)`` of any size.
+            names: Shown in the ``path`` field; defaults to ``image_<n>``.
+        """
+        names = list(names) if names is not None else [f"image_{i}" for i in range(len(images))]
+        if len(names) != len(images):
+            raise ValueError(f"Got {len(images)} images but {len(names)} names; pass one each.")
+        if not len(images):
+            return []
+        return self._rows_for_batch(names, self._fit_arrays(images))
+
+    def _fit_arrays(self, images: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+        return np.stack(
             [
                 image
                 if image.shape[:2] == (self.image_size, self.image_size)
@@ -115,11 +161,46 @@ class Predictor:
                 for image in images
             ]
         )
-        return self._predict_batch(batch)
+
+    def _raw_scores(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Uncalibrated P(Parasitized) and, when the OOD check needs them, features."""
+        probabilities, features = self._forward(batch)
+        return probabilities[:, POSITIVE_INDEX].astype(np.float64), features
 
     def _predict_batch(self, batch: np.ndarray) -> np.ndarray:
-        probabilities = np.asarray(self._forward(batch))
-        return probabilities[:, POSITIVE_INDEX].astype(np.float64)
+        return self.rule.calibrate(self._raw_scores(batch)[0])
+
+    def _rows_for_batch(self, names: Sequence[str], batch: np.ndarray) -> list[PredictionRow]:
+        """Score one batch and build its rows: calibration, views, OOD, decision."""
+        raw, features = self._raw_scores(batch)
+        calibrated = self.rule.calibrate(raw)
+        views = None
+        if self.test_time_views:
+            view_raw, _ = self._raw_scores(transformed_views(batch))
+            views = self.rule.calibrate(view_raw).reshape(-1, len(batch)).T
+        ood_reasons = None
+        if self.rule.ood is not None:
+            signals = self.rule.ood.signals(batch, features, self.model)
+            ood_reasons = self.rule.ood.reasons(signals)
+        decisions, reasons = self.rule.decide(calibrated, ood_reasons, views)
+        rows = []
+        for index, name in enumerate(names):
+            probability = float(calibrated[index])
+            label = label_for(probability, self.threshold)
+            confidence = probability if label == POSITIVE_CLASS else 1.0 - probability
+            rows.append(
+                PredictionRow(
+                    name,
+                    label,
+                    probability,
+                    confidence,
+                    "",
+                    decisions[index],
+                    float(raw[index]),
+                    reasons[index],
+                )
+            )
+        return rows
 
     def predict_paths(self, inputs: Iterable[str | Path]) -> Iterator[PredictionRow]:
         """Yield one row per image under ``inputs``, in order, streaming in batches."""
@@ -142,29 +223,44 @@ class Predictor:
     def _flush(
         self, pending: list[tuple[str, np.ndarray | None, str | None]]
     ) -> list[PredictionRow]:
-        images = [image for _, image, _ in pending if image is not None]
-        probabilities = iter(self._predict_batch(np.stack(images)) if images else [])
+        loaded = [(path, image) for path, image, _ in pending if image is not None]
+        scored = iter(
+            self._rows_for_batch([path for path, _ in loaded], np.stack([i for _, i in loaded]))
+            if loaded
+            else []
+        )
         rows = []
         for path, image, error in pending:
             if image is None:
                 rows.append(PredictionRow(path, "", None, None, error or "unknown error"))
-                continue
-            probability = float(next(probabilities))
-            label = label_for(probability, self.threshold)
-            confidence = probability if label == POSITIVE_CLASS else 1.0 - probability
-            rows.append(PredictionRow(path, label, probability, confidence, ""))
+            else:
+                rows.append(next(scored))
         return rows
 
 
-def _make_forward(model):
-    """A compiled inference function; much faster per batch than ``model.predict``."""
+def _make_forward(model, with_features: bool = False):
+    """A compiled inference function; much faster per batch than ``model.predict``.
+
+    Returns ``(probabilities, features or None)``; the features (penultimate layer,
+    for the "Not a cell" check) come from the same forward pass.
+    """
     import tensorflow as tf
+
+    from malaria_classifier.ood import feature_model
+
+    network = feature_model(model) if with_features else model
 
     @tf.function(reduce_retracing=True)
     def forward(batch):
-        return model(batch, training=False)
+        return network(batch, training=False)
 
-    return lambda batch: forward(tf.convert_to_tensor(batch, dtype=tf.uint8)).numpy()
+    def run(batch):
+        outputs = forward(tf.convert_to_tensor(batch, dtype=tf.uint8))
+        if with_features:
+            return outputs[0].numpy(), outputs[1].numpy()
+        return outputs.numpy(), None
+
+    return run
 
 
 def write_rows(rows: Iterable[PredictionRow], handle: TextIO, output_format: str) -> dict[str, int]:
@@ -186,7 +282,8 @@ def write_rows(rows: Iterable[PredictionRow], handle: TextIO, output_format: str
         if writer:
             writer.writerow(_csv_values(row))
         else:
-            handle.write(("," if index else "") + "\n  " + json.dumps(asdict(row)))
+            record = {column: getattr(row, column) for column in OUTPUT_COLUMNS}
+            handle.write(("," if index else "") + "\n  " + json.dumps(record))
         handle.flush()
     if not writer:
         handle.write("\n]\n")
@@ -197,4 +294,11 @@ def _csv_values(row: PredictionRow) -> list[str]:
     def number(value: float | None) -> str:
         return "" if value is None else f"{value:.6f}"
 
-    return [row.path, row.label, number(row.probability), number(row.confidence), row.error]
+    return [
+        row.path,
+        row.label,
+        number(row.probability),
+        number(row.confidence),
+        row.error,
+        row.decision,
+    ]

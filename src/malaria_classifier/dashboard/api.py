@@ -20,7 +20,10 @@ from malaria_classifier.dashboard.uploads import (
     UploadLimits,
     check_kind,
     classify_uploads,
+    row_from_result,
+    too_large_message,
 )
+from malaria_classifier.prediction import OUTPUT_COLUMNS
 
 API_PATH = "/api/predict"
 
@@ -47,7 +50,10 @@ def register_api(server: Flask, predictor, limits: UploadLimits) -> None:
             return jsonify({"error": message}), 400
         uploads = [read_uploaded_file(item, index, limits) for index, item in enumerate(files)]
         results = classify_uploads(predictor, uploads, with_images=False)
-        return jsonify([asdict(result.to_row()) for result in results])
+        rows = [row_from_result(asdict(result)) for result in results]
+        return jsonify(
+            [{column: getattr(row, column) for column in OUTPUT_COLUMNS} for row in rows]
+        )
 
 
 def read_uploaded_file(item, index: int, limits: UploadLimits) -> Upload:
@@ -60,10 +66,5 @@ def read_uploaded_file(item, index: int, limits: UploadLimits) -> Upload:
         return Upload(name, None, error)
     data = item.stream.read(limits.max_file_bytes + 1)
     if len(data) > limits.max_file_bytes:
-        return Upload(
-            name,
-            None,
-            f"{name}: too large (limit {limits.max_file_bytes:,} bytes per file). Send a "
-            f"single-cell crop.",
-        )
+        return Upload(name, None, too_large_message(name, len(data), limits))
     return Upload(name, data)

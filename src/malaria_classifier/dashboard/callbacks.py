@@ -75,14 +75,14 @@ def explain_results(
 
 
 def render_results(
-    results: list[dict[str, Any]] | None, show_why: bool
+    results: list[dict[str, Any]] | None, show_why: bool, verdict_rule: Any = None
 ) -> tuple[list[Any], list[dict[str, Any]], Any, bool]:
-    """Cards, table rows, summary, and whether the CSV button is disabled."""
+    """Cards, table rows, summary (with the batch verdict), and the CSV button's state."""
     results = results or []
     return (
         result_cards(results, bool(show_why)),
         table_rows(results),
-        summary_panel(batch_summary(results)),
+        summary_panel(batch_summary(results, verdict_rule)),
         not results,
     )
 
@@ -150,7 +150,7 @@ def register_callbacks(app: Dash, context: DashboardContext) -> None:
         Input(ids.SHOW_WHY, "value"),
     )
     def _render_results(results, show_why):
-        return render_results(results, show_why)
+        return render_results(results, show_why, context.predictor.verdict_rule)
 
     @app.callback(
         Output(ids.DOWNLOAD, "data"),

@@ -16,9 +16,16 @@ from dash import html
 from malaria_classifier.constants import POSITIVE_CLASS
 from malaria_classifier.dashboard import ids
 
-LABEL_COLOURS = {"Parasitized": "danger", "Uninfected": "success"}
+DECISION_COLOURS = {
+    "Parasitized": "danger",
+    "Uninfected": "success",
+    "Uncertain": "warning",
+    "Not a cell": "secondary",
+}
+VERDICT_COLOURS = {"positive": "danger", "negative": "success", "indeterminate": "warning"}
 TABLE_COLUMNS = (
     ("filename", "File"),
+    ("decision", "Decision"),
     ("label", "Label"),
     ("probability", "P(Parasitized)"),
     ("confidence", "Confidence"),
@@ -27,36 +34,56 @@ TABLE_COLUMNS = (
 
 
 def result_card(result: dict[str, Any], show_why: bool) -> dbc.Card:
-    """One file's card: the cell, its label, P(Parasitized) and a confidence bar."""
+    """One file's card: the cell, the decision, P(Parasitized) and a confidence bar."""
     if result.get("error"):
         return _error_card(result)
-    colour = LABEL_COLOURS[result["label"]]
+    decision = result.get("decision") or result["label"]
+    colour = DECISION_COLOURS.get(decision, "secondary")
     picture = result.get("heat_map") if show_why and result.get("heat_map") else result["image"]
     caption = "Grad-CAM: bright = what drove the answer" if show_why else "What the model sees"
+    details = [
+        html.Div(caption, className="image-caption"),
+        html.Div(result["filename"], className="file-name", title=result["filename"]),
+        html.H5(decision, className=f"text-{colour} result-label"),
+    ]
+    if decision == "Not a cell":
+        details.append(html.P(_reason_text(result), className="small text-muted reason"))
+    else:
+        details += _score_lines(result, decision, colour)
     return dbc.Card(
         [
             dbc.CardImg(src=picture, className="cell-image", alt=f"cell {result['filename']}"),
-            dbc.CardBody(
-                [
-                    html.Div(caption, className="image-caption"),
-                    html.Div(result["filename"], className="file-name", title=result["filename"]),
-                    html.H5(result["label"], className=f"text-{colour} result-label"),
-                    html.Div(
-                        f"P(Parasitized) = {result['probability']:.3f}", className="probability"
-                    ),
-                    dbc.Progress(
-                        value=round(100 * result["confidence"], 1),
-                        label=f"{100 * result['confidence']:.1f}% confident",
-                        color=colour,
-                        className="confidence-bar",
-                    ),
-                ]
-            ),
+            dbc.CardBody(details),
         ],
         className="result-card",
         color=colour,
         outline=True,
     )
+
+
+def _score_lines(result: dict[str, Any], decision: str, colour: str) -> list[Any]:
+    lines = [
+        html.Div(f"P(Parasitized) = {result['probability']:.3f}", className="probability"),
+        dbc.Progress(
+            value=round(100 * result["confidence"], 1),
+            label=f"{100 * result['confidence']:.1f}% confident",
+            color=colour,
+            className="confidence-bar",
+        ),
+    ]
+    if decision == "Uncertain":
+        lines.append(
+            html.P(
+                f"Leans {result['label']}. {_reason_text(result)} Have a person look.",
+                className="small text-muted reason mt-1",
+            )
+        )
+    return lines
+
+
+def _reason_text(result: dict[str, Any]) -> str:
+    reason = result.get("reason") or ""
+    return reason[:1].upper() + reason[1:] + ("" if reason.endswith(".") else ".") if reason else ""
 
 
 def _error_card(result: dict[str, Any]) -> dbc.Card:
@@ -80,15 +107,17 @@ def result_cards(results: Sequence[dict[str, Any]], show_why: bool) -> list[dbc.
 
 
 def summary_panel(summary: dict[str, Any]) -> html.Div:
-    """Counts for the batch and the parasitized share, with what that share means."""
+    """Counts per decision, the parasitized share, and the batch verdict with its caveats."""
     if summary["files"] == 0:
         return html.Div("No images yet: upload cell images or pick an example.", className="muted")
     share = summary["parasitized_share"]
     share_text = "—" if share is None else f"{100 * share:.1f}%"
-    items = [
-        ("Files", summary["files"], "secondary"),
-        ("Parasitized", summary["parasitized"], "danger"),
-        ("Uninfected", summary["uninfected"], "success"),
+    items = [("Files", summary["files"], "secondary")]
+    items += [
+        (decision, count, DECISION_COLOURS[decision])
+        for decision, count in summary["decisions"].items()
+    ]
+    items += [
         ("Not classified", summary["failed"], "secondary"),
         ("Parasitized share", share_text, "dark"),
     ]
@@ -99,13 +128,38 @@ def summary_panel(summary: dict[str, Any]) -> html.Div:
     return html.Div(
         [
             html.Div(badges, className="summary-badges"),
+            _verdict_line(summary),
             html.Small(
-                "Parasitized share = parasitized cells / classified cells: a parasitemia "
-                "estimate only if the batch holds every red cell of the field. Screening "
-                "aid, not a diagnosis: confirm by microscopy.",
+                "Parasitized share = Parasitized cells / usable cells (not counting Not a cell "
+                "or failed files): a parasitemia estimate only if the batch holds every red "
+                "cell of the field. Screening aid, not a diagnosis: confirm by microscopy.",
                 className="text-muted",
             ),
         ]
+    )
+
+
+def _verdict_line(summary: dict[str, Any]) -> html.Div:
+    verdict = summary.get("verdict")
+    if not verdict:
+        return html.Div()
+    confidence = verdict["confidence"]
+    confidence_text = "" if confidence is None else f" (confidence {confidence:.2f})"
+    return html.Div(
+        [
+            html.Span("If these cells are one patient's: "),
+            dbc.Badge(
+                verdict["verdict"] + confidence_text,
+                color=VERDICT_COLOURS.get(verdict["verdict"], "secondary"),
+                className="verdict-badge",
+            ),
+            html.Small(
+                f" from {summary['cells']} usable cells; the rule was chosen on validation "
+                f"patients (see the Model tab).",
+                className="text-muted",
+            ),
+        ],
+        className="my-1",
     )
 
 
@@ -123,8 +177,9 @@ def results_table(results: Sequence[dict[str, Any]]) -> dag.AgGrid:
             "paginationPageSizeSelector": [25, 100, 500],
         },
         rowClassRules={
-            "row-parasitized": "params.data.label == 'Parasitized'",
-            "row-uninfected": "params.data.label == 'Uninfected'",
+            "row-parasitized": "params.data.decision == 'Parasitized'",
+            "row-uninfected": "params.data.decision == 'Uninfected'",
+            "row-uncertain": "params.data.decision == 'Uncertain'",
         },
         className="ag-theme-alpine results-grid",
     )
@@ -169,7 +224,7 @@ def metrics_table(metrics: dict[str, Any]) -> dbc.Table:
     names = list(metrics[splits[0]]["metrics"]) if splits else []
     header = html.Thead(
         html.Tr(
-            [html.Th("metric (cells)")]
+            [html.Th(f"metric (cells, threshold {_threshold(metrics, splits)})")]
             + [
                 html.Th(
                     f"{split}: {metrics[split]['patients']} patients, "
@@ -192,6 +247,11 @@ def metrics_table(metrics: dict[str, Any]) -> dbc.Table:
         ]
     )
     return dbc.Table([header, body], bordered=True, size="sm", className="metrics-table")
+
+
+def _threshold(metrics: dict[str, Any], splits: list[str]) -> str:
+    values = {round(float(metrics[split].get("threshold", 0.5)), 3) for split in splits}
+    return " / ".join(f"{value:g}" for value in sorted(values))
 
 
 def _value_with_interval(entry: dict[str, Any]) -> str:

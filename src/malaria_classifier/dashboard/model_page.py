@@ -82,7 +82,9 @@ def _facts(model_name: str, card: dict[str, Any]) -> dbc.Table:
         ("Task", card.get("task", "")),
         ("Created", card.get("created", "")),
         ("Positive class", card.get("positive_class", "")),
-        ("Decision threshold", f"P(Parasitized) ≥ {card.get('decision_threshold', 0.5)}"),
+        ("Decision threshold", _threshold_text(card)),
+        ("Calibration", _calibration_text(card)),
+        ("Patient verdict rule", _verdict_rule_text(card)),
         ("Input", "x".join(str(side) for side in shape) + " RGB, raw 0-255"),
         ("Weights", f"{weights.get('parameters', 0):,} ({weights.get('bytes', 0) / 1024:.0f} KB)"),
         ("Training data", _data_text(data)),
@@ -90,6 +92,40 @@ def _facts(model_name: str, card: dict[str, Any]) -> dbc.Table:
     ]
     body = html.Tbody([html.Tr([html.Th(name), html.Td(value)]) for name, value in rows])
     return dbc.Table(body, bordered=True, size="sm", className="model-facts")
+
+
+def _threshold_text(card: dict[str, Any]) -> str:
+    threshold = float(card.get("decision_threshold", 0.5))
+    point = card.get("calibration", {}).get("operating_point")
+    if not point:
+        return f"P(Parasitized) ≥ {threshold:.3f}"
+    return (
+        f"calibrated P(Parasitized) ≥ {threshold:.3f}: {point['target']} on validation "
+        f"patients (sensitivity {point['validation_sensitivity']:.3f}, specificity "
+        f"{point['validation_specificity']:.3f})"
+    )
+
+
+def _calibration_text(card: dict[str, Any]) -> str:
+    calibration = card.get("calibration")
+    if not calibration:
+        return "none: probabilities are the raw softmax output (run `malaria calibrate`)"
+    return (
+        f"temperature {calibration['temperature']:.3f}, fitted on "
+        f"{calibration.get('fitted_on', 'validation patients')}"
+    )
+
+
+def _verdict_rule_text(card: dict[str, Any]) -> str:
+    rule = card.get("verdict_rule")
+    if not rule:
+        return "none (run `malaria calibrate`)"
+    return (
+        f"positive if ≥ {rule['min_suspicious_cells']} usable cells have calibrated "
+        f"P(Parasitized) ≥ {rule['cell_threshold']:.3f}; otherwise negative, or "
+        f"indeterminate with fewer than {rule['min_cells']} usable cells "
+        f"(chosen on {rule.get('fitted_on', 'validation patients')})"
+    )
 
 
 def _data_text(data: dict[str, Any]) -> str:

@@ -8,7 +8,6 @@ file gets its own result; a file that fails carries an error and never stops the
 from __future__ import annotations
 
 import base64
-import binascii
 import io
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -17,9 +16,16 @@ from typing import Any
 
 import numpy as np
 
+from malaria_classifier.decision import DECISIONS, NOT_A_CELL, PARASITIZED
 from malaria_classifier.explain import encode_png, overlay_heat_map
-from malaria_classifier.images import ImageLoadError, decode_image_bytes, resize_with_pad
-from malaria_classifier.prediction import PredictionRow, label_for, write_rows
+from malaria_classifier.images import (
+    ImageLoadError,
+    data_url_bytes,
+    decode_image_bytes,
+    resize_with_pad,
+)
+from malaria_classifier.prediction import PredictionRow, write_rows
+from malaria_classifier.verdict import VerdictRule, summarize_group
 
 ACCEPTED_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 ACCEPTED_KINDS = "PNG, JPEG, TIFF or BMP"
@@ -56,10 +62,6 @@ def _megabytes(size: int) -> str:
     return f"{size / (1024 * 1024):g} MB"
 
 
-class UploadError(ValueError):
-    """One uploaded file cannot be used; the message names it and says what to do."""
-
-
 @dataclass(frozen=True)
 class Upload:
     """One file as received: its name and its bytes (or why they were refused)."""
@@ -78,31 +80,10 @@ def check_kind(filename: str) -> str | None:
     return f"{filename}: unsupported file kind ({shown}). Upload a cell image as {ACCEPTED_KINDS}."
 
 
-def decode_data_url(contents: str, filename: str, limits: UploadLimits) -> bytes:
-    """Bytes of a browser upload (``data:<type>;base64,<data>``), size-checked first.
-
-    Raises:
-        UploadError: If the file is too large or the upload is not base64 data.
-    """
-    _, separator, encoded = contents.partition(";base64,")
-    if not separator:
-        raise UploadError(f"{filename}: the upload is not base64 data. Upload the file again.")
-    size = len(encoded) * 3 // 4
-    if size > limits.max_file_bytes:
-        raise UploadError(_too_large(filename, size, limits))
-    try:
-        return base64.b64decode(encoded, validate=True)
-    except (binascii.Error, ValueError):
-        raise UploadError(
-            f"{filename}: the upload arrived damaged (bad base64). Upload the file again."
-        ) from None
-
-
-def _too_large(filename: str, size: int, limits: UploadLimits) -> str:
+def too_large_message(filename: str, size: int, limits: UploadLimits) -> str:
     return (
-        f"{filename}: too large ({_megabytes(size)}; the limit is "
-        f"{_megabytes(limits.max_file_bytes)} per file). Upload a single-cell crop, not a "
-        f"whole smear photo."
+        f"{filename}: is {size:,} bytes, more than the {limits.max_file_bytes:,}-byte limit. "
+        f"Upload single-cell crops, not whole smear photos."
     )
 
 
@@ -123,8 +104,8 @@ def receive_browser_uploads(
             error = _dropped_error(name, content, limits)
         elif error is None:
             try:
-                data = decode_data_url(content or "", name, limits)
-            except UploadError as upload_error:
+                data = data_url_bytes(content or "", name, limits.max_file_bytes)
+            except ImageLoadError as upload_error:
                 error = str(upload_error)
         if data is not None and batch_bytes + len(data) > limits.max_batch_bytes:
             data, error = None, _batch_full(name, limits)
@@ -140,7 +121,7 @@ def _dropped_error(filename: str, content: str, limits: UploadLimits) -> str:
     except ValueError:
         size = 0
     if size > limits.max_file_bytes:
-        return _too_large(filename, size, limits)
+        return too_large_message(filename, size, limits)
     return _batch_full(filename, limits)
 
 
@@ -156,7 +137,7 @@ def read_example(path: Path, limits: UploadLimits) -> Upload:
     try:
         size = path.stat().st_size
         if size > limits.max_file_bytes:
-            return Upload(path.name, None, _too_large(path.name, size, limits))
+            return Upload(path.name, None, too_large_message(path.name, size, limits))
         return Upload(path.name, path.read_bytes(), check_kind(path.name))
     except OSError as error:
         return Upload(path.name, None, f"{path.name}: cannot be read ({error.strerror}).")
@@ -164,21 +145,35 @@ def read_example(path: Path, limits: UploadLimits) -> Upload:
 
 @dataclass
 class CellResult:
-    """What the dashboard shows for one file; ``error`` set means it was not classified."""
+    """What the dashboard shows for one file; ``error`` set means it was not classified.
+
+    ``probability`` and ``confidence`` are calibrated when the model has a calibration;
+    ``decision`` is Parasitized, Uninfected, Uncertain or Not a cell, and ``reason`` says
+    why a cell is Uncertain or Not a cell.
+    """
 
     filename: str
     label: str
     probability: float | None
     confidence: float | None
     error: str
+    decision: str = ""
+    reason: str = ""
     image: str | None = None  # the model's input view, as a PNG data URL
     heat_map: str | None = None  # Grad-CAM overlay on that view, as a PNG data URL
 
-    def to_row(self) -> PredictionRow:
-        """The same fields ``malaria predict`` writes."""
-        return PredictionRow(
-            self.filename, self.label, self.probability, self.confidence, self.error
-        )
+
+def row_from_result(result: dict[str, Any]) -> PredictionRow:
+    """The fields ``malaria predict`` writes, from a stored result."""
+    return PredictionRow(
+        result["filename"],
+        result["label"],
+        result["probability"],
+        result["confidence"],
+        result["error"],
+        result.get("decision", ""),
+        reason=result.get("reason", ""),
+    )
 
 
 def classify_uploads(
@@ -211,14 +206,16 @@ def classify_uploads(
 def _fill_predictions(
     predictor, results: list[CellResult], batch: np.ndarray, explainer, with_images: bool
 ) -> None:
-    probabilities = predictor.predict_arrays(batch)
-    heat_maps = explainer(batch) if explainer is not None else None
     classified = [result for result in results if not result.error]
-    for index, result in enumerate(classified):
-        probability = float(probabilities[index])
-        result.label = label_for(probability, predictor.threshold)
-        result.probability = probability
-        result.confidence = probability if result.label == "Parasitized" else 1.0 - probability
+    rows = predictor.predict_images(list(batch), [result.filename for result in classified])
+    heat_maps = explainer(batch) if explainer is not None else None
+    for index, (result, row) in enumerate(zip(classified, rows, strict=True)):
+        result.label, result.probability, result.confidence = (
+            row.label,
+            row.probability,
+            row.confidence,
+        )
+        result.decision, result.reason = row.decision, row.reason
         if with_images:
             result.image = png_data_url(batch[index])
         if heat_maps is not None:
@@ -264,36 +261,35 @@ def results_to_dicts(results: Iterable[CellResult]) -> list[dict[str, Any]]:
     return [asdict(result) for result in results]
 
 
-def batch_summary(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Counts for a batch and the share of classified cells called Parasitized.
+def batch_summary(
+    results: Sequence[dict[str, Any]], verdict_rule: VerdictRule | None = None
+) -> dict[str, Any]:
+    """Counts per decision, the parasitized share, and a verdict for the batch.
 
-    That share estimates parasitemia (infected red cells per 100 red cells) only when the
-    batch is every cell of a field, not a hand-picked selection.
+    The share estimates parasitemia (infected red cells per 100) only when the batch is
+    every cell of a field; the verdict applies only when the batch holds one patient's
+    cells. Files that failed or are "Not a cell" are not counted as cells.
     """
-    classified = [result for result in results if not result.get("error")]
-    parasitized = sum(result["label"] == "Parasitized" for result in classified)
-    return {
-        "files": len(results),
-        "classified": len(classified),
-        "failed": len(results) - len(classified),
-        "parasitized": parasitized,
-        "uninfected": len(classified) - parasitized,
-        "parasitized_share": parasitized / len(classified) if classified else None,
+    rows = [row_from_result(result) for result in results]
+    usable = [row for row in rows if not row.error and row.decision != NOT_A_CELL]
+    counts = {decision: sum(row.decision == decision for row in rows) for decision in DECISIONS}
+    parasitized = counts[PARASITIZED]
+    summary: dict[str, Any] = {
+        "files": len(rows),
+        "failed": sum(bool(row.error) for row in rows),
+        "cells": len(usable),
+        "decisions": counts,
+        "parasitized_share": parasitized / len(usable) if usable else None,
+        "verdict": None,
     }
+    if verdict_rule is not None and rows:
+        verdict = summarize_group("batch", rows, verdict_rule)
+        summary["verdict"] = {"verdict": verdict.verdict, "confidence": verdict.confidence}
+    return summary
 
 
 def results_csv(results: Sequence[dict[str, Any]]) -> str:
     """The batch as CSV, written by the same code as ``malaria predict`` (same columns)."""
-    rows = (
-        PredictionRow(
-            result["filename"],
-            result["label"],
-            result["probability"],
-            result["confidence"],
-            result["error"],
-        )
-        for result in results
-    )
     buffer = io.StringIO()
-    write_rows(rows, buffer, "csv")
+    write_rows((row_from_result(result) for result in results), buffer, "csv")
     return buffer.getvalue()

@@ -1,0 +1,289 @@
+"""Fit the trust layer of a trained model on its validation patients; report on test.
+
+``malaria calibrate`` runs :func:`calibrate_model`. From the run's manifest it scores
+the cells of each split once, then fits, **on validation patients only** (and the
+training cells for the feature density of the "Not a cell" check):
+
+1. the temperature (:mod:`calibration`), then the operating threshold and the
+   "Uncertain" band on the calibrated scale;
+2. the out-of-distribution limits (:mod:`ood`), on training and validation cells;
+3. the patient verdict rule (:mod:`verdict`).
+
+It writes them into the model card and ``ood.json`` beside the model, and adds a
+``calibration_report`` with the same quantities measured on the *test* patients, which
+were never used to choose anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from malaria_classifier.calibration import (
+    DEFAULT_MIN_SPECIFICITY,
+    apply_temperature,
+    choose_threshold,
+    choose_uncertain_margin,
+    fit_temperature,
+    reliability_bins,
+)
+from malaria_classifier.constants import POSITIVE_CLASS, POSITIVE_INDEX
+from malaria_classifier.data import find_class_root
+from malaria_classifier.decision import DecisionRule
+from malaria_classifier.model_card import card_path_for, read_model_card, write_json_atomically
+from malaria_classifier.ood import (
+    OOD_FILE,
+    combine_signals,
+    feature_model,
+    fit_feature_density,
+    fit_ood_check,
+    image_statistics,
+    save_ood_check,
+)
+from malaria_classifier.pipeline import iter_images
+from malaria_classifier.splits import read_manifest
+from malaria_classifier.verdict import VerdictRule, choose_verdict_rule, verdict_for
+
+
+@dataclass
+class SplitScores:
+    """Everything measured once per cell of one split."""
+
+    labels: np.ndarray  # 1 = Parasitized
+    patients: np.ndarray
+    probabilities: np.ndarray  # uncalibrated P(Parasitized)
+    features: np.ndarray
+    statistics: np.ndarray
+
+
+def score_cells(
+    model: Any, paths: Sequence[Path], labels: Sequence[str], patients: Sequence[str]
+) -> SplitScores:
+    """Raw scores, penultimate features and image statistics of the readable cells.
+
+    Raises:
+        ValueError: If none of the files can be read.
+    """
+    import tensorflow as tf
+
+    size = int(model.input_shape[1])
+    network = feature_model(model)
+    forward = tf.function(lambda batch: network(batch, training=False))
+    kept, images = [], []
+    outputs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    for index, (image, _error) in enumerate(iter_images(list(paths), size)):
+        if image is None:
+            continue
+        kept.append(index)
+        images.append(image)
+        if len(images) == 256:
+            outputs.append(_score_batch(forward, np.stack(images)))
+            images = []
+    if images:
+        outputs.append(_score_batch(forward, np.stack(images)))
+    if not kept:
+        raise ValueError("None of the cells in the manifest could be read; check --data.")
+    probabilities, features, statistics = (
+        np.concatenate(parts) for parts in zip(*outputs, strict=True)
+    )
+    return SplitScores(
+        labels=np.array([labels[i] == POSITIVE_CLASS for i in kept], dtype=int),
+        patients=np.array([patients[i] for i in kept]),
+        probabilities=probabilities,
+        features=features,
+        statistics=statistics,
+    )
+
+
+def _score_batch(forward: Any, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    probabilities, features = forward(batch)
+    return (
+        probabilities.numpy()[:, POSITIVE_INDEX].astype(np.float64),
+        features.numpy().astype(np.float64),
+        image_statistics(batch),
+    )
+
+
+def score_run_splits(
+    model_path: Path, run_dir: Path, data_dir: Path, train_cells: int = 6000, seed: int = 0
+) -> tuple[Any, dict[str, SplitScores]]:
+    """Load the model and score its train (a sample), validation and test cells.
+
+    Raises:
+        ValueError: If the run folder has no manifest.
+    """
+    from malaria_classifier.model import load_model
+
+    manifest = Path(run_dir) / "manifest.csv"
+    if not manifest.is_file():
+        raise ValueError(
+            f"{manifest} does not exist. Pass --run: the `malaria train` run folder whose "
+            f"manifest.csv says which patients are validation and test."
+        )
+    rows = read_manifest(manifest)
+    root = find_class_root(data_dir)
+    model = load_model(str(model_path))
+    rng = np.random.default_rng(seed)
+    scores = {}
+    for split in ("train", "validation", "test"):
+        chosen = [row for row in rows if row.split == split]
+        if split == "train" and len(chosen) > train_cells:
+            chosen = [chosen[i] for i in sorted(rng.choice(len(chosen), train_cells, False))]
+        scores[split] = score_cells(
+            model,
+            [root / row.path for row in chosen],
+            [row.label for row in chosen],
+            [row.patient for row in chosen],
+        )
+    return model, scores
+
+
+def fit_trust_layer(
+    model: Any, scores: dict[str, SplitScores], min_specificity: float
+) -> dict[str, Any]:
+    """Fit temperature, threshold, Uncertain band, OOD check and verdict rule.
+
+    Only ``scores["train"]`` and ``scores["validation"]`` are used.
+    """
+    train, validation = scores["train"], scores["validation"]
+    temperature = fit_temperature(validation.labels, validation.probabilities)
+    calibrated = apply_temperature(validation.probabilities, temperature)
+    choice = choose_threshold(validation.labels, calibrated, min_specificity)
+    margin = choose_uncertain_margin(validation.labels, calibrated, choice.threshold)
+    density = fit_feature_density(train.features, train.labels)
+    ood = fit_ood_check(
+        combine_signals(train.statistics, train.features, density, model),
+        combine_signals(validation.statistics, validation.features, density, model),
+        density,
+    )
+    ood.fitted_on.update(train_cells=len(train.labels), validation_cells=len(validation.labels))
+    kept = _accepted(ood, model, validation)
+    verdict_rule = choose_verdict_rule(
+        *_by_patient(validation.patients[kept], calibrated[kept], validation.labels[kept])
+    )
+    rule = DecisionRule(choice.threshold, temperature, margin, ood)
+    return {"rule": rule, "threshold_choice": choice, "verdict_rule": verdict_rule}
+
+
+def _accepted(ood: Any, model: Any, scores: SplitScores) -> np.ndarray:
+    signals = combine_signals(scores.statistics, scores.features, ood.density, model)
+    return np.array([not reason for reason in ood.reasons(signals)], dtype=bool)
+
+
+def _by_patient(
+    patients: np.ndarray, probabilities: np.ndarray, labels: np.ndarray
+) -> tuple[dict[str, np.ndarray], dict[str, bool]]:
+    """Per patient: the calibrated scores, and whether any cell is parasitized."""
+    names = sorted(set(patients.tolist()))
+    return (
+        {name: probabilities[patients == name] for name in names},
+        {name: bool(labels[patients == name].any()) for name in names},
+    )
+
+
+def report_split(
+    model: Any, scores: SplitScores, rule: DecisionRule, verdict_rule: VerdictRule
+) -> dict[str, Any]:
+    """Calibration, operating point, abstention, OOD and verdict figures for one split."""
+    calibrated = rule.calibrate(scores.probabilities)
+    predicted = calibrated >= rule.threshold
+    signals = combine_signals(scores.statistics, scores.features, rule.ood.density, model)
+    reasons = rule.ood.reasons(signals)
+    decisions, _ = rule.decide(calibrated, reasons)
+    decisions = np.array(decisions)
+    kept = decisions != "Not a cell"
+    probabilities, infected = _by_patient(
+        scores.patients[kept], calibrated[kept], scores.labels[kept]
+    )
+    verdicts = {name: verdict_for(p, verdict_rule)[0] for name, p in probabilities.items()}
+    clear = np.isin(decisions, ["Parasitized", "Uninfected"])
+    return {
+        "cells": len(scores.labels),
+        "patients": len(set(scores.patients.tolist())),
+        "reliability_uncalibrated": reliability_bins(
+            scores.labels, scores.probabilities, 0.5
+        ).to_dict(),
+        "reliability_calibrated": reliability_bins(
+            scores.labels, calibrated, rule.threshold
+        ).to_dict(),
+        "sensitivity": float(predicted[scores.labels == 1].mean()),
+        "specificity": float((~predicted[scores.labels == 0]).mean()),
+        "uncertain_fraction": float(np.mean(decisions == "Uncertain")),
+        "error_rate_all": float(np.mean(predicted != scores.labels)),
+        "error_rate_clear_decisions": float(np.mean((predicted != scores.labels)[clear])),
+        "not_a_cell_fraction": float(np.mean(~kept)),
+        "verdicts": {
+            "infected_patients": sum(infected.values()),
+            "infected_called_positive": sum(
+                verdicts[p] == "positive" for p in verdicts if infected[p]
+            ),
+            "healthy_donors": sum(not v for v in infected.values()),
+            "healthy_called_negative": sum(
+                verdicts[p] == "negative" for p in verdicts if not infected[p]
+            ),
+            "per_patient": verdicts,
+        },
+    }
+
+
+def calibrate_model(
+    model_path: str | Path,
+    run_dir: str | Path,
+    data_dir: str | Path,
+    min_specificity: float = DEFAULT_MIN_SPECIFICITY,
+) -> dict[str, Any]:
+    """Fit the trust layer for ``model_path`` and store it beside the model.
+
+    Example:
+        >>> calibrate_model("runs/r1/model.keras", "runs/r1", "cell_images")  # doctest: +SKIP
+
+    Args:
+        model_path: The ``.keras`` model; its ``model_card.json`` is updated and
+            ``ood.json`` written next to it.
+        run_dir: The training run folder (for ``manifest.csv``: which patients are which).
+        data_dir: The data folder the manifest's paths are relative to.
+        min_specificity: Cell-level specificity the threshold must keep on validation.
+
+    Returns:
+        The updated model card.
+    """
+    model_path = Path(model_path)
+    model, scores = score_run_splits(model_path, Path(run_dir), Path(data_dir))
+    fitted = fit_trust_layer(model, scores, min_specificity)
+    rule, choice, verdict_rule = fitted["rule"], fitted["threshold_choice"], fitted["verdict_rule"]
+    save_ood_check(rule.ood, model_path.parent / OOD_FILE)
+    card = read_model_card(model_path)
+    card["decision_threshold"] = rule.threshold
+    card["calibration"] = {
+        "method": "temperature scaling of the log-odds log(p1) - log(p0)",
+        "temperature": rule.temperature,
+        "fitted_on": "validation patients (cells of the manifest's validation split)",
+        "operating_point": {
+            "target": choice.target,
+            "threshold": choice.threshold,
+            "validation_sensitivity": choice.sensitivity,
+            "validation_specificity": choice.specificity,
+        },
+        "uncertain_margin_logit": rule.uncertain_margin,
+        "uncertain_rule": "Uncertain when |logit(p) - logit(threshold)| < margin: the "
+        "smallest band leaving <= 2% errors among the other validation cells, at most 10% "
+        "of cells",
+        "out_of_distribution_file": OOD_FILE,
+    }
+    card["verdict_rule"] = {
+        **verdict_rule.to_dict(),
+        "rule": "positive if at least min_suspicious_cells usable cells have calibrated "
+        "P(Parasitized) >= cell_threshold; else negative, or indeterminate with fewer "
+        "than min_cells usable cells",
+        "fitted_on": "validation patients",
+    }
+    card["calibration_report"] = {
+        split: report_split(model, scores[split], rule, verdict_rule)
+        for split in ("validation", "test")
+    }
+    write_json_atomically(card, card_path_for(model_path))
+    return card

@@ -1,0 +1,125 @@
+"""From scores to a decision per cell: Parasitized, Uninfected, Uncertain or Not a cell.
+
+The rule has three fitted parts, all read from the model card and ``ood.json``
+(written by ``malaria calibrate``):
+
+1. the calibrated probability is compared with the operating threshold;
+2. a cell is **Uncertain** when its log-odds lie within ``uncertain_margin`` of the
+   threshold's, or (when test-time views are on) when flipped/rotated copies of it
+   fall on different sides of the threshold;
+3. an image is **Not a cell** when the out-of-distribution check rejects it; this
+   wins over everything else, because a score for a non-cell means nothing.
+
+A model without calibration (an old run folder) still gets Parasitized/Uninfected
+decisions from its threshold, so nothing breaks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from malaria_classifier.calibration import apply_temperature, logits_from_probabilities
+from malaria_classifier.constants import CLASS_NAMES, POSITIVE_CLASS, POSITIVE_INDEX
+from malaria_classifier.ood import OOD_FILE, OodCheck, load_ood_check
+
+PARASITIZED = POSITIVE_CLASS
+UNINFECTED = CLASS_NAMES[1 - POSITIVE_INDEX]
+UNCERTAIN = "Uncertain"
+NOT_A_CELL = "Not a cell"
+DECISIONS: tuple[str, ...] = (PARASITIZED, UNINFECTED, UNCERTAIN, NOT_A_CELL)
+
+
+@dataclass
+class DecisionRule:
+    """Everything needed to turn a model's raw scores into decisions."""
+
+    threshold: float
+    temperature: float = 1.0
+    uncertain_margin: float = 0.0
+    ood: OodCheck | None = None
+
+    def calibrate(self, probabilities: np.ndarray) -> np.ndarray:
+        """Calibrated P(Parasitized) for raw softmax outputs."""
+        if self.temperature == 1.0:
+            return np.asarray(probabilities, dtype=np.float64)
+        return apply_temperature(probabilities, self.temperature)
+
+    def decide(
+        self,
+        calibrated: np.ndarray,
+        ood_reasons: list[str] | None = None,
+        view_probabilities: np.ndarray | None = None,
+    ) -> tuple[list[str], list[str]]:
+        """A decision and a short reason (empty for clear calls) per cell.
+
+        Args:
+            calibrated: Calibrated P(Parasitized), shape ``(n,)``.
+            ood_reasons: Per cell, the out-of-distribution signals that tripped ("" if none).
+            view_probabilities: Calibrated P(Parasitized) of transformed copies, shape
+                ``(n, views)``; disagreement with the threshold makes a cell Uncertain.
+        """
+        calibrated = np.asarray(calibrated, dtype=np.float64)
+        distance = np.abs(
+            logits_from_probabilities(calibrated) - logits_from_probabilities(self.threshold)
+        )
+        unstable = np.zeros(len(calibrated), dtype=bool)
+        if view_probabilities is not None and view_probabilities.size:
+            above = np.asarray(view_probabilities) >= self.threshold
+            unstable = above.any(axis=1) != above.all(axis=1)
+        decisions, reasons = [], []
+        for index, probability in enumerate(calibrated):
+            ood_reason = ood_reasons[index] if ood_reasons else ""
+            if ood_reason:
+                decisions.append(NOT_A_CELL)
+                reasons.append(f"unlike the training cells in: {ood_reason}")
+            elif distance[index] < self.uncertain_margin:
+                decisions.append(UNCERTAIN)
+                reasons.append("probability close to the decision threshold")
+            elif unstable[index]:
+                decisions.append(UNCERTAIN)
+                reasons.append("flipped or rotated copies disagree")
+            else:
+                decisions.append(PARASITIZED if probability >= self.threshold else UNINFECTED)
+                reasons.append("")
+        return decisions, reasons
+
+
+def load_decision_rule(
+    model_path: Path, card: dict[str, Any], threshold: float | None = None
+) -> DecisionRule:
+    """The rule stored with a model; ``threshold`` overrides the card's.
+
+    Raises:
+        ValueError: If the threshold is not strictly between 0 and 1.
+    """
+    from malaria_classifier.constants import DEFAULT_THRESHOLD
+
+    if threshold is None:
+        threshold = float(card.get("decision_threshold", DEFAULT_THRESHOLD))
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(
+            f"threshold must be between 0 and 1, got {threshold}. It is a calibrated "
+            f"P(Parasitized) above which a cell is called Parasitized."
+        )
+    calibration = card.get("calibration", {})
+    return DecisionRule(
+        threshold=threshold,
+        temperature=float(calibration.get("temperature", 1.0)),
+        uncertain_margin=float(calibration.get("uncertain_margin_logit", 0.0)),
+        ood=load_ood_check(Path(model_path).parent / OOD_FILE),
+    )
+
+
+def transformed_views(batch: np.ndarray) -> np.ndarray:
+    """Three transformed copies of each image (horizontal flip, vertical flip, transpose).
+
+    A cell has no up, down, left or right, so a trustworthy score must not change
+    under these; the result has shape ``(3 * n, size, size, 3)``, grouped by view.
+    """
+    return np.concatenate(
+        [batch[:, :, ::-1], batch[:, ::-1, :], np.transpose(batch, (0, 2, 1, 3))], axis=0
+    )

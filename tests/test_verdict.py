@@ -1,0 +1,110 @@
+"""Patient/slide/folder verdicts: the rule, its choice on validation patients, the CSV."""
+
+import csv
+import io
+
+import numpy as np
+import pytest
+
+from malaria_classifier.prediction import PredictionRow
+from malaria_classifier.verdict import (
+    SUMMARY_COLUMNS,
+    VerdictRule,
+    choose_verdict_rule,
+    group_name,
+    summarize_group,
+    summarize_rows,
+    verdict_for,
+    write_summary,
+)
+
+RULE = VerdictRule(cell_threshold=0.9, min_suspicious_cells=2, min_cells=5)
+
+
+def _row(path, probability, decision=None, error=""):
+    if error:
+        return PredictionRow(path, "", None, None, error, "")
+    decision = decision or ("Parasitized" if probability >= 0.5 else "Uninfected")
+    label = "Parasitized" if probability >= 0.5 else "Uninfected"
+    return PredictionRow(path, label, probability, max(probability, 1 - probability), "", decision)
+
+
+def test_verdict_needs_enough_very_suspicious_cells():
+    assert verdict_for(np.array([0.95, 0.92, 0.1, 0.1, 0.1]), RULE) == ("positive", 0.92)
+    verdict, confidence = verdict_for(np.array([0.95, 0.6, 0.1, 0.1, 0.1]), RULE)
+    assert verdict == "negative" and confidence == pytest.approx(0.05)
+    assert verdict_for(np.array([0.1, 0.2]), RULE) == ("indeterminate", None)
+
+
+def test_group_names_by_patient_slide_and_folder():
+    path = "/data/slide9/C33P1thinF_IMG_20150619_114756a_cell_179.png"
+    assert group_name(path, "patient") == "P1"
+    assert group_name(path, "slide") == "C33"
+    assert group_name(path, "folder") == "/data/slide9"
+    assert group_name(path, "all") == "all"
+    with pytest.raises(ValueError, match="--group-by must be one of"):
+        group_name(path, "hospital")
+
+
+def test_failed_and_not_a_cell_rows_are_not_counted():
+    rows = [_row(f"C1_thinF_x_cell_{i}.png", 0.1) for i in range(5)]
+    rows += [_row("C1_thinF_x_cell_90.png", 0.99, decision="Not a cell")] * 3
+    rows += [_row("C1_thinF_x_cell_91.png", 0.0, error="broken")]
+    rows += [_row("C1_thinF_x_cell_92.png", 0.7)]
+    summary = summarize_group("C1", rows, RULE)
+    assert (summary.cells, summary.parasitized_cells) == (6, 1)
+    assert summary.parasitemia == pytest.approx(1 / 6)
+    assert summary.verdict == "negative"  # the three confident non-cells do not count
+
+
+def test_summarize_rows_groups_and_writes_the_documented_csv():
+    rows = [_row(f"C33P1thinF_a_cell_{i}.png", 0.97) for i in range(3)]
+    rows += [_row(f"C33P1thinF_a_cell_{i + 10}.png", 0.05) for i in range(3)]
+    rows += [_row(f"C2_thinF_b_cell_{i}.png", 0.05) for i in range(6)]
+    summaries = summarize_rows(rows, RULE, "patient")
+    assert [(s.group, s.verdict) for s in summaries] == [("C2", "negative"), ("P1", "positive")]
+    buffer = io.StringIO()
+    write_summary(summaries, buffer)
+    lines = list(csv.reader(io.StringIO(buffer.getvalue())))
+    assert tuple(lines[0]) == SUMMARY_COLUMNS
+    assert SUMMARY_COLUMNS == (
+        "group",
+        "cells",
+        "parasitized_cells",
+        "parasitemia",
+        "verdict",
+        "confidence",
+    )
+    assert lines[2] == ["P1", "6", "3", "0.5000", "positive", "0.9700"]
+
+
+def test_choose_verdict_rule_keeps_every_healthy_validation_donor_negative():
+    rng = np.random.default_rng(0)
+    probabilities = {
+        "C1": np.r_[rng.uniform(0, 0.3, 68), 0.85, 0.7],  # one suspicious-looking cell
+        "C2": rng.uniform(0, 0.3, 70),
+        "P1": np.r_[rng.uniform(0, 0.3, 60), np.full(10, 0.99)],
+        "P2": np.r_[rng.uniform(0, 0.3, 68), 0.95, 0.93],  # only two parasitized cells
+        "P3": rng.uniform(0, 0.3, 70),  # undetectable
+    }
+    infected = {"C1": False, "C2": False, "P1": True, "P2": True, "P3": True}
+    rule = choose_verdict_rule(probabilities, infected)
+    verdicts = {name: verdict_for(p, rule)[0] for name, p in probabilities.items()}
+    assert verdicts["C1"] == verdicts["C2"] == "negative"
+    assert verdicts["P1"] == verdicts["P2"] == "positive"
+    assert verdicts["P3"] == "negative"
+    # two cells above a threshold between C1's 2nd (0.7) and P2's 2nd (0.93) give the
+    # widest gap, so k = 2 wins over k = 1 (gap between 0.85 and 0.95)
+    assert rule.min_suspicious_cells == 2
+    assert 0.7 < rule.cell_threshold < 0.93
+
+
+def test_choose_verdict_rule_needs_both_kinds_of_patient():
+    with pytest.raises(ValueError, match="both healthy and infected"):
+        choose_verdict_rule({"C1": np.array([0.1])}, {"C1": False})
+
+
+def test_rule_round_trips_through_a_model_card():
+    card = {"verdict_rule": {**RULE.to_dict(), "rule": "text"}}
+    assert VerdictRule.from_card(card) == RULE
+    assert VerdictRule.from_card({}) is None
