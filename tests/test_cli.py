@@ -95,3 +95,33 @@ def test_download_failure_is_reported_cleanly(tmp_path):
     )
     assert result.exit_code == 2
     assert "127.0.0.1:9" in result.output and "Traceback" not in result.output
+
+
+def test_export_writes_an_onnx_model_and_its_card(tiny_model, tmp_path):
+    output = tmp_path / "out" / "tiny.onnx"
+    result = _run("export", "--model", tiny_model, "--format", "onnx", "--output", output)
+    assert result.exit_code == 0, result.output
+    assert output.stat().st_size > 1000 and f"{output}.model_card.json" in result.output
+    assert (tmp_path / "out" / "tiny.onnx.model_card.json").is_file()
+
+
+def test_export_defaults_to_the_model_name_in_the_current_folder(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = _run("export", "--model", tiny_model, "--format", "tflite")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "model.tflite").is_file()
+
+
+def test_export_rejects_an_unknown_format_by_name(tiny_model, tmp_path):
+    result = _run("export", "--model", tiny_model, "--format", "coreml")
+    assert result.exit_code == 2
+    assert "Unknown export format 'coreml'; use one of saved_model, tflite, onnx" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_export_of_a_missing_model_is_a_clear_error(tmp_path):
+    missing = tmp_path / "nowhere.keras"
+    result = _run("export", "--model", missing, "--format", "saved_model")
+    assert result.exit_code == 2
+    assert f"Model file {missing} does not exist" in result.output
+    assert not list(tmp_path.iterdir())

@@ -265,5 +265,37 @@ def predict(
         raise typer.Exit(code=1)
 
 
+@app.command("export")
+@_user_errors
+def export(
+    export_format: Annotated[
+        str, typer.Option("--format", help="saved_model (TF Serving), tflite (phones) or onnx.")
+    ],
+    model: Annotated[Path | None, typer.Option(help="Model (.keras); default: bundled.")] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(help="File or folder to create; default: <model name>.<format> here."),
+    ] = None,
+) -> None:
+    """Export a model for TensorFlow Serving, LiteRT (phones) or ONNX Runtime.
+
+    The export takes raw uint8 RGB cells resized with black padding, like the model,
+    and outputs the softmax (index 1 = P(Parasitized)); a .model_card.json beside it
+    records the input contract, class order and threshold.
+    """
+    from malaria_classifier.export import check_export_format, default_export_path, export_model
+    from malaria_classifier.model_card import default_model_path
+
+    check_export_format(export_format)
+    model_path = model or default_model_path()
+    result = export_model(
+        model_path, export_format, output or default_export_path(model_path, export_format)
+    )
+    typer.echo(
+        f"Exported {model_path} as {export_format}: {result.path} "
+        f"({result.size_bytes / 1e6:.2f} MB); serving contract in {result.card_path}"
+    )
+
+
 if __name__ == "__main__":
     app()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -29,7 +29,7 @@ def default_workers() -> int:
 
 
 def iter_images(
-    paths: Sequence[str | Path], image_size: int, workers: int | None = None, lookahead: int = 512
+    paths: Iterable[str | Path], image_size: int, workers: int | None = None, lookahead: int = 512
 ) -> Iterator[tuple[np.ndarray | None, str | None]]:
     """Yield ``(image, None)`` or ``(None, error)`` per path, in order, decoding ahead.
 

@@ -8,6 +8,7 @@ file gets a row with an empty label and a clear error, and the rest go on.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -83,6 +84,9 @@ class Predictor:
         batch_size: Images per forward pass.
         threshold: P(Parasitized) at or above which a cell is called Parasitized;
             None takes the model card's ``decision_threshold`` (0.5 without a card).
+        runtime: What runs the forward pass: ``keras`` (TensorFlow), ``onnx`` (ONNX
+            Runtime, fastest on CPU) or ``tflite`` (LiteRT); the last two need the
+            ``export`` extra and convert the model in memory at start-up.
     """
 
     def __init__(
@@ -90,8 +94,12 @@ class Predictor:
         model_path: str | Path | None = None,
         batch_size: int = 256,
         threshold: float | None = None,
+        runtime: str = "keras",
     ) -> None:
         from malaria_classifier.model import load_model
+        from malaria_classifier.runtimes import check_runtime, make_forward
+
+        self.runtime = check_runtime(runtime)
 
         self.model_path = Path(model_path) if model_path else default_model_path()
         self.model = load_model(str(self.model_path))
@@ -103,7 +111,7 @@ class Predictor:
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"threshold must be between 0 and 1, got {threshold}.")
         self.threshold = threshold
-        self._forward = _make_forward(self.model)
+        self._forward = make_forward(self.model, runtime)
 
     def predict_arrays(self, images: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
         """P(Parasitized) for RGB uint8 arrays of any size (each is resized with padding)."""
@@ -122,9 +130,15 @@ class Predictor:
         return probabilities[:, POSITIVE_INDEX].astype(np.float64)
 
     def predict_paths(self, inputs: Iterable[str | Path]) -> Iterator[PredictionRow]:
-        """Yield one row per image under ``inputs``, in order, streaming in batches."""
-        pairs = list(expand_inputs(inputs))
-        readable = [path for path, error in pairs if error is None]
+        """Yield one row per image under ``inputs``, in order, streaming in batches.
+
+        Folders are walked lazily and decoding runs a bounded window ahead, so memory
+        stays flat however many files there are.
+        """
+        # Two views of one lazy walk: the loader runs ahead by its look-ahead window,
+        # and tee buffers only the paths between the two.
+        pairs, pairs_to_load = itertools.tee(expand_inputs(inputs))
+        readable = (path for path, error in pairs_to_load if error is None)
         loaded = iter_images(readable, self.image_size)
         pending: list[tuple[str, np.ndarray | None, str | None]] = []
         images_pending = 0
@@ -154,17 +168,6 @@ class Predictor:
             confidence = probability if label == POSITIVE_CLASS else 1.0 - probability
             rows.append(PredictionRow(path, label, probability, confidence, ""))
         return rows
-
-
-def _make_forward(model):
-    """A compiled inference function; much faster per batch than ``model.predict``."""
-    import tensorflow as tf
-
-    @tf.function(reduce_retracing=True)
-    def forward(batch):
-        return model(batch, training=False)
-
-    return lambda batch: forward(tf.convert_to_tensor(batch, dtype=tf.uint8)).numpy()
 
 
 def write_rows(rows: Iterable[PredictionRow], handle: TextIO, output_format: str) -> dict[str, int]:
