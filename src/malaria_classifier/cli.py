@@ -168,11 +168,21 @@ def train(
     learning_rate: Annotated[float | None, typer.Option(help="Override: Adam rate.")] = None,
     image_size: Annotated[int | None, typer.Option(help="Override: input side (px).")] = None,
     seed: Annotated[int | None, typer.Option(help="Override: random seed.")] = None,
+    strategy: Annotated[
+        str,
+        typer.Option(
+            help="none, mirrored (all GPUs of this machine) or multiworker (machines listed "
+            "in TF_CONFIG; docs/distributed.md). Batch size and learning rate are per "
+            "replica and scale with the number of replicas."
+        ),
+    ] = "none",
 ) -> None:
     """Train a CNN with a patient-level split; writes a complete run folder."""
     from malaria_classifier.config import load_config
+    from malaria_classifier.distribute import check_strategy
     from malaria_classifier.training import train_model
 
+    check_strategy(strategy)
     if resume and output is None:
         raise ValueError("--resume needs --output: the run folder to continue.")
     overrides = (config, epochs, batch_size, learning_rate, image_size, seed)
@@ -190,7 +200,10 @@ def train(
         image_size=image_size,
         seed=seed,
     )
-    result = train_model(data, settings, run_dir, resume=resume)
+    result = train_model(data, settings, run_dir, resume=resume, strategy=strategy)
+    if not result.metrics:  # a non-chief worker of a multi-worker run
+        typer.echo(f"Worker done ({result.seconds / 60:.1f} min); the chief wrote {run_dir}.")
+        return
     test = result.metrics["test"]
     typer.echo(f"Model: {result.model_path} ({result.seconds / 60:.1f} min)")
     _echo_metrics(test)

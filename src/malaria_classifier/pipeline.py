@@ -107,10 +107,12 @@ def make_dataset(
 
 # Y'IQ colour space: hue is an angle in the I-Q plane, so a stain's hue shift is a
 # rotation there (the same idea as tf.image.adjust_hue, but per image in one batch op).
-_RGB_TO_YIQ = tf.constant(
-    [[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], tf.float32
+# NumPy, not tf.constant: creating a tensor at import would start TensorFlow's runtime,
+# after which a multi-worker strategy can no longer be configured.
+_RGB_TO_YIQ = np.array(
+    [[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], np.float32
 )
-_YIQ_TO_RGB = tf.linalg.inv(_RGB_TO_YIQ)
+_YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ).astype(np.float32)
 
 
 def make_batch_augmenter(config: TrainingConfig):
