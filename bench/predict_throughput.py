@@ -2,6 +2,7 @@
 
 Usage:
     python bench/predict_throughput.py [--data ../shared/data/nih-cell-images] [--images 5000] [--rounds 3]
+        [--runtimes keras,onnx,tflite] [--profile 1000]
 
 Both are measured in the same run on the same files (file cache warmed first), so
 the ratio is comparable across machines. Start-up (importing TensorFlow, loading
@@ -11,9 +12,12 @@ the model) is measured separately and excluded from the throughput.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import csv
+import io
 import os
 import platform
+import pstats
 import statistics
 import subprocess
 import sys
@@ -21,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 
@@ -40,33 +45,75 @@ def pillow_decode_rate(files: list[Path]) -> float:
     return len(files) / (time.perf_counter() - started)
 
 
+def forward_rate(predictor, batch: np.ndarray, repeats: int = 10) -> float:
+    """Forward pass alone, batch of 256 decoded cells (no file reading or decoding)."""
+    predictor._predict_batch(batch)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        predictor._predict_batch(batch)
+    return repeats * len(batch) / (time.perf_counter() - started)
+
+
+def profile_predict(predictor, files: list[Path]) -> str:
+    """Where `predict_paths` spends its time (cProfile, top functions by own time).
+
+    cProfile sees the main thread only; decoding runs in worker threads, so we also
+    profile one decode+resize per file on the main thread.
+    """
+    from malaria_classifier.images import load_for_model
+
+    report = io.StringIO()
+    for title, work in (
+        ("predict_paths (main thread)", lambda: list(predictor.predict_paths(files))),
+        (
+            "load_for_model on one thread (what each decode worker does)",
+            lambda: [load_for_model(path, predictor.image_size) for path in files],
+        ),
+    ):
+        profiler = cProfile.Profile()
+        profiler.enable()
+        work()
+        profiler.disable()
+        report.write(f"--- {title}, {len(files)} files\n")
+        pstats.Stats(profiler, stream=report).sort_stats("tottime").print_stats(12)
+    return report.getvalue()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path("../shared/data/nih-cell-images"))
     parser.add_argument("--images", type=int, default=5000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--runtimes", default="keras,onnx,tflite")
+    parser.add_argument("--profile", type=int, default=0, help="cProfile this many files")
     args = parser.parse_args()
     files = pick_files(args.data, args.images)
     for path in files:  # warm the OS file cache so both sides read from memory
         path.read_bytes()
 
-    started = time.perf_counter()
+    from malaria_classifier.images import load_for_model
     from malaria_classifier.prediction import Predictor
 
-    predictor = Predictor()
-    list(predictor.predict_paths(files[:64]))  # trace the inference function once
-    startup = time.perf_counter() - started
+    predictors, startups = {}, {}
+    for runtime in args.runtimes.split(","):
+        started = time.perf_counter()
+        predictors[runtime] = Predictor(runtime=runtime)
+        list(predictors[runtime].predict_paths(files[:64]))  # trace / allocate once
+        startups[runtime] = time.perf_counter() - started
+    batch = np.stack([load_for_model(path, 64) for path in files[:256]])
+    forward_rates = {name: forward_rate(p, batch) for name, p in predictors.items()}
 
-    # Alternate the two measurements and take medians: this shared 2-core machine's
+    # Alternate the measurements and take medians: this shared 2-core machine's
     # speed drifts by up to 2x from minute to minute.
-    pillow_rates, api_rates = [], []
+    pillow_rates: list[float] = []
+    api_rates: dict[str, list[float]] = {name: [] for name in predictors}
     for _ in range(args.rounds):
         pillow_rates.append(pillow_decode_rate(files))
-        started = time.perf_counter()
-        rows = list(predictor.predict_paths(files))
-        api_rates.append(len(rows) / (time.perf_counter() - started))
+        for name, predictor in predictors.items():
+            started = time.perf_counter()
+            rows = list(predictor.predict_paths(files))
+            api_rates[name].append(len(rows) / (time.perf_counter() - started))
     pillow_rate = statistics.median(pillow_rates)
-    api_rate = statistics.median(api_rates)
 
     with tempfile.TemporaryDirectory() as folder:
         list_file = Path(folder) / "out.csv"
@@ -95,15 +142,20 @@ def main() -> None:
     print(
         f"Pillow decode only (1 thread): median {pillow_rate:,.0f} img/s, rounds {[round(r) for r in pillow_rates]}"
     )
-    print(f"Predictor start-up (import, load model, first batch): {startup:.2f} s")
-    print(
-        f"Predictor.predict_paths: median {api_rate:,.0f} img/s, rounds {[round(r) for r in api_rates]}"
-    )
-    print(f"ratio of medians (predict / Pillow decode): {api_rate / pillow_rate:.2f}")
+    for name in predictors:
+        rate = statistics.median(api_rates[name])
+        print(
+            f"[{name}] start-up (load model, convert, first batch) {startups[name]:.2f} s; "
+            f"forward pass alone {forward_rates[name]:,.0f} img/s; "
+            f"predict_paths median {rate:,.0f} img/s, rounds {[round(r) for r in api_rates[name]]}; "
+            f"ratio predict / Pillow decode {rate / pillow_rate:.2f}"
+        )
     print(
         f"`malaria predict` CLI end to end incl. start-up: {cli_seconds:.2f} s for {cli_rows} images "
         f"= {cli_rows / cli_seconds:,.0f} img/s"
     )
+    if args.profile:
+        print(profile_predict(next(iter(predictors.values())), files[: args.profile]))
 
 
 if __name__ == "__main__":

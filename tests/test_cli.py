@@ -223,3 +223,33 @@ def test_calibrate_then_predict_with_decisions_and_a_patient_summary(tmp_path):
 def test_calibrate_without_a_manifest_says_what_to_pass(tiny_model, cells):
     result = _run("calibrate", "--data", cells, "--model", tiny_model)
     assert result.exit_code == 2 and "Pass --run" in result.output
+
+
+def test_export_writes_an_onnx_model_and_its_card(tiny_model, tmp_path):
+    output = tmp_path / "out" / "tiny.onnx"
+    result = _run("export", "--model", tiny_model, "--format", "onnx", "--output", output)
+    assert result.exit_code == 0, result.output
+    assert output.stat().st_size > 1000 and f"{output}.model_card.json" in result.output
+    assert (tmp_path / "out" / "tiny.onnx.model_card.json").is_file()
+
+
+def test_export_defaults_to_the_model_name_in_the_current_folder(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = _run("export", "--model", tiny_model, "--format", "tflite")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "model.tflite").is_file()
+
+
+def test_export_rejects_an_unknown_format_by_name(tiny_model, tmp_path):
+    result = _run("export", "--model", tiny_model, "--format", "coreml")
+    assert result.exit_code == 2
+    assert "Unknown export format 'coreml'; use one of saved_model, tflite, onnx" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_export_of_a_missing_model_is_a_clear_error(tmp_path):
+    missing = tmp_path / "nowhere.keras"
+    result = _run("export", "--model", missing, "--format", "saved_model")
+    assert result.exit_code == 2
+    assert f"Model file {missing} does not exist" in result.output
+    assert not list(tmp_path.iterdir())

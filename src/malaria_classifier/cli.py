@@ -168,11 +168,21 @@ def train(
     learning_rate: Annotated[float | None, typer.Option(help="Override: Adam rate.")] = None,
     image_size: Annotated[int | None, typer.Option(help="Override: input side (px).")] = None,
     seed: Annotated[int | None, typer.Option(help="Override: random seed.")] = None,
+    strategy: Annotated[
+        str,
+        typer.Option(
+            help="none, mirrored (all GPUs of this machine) or multiworker (machines listed "
+            "in TF_CONFIG; docs/distributed.md). Batch size and learning rate are per "
+            "replica and scale with the number of replicas."
+        ),
+    ] = "none",
 ) -> None:
     """Train a CNN with a patient-level split; writes a complete run folder."""
     from malaria_classifier.config import load_config
+    from malaria_classifier.distribute import check_strategy
     from malaria_classifier.training import train_model
 
+    check_strategy(strategy)
     if resume and output is None:
         raise ValueError("--resume needs --output: the run folder to continue.")
     overrides = (config, epochs, batch_size, learning_rate, image_size, seed)
@@ -190,7 +200,10 @@ def train(
         image_size=image_size,
         seed=seed,
     )
-    result = train_model(data, settings, run_dir, resume=resume)
+    result = train_model(data, settings, run_dir, resume=resume, strategy=strategy)
+    if not result.metrics:  # a non-chief worker of a multi-worker run
+        typer.echo(f"Worker done ({result.seconds / 60:.1f} min); the chief wrote {run_dir}.")
+        return
     test = result.metrics["test"]
     typer.echo(f"Model: {result.model_path} ({result.seconds / 60:.1f} min)")
     _echo_metrics(test)
@@ -374,6 +387,38 @@ def calibrate(
         f"{verdicts['infected_called_positive']}/{verdicts['infected_patients']} infected "
         f"positive, {verdicts['healthy_called_negative']}/{verdicts['healthy_donors']} "
         f"healthy negative"
+    )
+
+
+@app.command("export")
+@_user_errors
+def export(
+    export_format: Annotated[
+        str, typer.Option("--format", help="saved_model (TF Serving), tflite (phones) or onnx.")
+    ],
+    model: Annotated[Path | None, typer.Option(help="Model (.keras); default: bundled.")] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(help="File or folder to create; default: <model name>.<format> here."),
+    ] = None,
+) -> None:
+    """Export a model for TensorFlow Serving, LiteRT (phones) or ONNX Runtime.
+
+    The export takes raw uint8 RGB cells resized with black padding, like the model,
+    and outputs the softmax (index 1 = P(Parasitized)); a .model_card.json beside it
+    records the input contract, class order and threshold.
+    """
+    from malaria_classifier.export import check_export_format, default_export_path, export_model
+    from malaria_classifier.model_card import default_model_path
+
+    check_export_format(export_format)
+    model_path = model or default_model_path()
+    result = export_model(
+        model_path, export_format, output or default_export_path(model_path, export_format)
+    )
+    typer.echo(
+        f"Exported {model_path} as {export_format}: {result.path} "
+        f"({result.size_bytes / 1e6:.2f} MB); serving contract in {result.card_path}"
     )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -29,7 +29,7 @@ def default_workers() -> int:
 
 
 def iter_images(
-    paths: Sequence[str | Path], image_size: int, workers: int | None = None, lookahead: int = 512
+    paths: Iterable[str | Path], image_size: int, workers: int | None = None, lookahead: int = 512
 ) -> Iterator[tuple[np.ndarray | None, str | None]]:
     """Yield ``(image, None)`` or ``(None, error)`` per path, in order, decoding ahead.
 
@@ -107,10 +107,12 @@ def make_dataset(
 
 # Y'IQ colour space: hue is an angle in the I-Q plane, so a stain's hue shift is a
 # rotation there (the same idea as tf.image.adjust_hue, but per image in one batch op).
-_RGB_TO_YIQ = tf.constant(
-    [[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], tf.float32
+# NumPy, not tf.constant: creating a tensor at import would start TensorFlow's runtime,
+# after which a multi-worker strategy can no longer be configured.
+_RGB_TO_YIQ = np.array(
+    [[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], np.float32
 )
-_YIQ_TO_RGB = tf.linalg.inv(_RGB_TO_YIQ)
+_YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ).astype(np.float32)
 
 
 def make_batch_augmenter(config: TrainingConfig):

@@ -11,6 +11,7 @@ decision and a clear error, and the rest go on.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -106,6 +107,10 @@ class Predictor:
         test_time_views: Also score three flipped/rotated copies of every cell and call
             it Uncertain when they disagree (about 2x slower; off by default).
         check_ood: Run the "Not a cell" check when the model has an ``ood.json``.
+        runtime: What runs the forward pass: ``keras`` (TensorFlow), ``onnx`` (ONNX
+            Runtime, fastest on CPU) or ``tflite`` (LiteRT); the last two need the
+            ``export`` extra, convert the model in memory at start-up, and cannot feed
+            the "Not a cell" check's feature distance (pass ``check_ood=False``).
     """
 
     def __init__(
@@ -115,8 +120,12 @@ class Predictor:
         threshold: float | None = None,
         test_time_views: bool = False,
         check_ood: bool = True,
+        runtime: str = "keras",
     ) -> None:
         from malaria_classifier.model import load_model
+        from malaria_classifier.runtimes import check_runtime, make_forward
+
+        self.runtime = check_runtime(runtime)
 
         self.model_path = Path(model_path) if model_path else default_model_path()
         self.model = load_model(str(self.model_path))
@@ -130,7 +139,18 @@ class Predictor:
         self.test_time_views = test_time_views
         self.verdict_rule: VerdictRule | None = VerdictRule.from_card(self.card)
         self._with_features = self.rule.ood is not None and self.rule.ood.density is not None
-        self._forward = _make_forward(self.model, self._with_features)
+        self.runtime = check_runtime(runtime)
+        if runtime == "keras":
+            self._forward = _make_forward(self.model, self._with_features)
+        elif self._with_features:
+            raise ValueError(
+                f"runtime={runtime!r} gives probabilities only, but this model's Not-a-cell "
+                f"check needs the network's features. Use runtime='keras', or pass "
+                f"check_ood=False to score without the Not-a-cell check."
+            )
+        else:
+            probabilities_only = make_forward(self.model, runtime)
+            self._forward = lambda batch: (probabilities_only(batch), None)
 
     def predict_arrays(self, images: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
         """Calibrated P(Parasitized) for RGB uint8 arrays of any size (resized with padding)."""
@@ -203,9 +223,15 @@ class Predictor:
         return rows
 
     def predict_paths(self, inputs: Iterable[str | Path]) -> Iterator[PredictionRow]:
-        """Yield one row per image under ``inputs``, in order, streaming in batches."""
-        pairs = list(expand_inputs(inputs))
-        readable = [path for path, error in pairs if error is None]
+        """Yield one row per image under ``inputs``, in order, streaming in batches.
+
+        Folders are walked lazily and decoding runs a bounded window ahead, so memory
+        stays flat however many files there are.
+        """
+        # Two views of one lazy walk: the loader runs ahead by its look-ahead window,
+        # and tee buffers only the paths between the two.
+        pairs, pairs_to_load = itertools.tee(expand_inputs(inputs))
+        readable = (path for path, error in pairs_to_load if error is None)
         loaded = iter_images(readable, self.image_size)
         pending: list[tuple[str, np.ndarray | None, str | None]] = []
         images_pending = 0

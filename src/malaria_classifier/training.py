@@ -14,7 +14,9 @@ import json
 import math
 import os
 import platform
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -28,6 +30,13 @@ import tensorflow as tf
 from malaria_classifier.config import TrainingConfig, load_config, save_config
 from malaria_classifier.constants import CLASS_NAMES, DEFAULT_THRESHOLD, POSITIVE_CLASS
 from malaria_classifier.data import check_dataset, find_class_root
+from malaria_classifier.distribute import (
+    Distribution,
+    describe,
+    keras_fit_fixes,
+    make_distribution,
+    scale_for_replicas,
+)
 from malaria_classifier.evaluation import roc_points, summarize
 from malaria_classifier.model import build_model, compile_model, count_weight_bytes
 from malaria_classifier.model_card import CARD_FILE, MODEL_FILE, write_json_atomically
@@ -185,6 +194,7 @@ def train_model(
     run_dir: str | Path,
     resume: bool = False,
     verbose: int | str = "auto",
+    strategy: str = "none",
 ) -> TrainingResult:
     """Train a CNN on ``data_dir`` and write everything into ``run_dir``.
 
@@ -199,31 +209,80 @@ def train_model(
         run_dir: Output folder; created if needed.
         resume: Continue an interrupted run in ``run_dir`` from its last epoch.
         verbose: Keras verbosity; ``"auto"`` shows a progress bar on a terminal.
+        strategy: ``none``, ``mirrored`` or ``multiworker`` (see
+            :mod:`malaria_classifier.distribute`); batch size and learning rate are
+            per replica and scaled by the number of replicas.
 
     Returns:
-        A :class:`TrainingResult` with the model path and its metrics.
+        A :class:`TrainingResult` with the model path and its metrics (empty on a
+        multi-worker run's non-chief workers, which leave the run folder to the chief).
 
     Raises:
         RunFolderError: If ``run_dir`` holds a run and ``resume`` is False, or the reverse.
         DataLayoutError: If ``data_dir`` is not in the expected layout.
+        ValueError: For an unknown strategy or a bad ``TF_CONFIG``.
     """
     started = time.monotonic()
+    # First: a multi-worker strategy must configure TensorFlow before anything runs.
+    distribution = make_distribution(strategy)
     run_dir = Path(run_dir)
-    data_dir = Path(data_dir)
-    config, root, rows, state = _open_run(data_dir, config, run_dir, resume)
-    keras.utils.set_random_seed(config.seed)
+    # Only the chief writes the run folder; other workers write into a scratch folder
+    # (their copy of the model is identical) and read the run folder only to resume.
+    write_dir = run_dir if distribution.is_chief else Path(tempfile.mkdtemp(prefix="malaria-"))
+    try:
+        config, root, rows, state = _open_run(
+            Path(data_dir), config, run_dir if resume else write_dir, resume
+        )
+        (write_dir / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
+        _fit(distribution, config, root, rows, state, run_dir, write_dir, verbose)
+        training_seconds = time.monotonic() - started
+        if not distribution.is_chief:
+            return TrainingResult(run_dir, run_dir / MODEL_FILE, {}, training_seconds)
+    finally:
+        if not distribution.is_chief:
+            shutil.rmtree(write_dir, ignore_errors=True)
     by_split = {split: [row for row in rows if row.split == split] for split in SPLITS}
+    metrics = evaluate_run(run_dir, root, by_split)
+    card = build_model_card(config, run_dir, root, rows, state, metrics, training_seconds)
+    card["distribution"] = describe(distribution, config)
+    write_json_atomically(card, run_dir / CARD_FILE)
+    return TrainingResult(run_dir, run_dir / MODEL_FILE, metrics, training_seconds)
+
+
+def _fit(
+    distribution: Distribution,
+    config: TrainingConfig,
+    root: Path,
+    rows: list[ManifestRow],
+    state: dict[str, Any],
+    read_dir: Path,
+    write_dir: Path,
+    verbose: int | str,
+) -> None:
+    """Run the remaining epochs under the strategy, with global batch and scaled rate."""
+    keras.utils.set_random_seed(config.seed)
+    scaled = scale_for_replicas(config, distribution.replicas)
     datasets = {
         split: make_dataset(
-            [root / row.path for row in by_split[split]],
-            [row.label for row in by_split[split]],
-            config,
+            [root / row.path for row in rows if row.split == split],
+            [row.label for row in rows if row.split == split],
+            scaled,
             training=split == "train",
         )
         for split in ("train", "validation")
     }
-    model = _model_for_run(config, run_dir, state)
-    if state["epoch"] < config.epochs and state["wait"] < config.early_stopping_patience:
+    if distribution.workers > 1:
+        # Every worker reads the same files in the same seeded order and keeps its
+        # share of the batches (there are no separate input files to hand out).
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = (
+            tf.data.experimental.AutoShardPolicy.DATA
+        )
+        datasets = {split: data.with_options(options) for split, data in datasets.items()}
+    if state["epoch"] >= config.epochs or state["wait"] >= config.early_stopping_patience:
+        return
+    with distribution.strategy.scope(), keras_fit_fixes(distribution):
+        model = _model_for_run(scaled, read_dir, state)
         model.fit(
             datasets["train"],
             validation_data=datasets["validation"],
@@ -231,17 +290,12 @@ def train_model(
             initial_epoch=state["epoch"],
             shuffle=False,  # the tf.data pipeline reshuffles the training split itself
             callbacks=[
-                keras.callbacks.LearningRateScheduler(cosine_learning_rate(config)),
-                RunCheckpoint(run_dir, config.early_stopping_patience, state),
-                keras.callbacks.TensorBoard(log_dir=str(run_dir / "tensorboard")),
+                keras.callbacks.LearningRateScheduler(cosine_learning_rate(scaled)),
+                RunCheckpoint(write_dir, config.early_stopping_patience, state),
+                keras.callbacks.TensorBoard(log_dir=str(write_dir / "tensorboard")),
             ],
             verbose=_keras_verbosity(verbose),
         )
-    training_seconds = time.monotonic() - started
-    metrics = evaluate_run(run_dir, root, by_split)
-    card = build_model_card(config, run_dir, root, rows, state, metrics, training_seconds)
-    write_json_atomically(card, run_dir / CARD_FILE)
-    return TrainingResult(run_dir, run_dir / MODEL_FILE, metrics, training_seconds)
 
 
 def _keras_verbosity(verbose: int | str) -> int | str:

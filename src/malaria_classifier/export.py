@@ -1,0 +1,220 @@
+"""Export a trained model for servers and phones: SavedModel, TFLite or ONNX.
+
+Every export takes what the Keras model takes — a uint8 batch ``image`` of shape
+``(n, size, size, 3)``, raw RGB 0-255, resized with black padding as in
+:func:`malaria_classifier.images.load_for_model` — and returns the 2-way softmax
+(index 1 = P(Parasitized)). Normalization is inside the graph, so a server needs no
+preprocessing beyond decode + resize-with-pad.
+
+- ``saved_model``: a folder for TensorFlow Serving (signature ``serving_default``).
+- ``tflite``: a LiteRT flatbuffer for phones and small devices (float32, not quantized,
+  so it agrees with Keras within 1e-4).
+- ``onnx``: for ONNX Runtime on servers; converted with tf2onnx from a ``tf.function``
+  because tf2onnx's ``from_keras`` does not support Keras 3 models.
+
+A ``<output>.model_card.json`` next to the export records the class order, threshold
+and input contract, which a serving stack needs and the graph cannot carry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from malaria_classifier.constants import (
+    CLASS_NAMES,
+    DEFAULT_THRESHOLD,
+    POSITIVE_CLASS,
+    POSITIVE_INDEX,
+)
+from malaria_classifier.model import INPUT_NAME
+from malaria_classifier.model_card import read_model_card, write_json_atomically
+from malaria_classifier.runtimes import EXPORT_EXTRA_HINT
+
+EXPORT_FORMATS: tuple[str, ...] = ("saved_model", "tflite", "onnx")
+ONNX_OUTPUT_NAME = "probabilities"
+ONNX_OPSET = 17
+_SUFFIXES = {"saved_model": "_saved_model", "tflite": ".tflite", "onnx": ".onnx"}
+
+
+@dataclass
+class ExportResult:
+    """Where an export went and how big it is."""
+
+    path: Path
+    card_path: Path
+    export_format: str
+    size_bytes: int
+
+
+def check_export_format(export_format: str) -> str:
+    """Return ``export_format`` if it is known.
+
+    Raises:
+        ValueError: Naming the value and the accepted formats.
+    """
+    if export_format not in EXPORT_FORMATS:
+        raise ValueError(
+            f"Unknown export format {export_format!r}; use one of {', '.join(EXPORT_FORMATS)}."
+        )
+    return export_format
+
+
+def default_export_path(model_path: Path, export_format: str) -> Path:
+    """``model.keras`` -> ``model.onnx`` / ``model.tflite`` / ``model_saved_model/``."""
+    check_export_format(export_format)
+    return Path(model_path.stem + _SUFFIXES[export_format])
+
+
+def inference_function(model):
+    """The model as a ``tf.function`` with a named uint8 input and a free batch size."""
+    import tensorflow as tf
+
+    size = int(model.input_shape[1])
+    signature = [tf.TensorSpec([None, size, size, 3], tf.uint8, name=INPUT_NAME)]
+
+    @tf.function(input_signature=signature)
+    def infer(image):
+        return model(image, training=False)
+
+    return infer
+
+
+def save_saved_model(model, folder: Path) -> None:
+    """Write a TensorFlow SavedModel (``serving_default`` takes ``image``, uint8)."""
+    model.export(str(folder), format="tf_saved_model", verbose=False)
+
+
+def convert_to_tflite(model) -> bytes:
+    """Convert to a float32 TFLite flatbuffer (through a temporary SavedModel).
+
+    Going through the SavedModel keeps every weight and avoids the console dump of
+    captured tensors that ``TFLiteConverter.from_keras_model`` prints for Keras 3.
+    """
+    import tensorflow as tf
+
+    with tempfile.TemporaryDirectory(prefix="malaria-export-") as folder:
+        save_saved_model(model, Path(folder) / "saved_model")
+        converter = tf.lite.TFLiteConverter.from_saved_model(str(Path(folder) / "saved_model"))
+        return bytes(converter.convert())
+
+
+def convert_to_onnx(model) -> bytes:
+    """Convert to an ONNX model (opset 17) whose output is named ``probabilities``.
+
+    Raises:
+        ValueError: If tf2onnx is not installed.
+    """
+    try:
+        import tf2onnx
+    except ImportError:
+        raise ValueError(f"ONNX export needs the tf2onnx package. {EXPORT_EXTRA_HINT}") from None
+    infer = inference_function(model)
+    proto, _ = tf2onnx.convert.from_function(
+        infer, input_signature=infer.input_signature, opset=ONNX_OPSET
+    )
+    _rename_graph_output(proto.graph, ONNX_OUTPUT_NAME)
+    return proto.SerializeToString()
+
+
+def _rename_graph_output(graph, name: str) -> None:
+    """Give the single output a readable name (tf2onnx calls it ``Identity:0``)."""
+    old_name = graph.output[0].name
+    for node in graph.node:
+        node.output[:] = [name if output == old_name else output for output in node.output]
+        node.input[:] = [name if value == old_name else value for value in node.input]
+    graph.output[0].name = name
+
+
+def export_model(model_path: str | Path, export_format: str, output: str | Path) -> ExportResult:
+    """Export a ``.keras`` model as a SavedModel folder, a ``.tflite`` or an ``.onnx`` file.
+
+    Example:
+        >>> export_model("runs/default/model.keras", "onnx", "model.onnx")  # doctest: +SKIP
+        ExportResult(path=PosixPath('model.onnx'), ..., export_format='onnx', size_bytes=428...)
+
+    Args:
+        model_path: A model written by ``malaria train`` (or the bundled default).
+        export_format: ``saved_model``, ``tflite`` or ``onnx``.
+        output: The file (tflite, onnx) or folder (saved_model) to create.
+
+    Returns:
+        An :class:`ExportResult`.
+
+    Raises:
+        ValueError: For an unknown format, a missing or unreadable model, or a missing
+            optional package.
+        FileExistsError: If ``output`` exists (exports never overwrite).
+    """
+    from malaria_classifier.model import load_model
+
+    check_export_format(export_format)
+    model_path, output = Path(model_path), Path(output)
+    if output.exists() or output.is_symlink():
+        raise FileExistsError(
+            f"{output} already exists; remove it or choose another --output (exports never "
+            f"overwrite)."
+        )
+    model = load_model(str(model_path))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if export_format == "saved_model":
+        _write_folder_atomically(model, output)
+    else:
+        convert = convert_to_tflite if export_format == "tflite" else convert_to_onnx
+        _write_bytes_atomically(convert(model), output)
+    card_path = output.with_name(output.name + ".model_card.json")
+    write_json_atomically(_export_card(model, model_path, export_format, output), card_path)
+    return ExportResult(output, card_path, export_format, _size_on_disk(output))
+
+
+def _write_folder_atomically(model, output: Path) -> None:
+    temporary = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        save_saved_model(model, temporary / "saved_model")
+        (temporary / "saved_model").rename(output)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
+def _write_bytes_atomically(data: bytes, output: Path) -> None:
+    temporary = output.with_name(f".{output.name}.partial")
+    temporary.write_bytes(data)
+    temporary.replace(output)
+
+
+def _size_on_disk(path: Path) -> int:
+    if path.is_dir():
+        return sum(item.stat().st_size for item in path.rglob("*") if item.is_file())
+    return path.stat().st_size
+
+
+def _export_card(model, model_path: Path, export_format: str, output: Path) -> dict:
+    """What a serving stack must know that the graph does not say."""
+    card = read_model_card(model_path)
+    size = int(model.input_shape[1])
+    return {
+        "format": export_format,
+        "file": output.name,
+        "source_model": str(model_path),
+        "source_model_sha256": hashlib.sha256(model_path.read_bytes()).hexdigest(),
+        "input": {
+            "name": INPUT_NAME,
+            "shape": [None, size, size, 3],
+            "dtype": "uint8",
+            "pixels": "raw RGB 0-255; normalization is inside the model",
+            "resize": "longer side scaled to the input side (bilinear), padded with black",
+        },
+        "output": {
+            # ONNX: the graph output; SavedModel and TFLite: the serving_default signature's.
+            "name": ONNX_OUTPUT_NAME if export_format == "onnx" else "output_0",
+            "shape": [None, len(CLASS_NAMES)],
+            "meaning": f"softmax; index {POSITIVE_INDEX} = P({POSITIVE_CLASS})",
+        },
+        "class_order": list(CLASS_NAMES),
+        "positive_class": POSITIVE_CLASS,
+        "decision_threshold": card.get("decision_threshold", DEFAULT_THRESHOLD),
+        "model_card": card,
+    }

@@ -1,0 +1,153 @@
+"""Exports (SavedModel, TFLite, ONNX) agree with the Keras model on real cells."""
+
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from _synthetic import save_tiny_model
+
+from malaria_classifier.constants import POSITIVE_INDEX
+from malaria_classifier.export import (
+    EXPORT_FORMATS,
+    ONNX_OUTPUT_NAME,
+    default_export_path,
+    export_model,
+)
+from malaria_classifier.images import load_for_model
+from malaria_classifier.model_card import default_model_path
+from malaria_classifier.prediction import Predictor, label_for
+from malaria_classifier.runtimes import onnx_forward, tflite_forward
+
+CELLS_PER_CLASS = 32  # 64 real cells in all
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def keras_predictor():
+    return Predictor()
+
+
+@pytest.fixture(scope="module")
+def real_cells(shared_data_dir, keras_predictor):
+    """64 real cells, half of each class, spread over the folder (many patients)."""
+    files = []
+    for label in ("Parasitized", "Uninfected"):
+        candidates = sorted((shared_data_dir / label).glob("*.png"))
+        files += candidates[:: len(candidates) // CELLS_PER_CLASS][:CELLS_PER_CLASS]
+    return np.stack([load_for_model(path, keras_predictor.image_size) for path in files])
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("exports")
+    return {
+        export_format: export_model(default_model_path(), export_format, folder / name)
+        for export_format, name in (
+            ("saved_model", "model_saved_model"),
+            ("tflite", "model.tflite"),
+            ("onnx", "model.onnx"),
+        )
+    }
+
+
+def _assert_agrees(expected: np.ndarray, actual: np.ndarray) -> None:
+    assert actual.shape == expected.shape
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=TOLERANCE)
+    expected_labels = [label_for(p) for p in expected[:, POSITIVE_INDEX]]
+    assert [label_for(p) for p in actual[:, POSITIVE_INDEX]] == expected_labels
+
+
+def _keras_probabilities(predictor: Predictor, cells: np.ndarray) -> np.ndarray:
+    return np.asarray(predictor.model(cells, training=False))
+
+
+def test_real_cells_cover_both_classes(keras_predictor, real_cells):
+    """Guards the parity tests below: they must compare confident calls of both labels."""
+    probabilities = _keras_probabilities(keras_predictor, real_cells)[:, POSITIVE_INDEX]
+    assert len(real_cells) == 2 * CELLS_PER_CLASS
+    assert (probabilities > 0.9).sum() >= 20 and (probabilities < 0.1).sum() >= 20
+
+
+def test_onnx_export_matches_keras_on_real_cells(exports, keras_predictor, real_cells):
+    forward = onnx_forward(exports["onnx"].path.read_bytes())
+    _assert_agrees(_keras_probabilities(keras_predictor, real_cells), forward(real_cells))
+
+
+def test_tflite_export_matches_keras_on_real_cells(exports, keras_predictor, real_cells):
+    forward = tflite_forward(exports["tflite"].path.read_bytes())
+    expected = _keras_probabilities(keras_predictor, real_cells)
+    _assert_agrees(expected, forward(real_cells))
+    # A different batch size re-allocates the interpreter and must still agree.
+    _assert_agrees(expected[:5], forward(real_cells[:5]))
+
+
+def test_saved_model_round_trip_serves_the_same_probabilities(exports, keras_predictor, real_cells):
+    loaded = tf.saved_model.load(str(exports["saved_model"].path))
+    serve = loaded.signatures["serving_default"]
+    outputs = serve(image=tf.constant(real_cells))
+    assert list(outputs) == ["output_0"]
+    expected = _keras_probabilities(keras_predictor, real_cells)
+    _assert_agrees(expected, outputs["output_0"].numpy())
+
+
+def test_onnx_graph_has_named_uint8_input_and_output(exports):
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(exports["onnx"].path.read_bytes())
+    (model_input,) = session.get_inputs()
+    assert (model_input.name, model_input.type) == ("image", "tensor(uint8)")
+    assert model_input.shape[1:] == [64, 64, 3]
+    assert [output.name for output in session.get_outputs()] == [ONNX_OUTPUT_NAME]
+
+
+def test_every_export_carries_a_card_with_the_serving_contract(exports):
+    for export_format, result in exports.items():
+        card = json.loads(result.card_path.read_text())
+        assert card["format"] == export_format
+        assert card["class_order"] == ["Uninfected", "Parasitized"]
+        assert card["input"]["dtype"] == "uint8" and card["input"]["shape"] == [None, 64, 64, 3]
+        assert card["decision_threshold"] == 0.5
+        assert result.size_bytes > 100_000  # the weights are inside, not left behind
+
+
+@pytest.mark.parametrize("runtime", ["onnx", "tflite"])
+def test_predictor_runtimes_give_the_keras_rows(runtime, keras_predictor, shared_data_dir):
+    files = (
+        sorted((shared_data_dir / "Parasitized").glob("*.png"))[:10]
+        + sorted((shared_data_dir / "Uninfected").glob("*.png"))[:10]
+    )
+    expected = list(keras_predictor.predict_paths(files))
+    rows = list(Predictor(runtime=runtime, batch_size=8).predict_paths(files))
+    assert [row.label for row in rows] == [row.label for row in expected]
+    np.testing.assert_allclose(
+        [row.probability for row in rows], [row.probability for row in expected], atol=TOLERANCE
+    )
+
+
+def test_unknown_runtime_and_format_are_refused_by_name(tmp_path):
+    with pytest.raises(ValueError, match="Unknown runtime 'torch'; use one of keras, onnx"):
+        Predictor(runtime="torch")
+    with pytest.raises(ValueError, match="Unknown export format 'coreml'; use one of"):
+        export_model(default_model_path(), "coreml", tmp_path / "model.mlmodel")
+    assert not (tmp_path / "model.mlmodel").exists()
+
+
+def test_export_never_overwrites(tmp_path):
+    model = save_tiny_model(tmp_path / "model.keras")
+    output = tmp_path / "model.onnx"
+    output.write_bytes(b"keep me")
+    with pytest.raises(FileExistsError, match="already exists; remove it or choose another"):
+        export_model(model, "onnx", output)
+    assert output.read_bytes() == b"keep me"
+
+
+def test_export_of_a_missing_model_names_it(tmp_path):
+    with pytest.raises(ValueError, match="missing.keras does not exist"):
+        export_model(tmp_path / "missing.keras", "tflite", tmp_path / "model.tflite")
+    assert not (tmp_path / "model.tflite").exists()
+
+
+def test_default_export_paths_follow_the_model_name(tmp_path):
+    names = [default_export_path(tmp_path / "best.keras", name).name for name in EXPORT_FORMATS]
+    assert names == ["best_saved_model", "best.tflite", "best.onnx"]
