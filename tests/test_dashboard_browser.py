@@ -78,7 +78,7 @@ def upload(browser, paths: list[Path]) -> None:
 
 def wait_for_cards(browser, count: int, containing: str) -> list[str]:
     """The result cards' texts, once there are ``count`` and the first holds ``containing``."""
-    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -89,7 +89,13 @@ def wait_for_cards(browser, count: int, containing: str) -> list[str]:
     wait = WebDriverWait(
         browser, WAIT_SECONDS, ignored_exceptions=(StaleElementReferenceException,)
     )
-    return wait.until(cards_ready)
+    try:
+        return wait.until(cards_ready)
+    except TimeoutException:
+        shown = [card.text for card in browser.find_elements(By.CSS_SELECTOR, ".result-card")]
+        raise AssertionError(
+            f"expected {count} cards, the first naming {containing!r}; the page shows {shown}"
+        ) from None
 
 
 @pytest.fixture(scope="module")

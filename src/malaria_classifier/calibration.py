@@ -10,6 +10,7 @@ validation patients, on the calibrated scale that users see.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -88,8 +89,11 @@ class ReliabilityBins:
     expected_calibration_error: float
 
     def to_dict(self) -> dict:
-        """Plain JSON-ready values."""
-        return asdict(self)
+        """Plain JSON-ready values; empty bins become None (JSON has no NaN)."""
+        values = asdict(self)
+        for key in ("mean_confidence", "accuracy"):
+            values[key] = [None if math.isnan(value) else value for value in values[key]]
+        return values
 
 
 def reliability_bins(

@@ -216,5 +216,21 @@ def _export_card(model, model_path: Path, export_format: str, output: Path) -> d
         "class_order": list(CLASS_NAMES),
         "positive_class": POSITIVE_CLASS,
         "decision_threshold": card.get("decision_threshold", DEFAULT_THRESHOLD),
+        "calibration": _calibration_recipe(card),
+        "not_included": "the Not-a-cell check and the Uncertain band of `malaria predict` "
+        "(they need the penultimate features and ood.json); serve the .keras model with "
+        "malaria-classifier to get them",
         "model_card": card,
+    }
+
+
+def _calibration_recipe(card: dict) -> dict | None:
+    """How to turn the exported softmax into the calibrated P(Parasitized) the threshold expects."""
+    calibration = card.get("calibration")
+    if not calibration:
+        return None
+    return {
+        "temperature": calibration["temperature"],
+        "apply": "P = 1 / (1 + exp(-(log(softmax[1]) - log(softmax[0])) / temperature)); "
+        "call Parasitized when P >= decision_threshold",
     }

@@ -139,7 +139,18 @@ def reliability_diagram(
         figure, axis = plt.subplots(figsize=(5, 5))
     else:
         figure = axis.figure
-    axis.plot([0.5, 1.0], [0.5, 1.0], color="grey", linestyle="--", label="perfect calibration")
+    lowest = min(
+        [0.5]
+        + [
+            value
+            for bins in bins_by_name.values()
+            for value, count in zip(bins["mean_confidence"], bins["counts"], strict=True)
+            if count > 0
+        ]
+    )
+    axis.plot(
+        [lowest, 1.0], [lowest, 1.0], color="grey", linestyle="--", label="perfect calibration"
+    )
     for name, bins in bins_by_name.items():
         points = [
             (confidence, accuracy)
