@@ -129,9 +129,30 @@ def test_predictor_runtimes_give_the_keras_rows(runtime, shared_data_dir):
     )
 
 
-def test_fast_runtimes_explain_that_the_not_a_cell_check_needs_keras():
+def test_onnx_runtime_gives_the_keras_rows_with_the_not_a_cell_check(
+    keras_predictor, shared_data_dir, tmp_path
+):
+    """ONNX Runtime runs the two-output graph, so decisions (Not a cell too) match Keras."""
+    from PIL import Image
+
+    files = (
+        sorted((shared_data_dir / "Parasitized").glob("*.png"))[:6]
+        + sorted((shared_data_dir / "Uninfected").glob("*.png"))[:6]
+    )
+    blank = tmp_path / "blank.png"
+    Image.new("RGB", (80, 60), (30, 120, 200)).save(blank)
+    expected = list(keras_predictor.predict_paths([*files, blank]))
+    rows = list(Predictor(runtime="onnx").predict_paths([*files, blank]))
+    assert expected[-1].decision == "Not a cell"
+    assert [row.decision for row in rows] == [row.decision for row in expected]
+    np.testing.assert_allclose(
+        [row.probability for row in rows], [row.probability for row in expected], atol=TOLERANCE
+    )
+
+
+def test_tflite_runtime_says_how_to_run_without_the_not_a_cell_check():
     with pytest.raises(ValueError, match="check_ood=False"):
-        Predictor(runtime="onnx")
+        Predictor(runtime="tflite")
 
 
 def test_unknown_runtime_and_format_are_refused_by_name(tmp_path):

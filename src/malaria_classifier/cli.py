@@ -265,6 +265,10 @@ def predict(
             help="Also score flipped/rotated copies; Uncertain when they disagree (slower).",
         ),
     ] = False,
+    runtime: Annotated[
+        str,
+        typer.Option(help="Forward pass: keras, or onnx (faster on CPU; needs the export extra)."),
+    ] = "keras",
 ) -> None:
     """One row per image: path,label,probability,confidence,error,decision.
 
@@ -281,7 +285,7 @@ def predict(
         raise ValueError("--group-by and --summary go together: pass both or neither.")
     if group_by is not None and group_by not in GROUPINGS:
         raise ValueError(f"--group-by must be one of {', '.join(GROUPINGS)}, got {group_by!r}.")
-    predictor = Predictor(model, test_time_views=views)
+    predictor = Predictor(model, test_time_views=views, runtime=runtime)
     if summary is not None and predictor.verdict_rule is None:
         raise ValueError(
             f"{predictor.model_path} has no verdict rule. Run `malaria calibrate` on it first."

@@ -36,6 +36,7 @@ from malaria_classifier.runtimes import EXPORT_EXTRA_HINT
 
 EXPORT_FORMATS: tuple[str, ...] = ("saved_model", "tflite", "onnx")
 ONNX_OUTPUT_NAME = "probabilities"
+ONNX_FEATURES_NAME = "features"
 ONNX_OPSET = 17
 _SUFFIXES = {"saved_model": "_saved_model", "tflite": ".tflite", "onnx": ".onnx"}
 
@@ -103,7 +104,11 @@ def convert_to_tflite(model) -> bytes:
 
 
 def convert_to_onnx(model) -> bytes:
-    """Convert to an ONNX model (opset 17) whose output is named ``probabilities``.
+    """Convert to an ONNX model (opset 17) whose outputs have readable names.
+
+    A one-output model's output is named ``probabilities``; the two-output feature
+    model of :func:`malaria_classifier.ood.feature_model` gets ``probabilities`` and
+    ``features``, in that order.
 
     Raises:
         ValueError: If tf2onnx is not installed.
@@ -116,17 +121,19 @@ def convert_to_onnx(model) -> bytes:
     proto, _ = tf2onnx.convert.from_function(
         infer, input_signature=infer.input_signature, opset=ONNX_OPSET
     )
-    _rename_graph_output(proto.graph, ONNX_OUTPUT_NAME)
+    names = [ONNX_OUTPUT_NAME, ONNX_FEATURES_NAME][: len(proto.graph.output)]
+    for index, name in enumerate(names):
+        _rename_graph_output(proto.graph, index, name)
     return proto.SerializeToString()
 
 
-def _rename_graph_output(graph, name: str) -> None:
-    """Give the single output a readable name (tf2onnx calls it ``Identity:0``)."""
-    old_name = graph.output[0].name
+def _rename_graph_output(graph, index: int, name: str) -> None:
+    """Give an output a readable name (tf2onnx calls them ``Identity:0``, ``Identity_1:0``)."""
+    old_name = graph.output[index].name
     for node in graph.node:
         node.output[:] = [name if output == old_name else output for output in node.output]
         node.input[:] = [name if value == old_name else value for value in node.input]
-    graph.output[0].name = name
+    graph.output[index].name = name
 
 
 def export_model(model_path: str | Path, export_format: str, output: str | Path) -> ExportResult:

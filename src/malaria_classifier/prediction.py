@@ -109,8 +109,8 @@ class Predictor:
         check_ood: Run the "Not a cell" check when the model has an ``ood.json``.
         runtime: What runs the forward pass: ``keras`` (TensorFlow), ``onnx`` (ONNX
             Runtime, fastest on CPU) or ``tflite`` (LiteRT); the last two need the
-            ``export`` extra, convert the model in memory at start-up, and cannot feed
-            the "Not a cell" check's feature distance (pass ``check_ood=False``).
+            ``export`` extra and convert the model in memory at start-up; ``tflite``
+            cannot feed the "Not a cell" check (pass ``check_ood=False`` with it).
     """
 
     def __init__(
@@ -123,10 +123,9 @@ class Predictor:
         runtime: str = "keras",
     ) -> None:
         from malaria_classifier.model import load_model
-        from malaria_classifier.runtimes import check_runtime, make_forward
+        from malaria_classifier.runtimes import check_runtime, make_scoring_forward
 
         self.runtime = check_runtime(runtime)
-
         self.model_path = Path(model_path) if model_path else default_model_path()
         self.model = load_model(str(self.model_path))
         self.card = read_model_card(self.model_path)
@@ -139,18 +138,7 @@ class Predictor:
         self.test_time_views = test_time_views
         self.verdict_rule: VerdictRule | None = VerdictRule.from_card(self.card)
         self._with_features = self.rule.ood is not None and self.rule.ood.density is not None
-        self.runtime = check_runtime(runtime)
-        if runtime == "keras":
-            self._forward = _make_forward(self.model, self._with_features)
-        elif self._with_features:
-            raise ValueError(
-                f"runtime={runtime!r} gives probabilities only, but this model's Not-a-cell "
-                f"check needs the network's features. Use runtime='keras', or pass "
-                f"check_ood=False to score without the Not-a-cell check."
-            )
-        else:
-            probabilities_only = make_forward(self.model, runtime)
-            self._forward = lambda batch: (probabilities_only(batch), None)
+        self._forward = make_scoring_forward(self.model, runtime, self._with_features)
 
     def predict_arrays(self, images: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
         """Calibrated P(Parasitized) for RGB uint8 arrays of any size (resized with padding)."""
@@ -262,31 +250,6 @@ class Predictor:
             else:
                 rows.append(next(scored))
         return rows
-
-
-def _make_forward(model, with_features: bool = False):
-    """A compiled inference function; much faster per batch than ``model.predict``.
-
-    Returns ``(probabilities, features or None)``; the features (penultimate layer,
-    for the "Not a cell" check) come from the same forward pass.
-    """
-    import tensorflow as tf
-
-    from malaria_classifier.ood import feature_model
-
-    network = feature_model(model) if with_features else model
-
-    @tf.function(reduce_retracing=True)
-    def forward(batch):
-        return network(batch, training=False)
-
-    def run(batch):
-        outputs = forward(tf.convert_to_tensor(batch, dtype=tf.uint8))
-        if with_features:
-            return outputs[0].numpy(), outputs[1].numpy()
-        return outputs.numpy(), None
-
-    return run
 
 
 def write_rows(rows: Iterable[PredictionRow], handle: TextIO, output_format: str) -> dict[str, int]:

@@ -20,6 +20,8 @@ from collections.abc import Callable
 import numpy as np
 
 Forward = Callable[[np.ndarray], np.ndarray]
+# forward(batch) -> (softmax, penultimate features or None), for the Not-a-cell check.
+ScoringForward = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]
 
 RUNTIMES: tuple[str, ...] = ("keras", "onnx", "tflite")
 EXPORT_EXTRA_HINT = 'Install it with: pip install "malaria-classifier[export]".'
@@ -63,6 +65,53 @@ def make_forward(model, runtime: str = "keras") -> Forward:
     return tflite_forward(convert_to_tflite(model))
 
 
+def make_scoring_forward(
+    model, runtime: str = "keras", with_features: bool = False
+) -> ScoringForward:
+    """A forward function returning softmax and, when asked, the penultimate features.
+
+    The features come out of the same pass (a two-output graph), so the "Not a cell"
+    check costs no second forward pass. Keras and ONNX Runtime can give them; LiteRT
+    does not keep a two-output graph's output order, so it scores without them.
+
+    Raises:
+        ValueError: For an unknown runtime, a missing package, or features with tflite.
+    """
+    check_runtime(runtime)
+    if not with_features:
+        forward = make_forward(model, runtime)
+        return lambda batch: (forward(batch), None)
+    if runtime == "tflite":
+        raise ValueError(
+            "runtime='tflite' gives probabilities only, but this model's Not-a-cell check "
+            "needs the network's features. Use runtime='onnx' or 'keras', or pass "
+            "check_ood=False to score without the Not-a-cell check."
+        )
+    from malaria_classifier.ood import feature_model
+
+    network = feature_model(model)
+    if runtime == "keras":
+        return _keras_pair_forward(network)
+    from malaria_classifier.export import convert_to_onnx
+
+    run = onnx_forward(convert_to_onnx(network), all_outputs=True)
+    return lambda batch: tuple(run(batch))
+
+
+def _keras_pair_forward(network) -> ScoringForward:
+    import tensorflow as tf
+
+    @tf.function(reduce_retracing=True)
+    def forward(batch):
+        return network(batch, training=False)
+
+    def run(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        probabilities, features = forward(tf.convert_to_tensor(batch, dtype=tf.uint8))
+        return probabilities.numpy(), features.numpy()
+
+    return run
+
+
 def keras_forward(model) -> Forward:
     """A compiled inference function; much faster per batch than ``model.predict``."""
     import tensorflow as tf
@@ -74,8 +123,12 @@ def keras_forward(model) -> Forward:
     return lambda batch: np.asarray(forward(tf.convert_to_tensor(batch, dtype=tf.uint8)))
 
 
-def onnx_forward(model_bytes: bytes, threads: int | None = None) -> Forward:
+def onnx_forward(
+    model_bytes: bytes, threads: int | None = None, all_outputs: bool = False
+) -> Forward:
     """Run an ONNX model (from :func:`malaria_classifier.export.convert_to_onnx`).
+
+    Returns the first output, or the list of all outputs with ``all_outputs``.
 
     Raises:
         ValueError: If onnxruntime is not installed.
@@ -96,7 +149,8 @@ def onnx_forward(model_bytes: bytes, threads: int | None = None) -> Forward:
     input_name = session.get_inputs()[0].name
 
     def forward(batch: np.ndarray) -> np.ndarray:
-        return session.run(None, {input_name: np.asarray(batch, dtype=np.uint8)})[0]
+        outputs = session.run(None, {input_name: np.asarray(batch, dtype=np.uint8)})
+        return outputs if all_outputs else outputs[0]
 
     return forward
 
