@@ -4,7 +4,7 @@ Usage:
     python scripts/dashboard_screenshots.py [--data ../shared/data/nih-cell-images]
 
 Writes docs/images/dashboard_main.png (the page with the example gallery),
-dashboard_batch.png (a batch of real cells plus one corrupt file, Grad-CAM on) and
+dashboard_batch.png (a batch of real cells, a non-cell image and a corrupt file, Grad-CAM on) and
 dashboard_model.png (the model tab). Needs Debian's chromium and chromium-driver.
 """
 
@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+from PIL import Image, ImageDraw
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -60,16 +61,20 @@ def main() -> None:
         time.sleep(1)
         browser.save_screenshot(str(OUTPUT / "dashboard_main.png"))
 
-        cells = sorted((args.data / "Parasitized").glob("*.png"))[200:206]
-        cells += sorted((args.data / "Uninfected").glob("*.png"))[200:205]
+        cells = sorted((args.data / "Parasitized").glob("*.png"))[200:205]
+        cells += sorted((args.data / "Uninfected").glob("*.png"))[200:206]
         with tempfile.TemporaryDirectory() as folder:
             corrupt = Path(folder) / "scanner_error.png"
             corrupt.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+            not_a_cell = Path(folder) / "screenshot.png"
+            picture = Image.new("RGB", (160, 120), "white")
+            ImageDraw.Draw(picture).text((10, 50), "Report page 1", fill="black")
+            picture.save(not_a_cell)
             browser.find_element(By.CSS_SELECTOR, "label[for=show-why]").click()
             field = browser.find_element(By.CSS_SELECTOR, "#upload input[type=file]")
-            field.send_keys("\n".join(str(path) for path in [*cells, corrupt]))
+            field.send_keys("\n".join(str(path) for path in [*cells, not_a_cell, corrupt]))
             wait.until(
-                lambda driver: len(driver.find_elements(By.CSS_SELECTOR, ".result-card")) == 12
+                lambda driver: len(driver.find_elements(By.CSS_SELECTOR, ".result-card")) == 13
             )
         time.sleep(1.5)
         browser.save_screenshot(str(OUTPUT / "dashboard_batch.png"))
