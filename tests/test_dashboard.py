@@ -422,3 +422,35 @@ def test_wsgi_entry_point_reads_its_settings_from_the_environment(monkeypatch, t
     server = create_server()
     page = server.test_client().get("/_dash-layout").get_data(as_text=True)
     assert ids.EXAMPLE_BUTTON in page and "bundled default" in page
+
+
+def test_a_server_failure_becomes_a_message_on_every_card(predictor, explainer, caplog):
+    class BrokenPredictor:
+        image_size = predictor.image_size
+
+        def predict_images(self, images, names):
+            raise RuntimeError("model exploded")
+
+    broken = DashboardContext(predictor=BrokenPredictor(), explainer=explainer)
+    pending = {"contents": [data_url(cell_png(True, 40))] * 2, "filenames": ["a.png", "b.png"]}
+    results = classify_pending(broken, pending, False)
+    assert [result["label"] for result in results] == ["", ""]
+    assert all("the server failed (RuntimeError: model exploded)" in r["error"] for r in results)
+    assert "Classifying a batch of 2 files failed" in caplog.text
+
+
+def test_the_dashboard_serves_a_freshly_trained_model_without_a_card(tmp_path):
+    from _synthetic import save_tiny_model
+
+    from malaria_classifier.dashboard import create_app
+    from malaria_classifier.prediction import Predictor
+
+    model = Predictor(save_tiny_model(tmp_path / "run" / "model.keras"))
+    app = create_app(model)
+    page = find_by_id(app.layout, ids.MODEL_PAGE)
+    assert "no model card" in json.dumps(page.to_plotly_json(), default=str)
+    context = DashboardContext(predictor=model, explainer=None)
+    [result] = classify_pending(
+        context, {"contents": [data_url(cell_png(True, 41))], "filenames": ["c.png"]}, False
+    )
+    assert result["label"] in ("Parasitized", "Uninfected") and not result["error"]

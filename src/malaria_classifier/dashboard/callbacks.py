@@ -7,6 +7,7 @@ any request and several workers can run side by side.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ from dash.exceptions import PreventUpdate
 from malaria_classifier.dashboard import ids
 from malaria_classifier.dashboard.components import result_cards, summary_panel, table_rows
 from malaria_classifier.dashboard.uploads import (
+    CellResult,
+    Upload,
     UploadLimits,
     add_heat_maps,
     batch_summary,
@@ -26,6 +29,8 @@ from malaria_classifier.dashboard.uploads import (
     results_csv,
     results_to_dicts,
 )
+
+LOGGER = logging.getLogger(__name__)
 
 
 @dataclass
@@ -45,8 +50,7 @@ def classify_pending(
     if not pending or not pending.get("filenames"):
         raise PreventUpdate
     uploads = receive_browser_uploads(pending["contents"], pending["filenames"], context.limits)
-    explainer = context.explainer if show_why else None
-    return results_to_dicts(classify_uploads(context.predictor, uploads, explainer))
+    return _classify_safely(context, uploads, show_why)
 
 
 def classify_example(
@@ -58,8 +62,31 @@ def classify_example(
     if not 0 <= triggered_index < len(context.examples):
         raise PreventUpdate
     upload = read_example(context.examples[triggered_index], context.limits)
+    return _classify_safely(context, [upload], show_why)
+
+
+def _classify_safely(
+    context: DashboardContext, uploads: list[Upload], show_why: bool
+) -> list[dict[str, Any]]:
+    """Classify, turning an unexpected server failure into a message on every card.
+
+    Per-file problems (bad images, limits) are handled file by file upstream; this only
+    catches what should never happen, so the user sees why nothing came back instead
+    of a page that silently stays empty. The traceback goes to the server log.
+    """
     explainer = context.explainer if show_why else None
-    return results_to_dicts(classify_uploads(context.predictor, [upload], explainer))
+    try:
+        return results_to_dicts(classify_uploads(context.predictor, uploads, explainer))
+    except Exception as error:  # noqa: BLE001 - the boundary between server and user
+        LOGGER.exception("Classifying a batch of %d files failed", len(uploads))
+        message = (
+            f"not classified: the server failed ({type(error).__name__}: {error}). Try "
+            f"again; if it keeps failing, report it with this file."
+        )
+        return results_to_dicts(
+            CellResult(upload.filename, "", None, None, f"{upload.filename}: {message}")
+            for upload in uploads
+        )
 
 
 def explain_results(
