@@ -1,0 +1,83 @@
+"""Score a model on NIH cells turned into other laboratories' look (scale, stain, blur, background).
+
+Usage:
+    python bench/stress_test.py --run runs/default [--model M] [--split test] \
+        [--data ../shared/data/nih-cell-images] [--output runs/stress-default.json]
+
+The cells are those of the run manifest's ``--split`` patients (test by default: the
+patients that chose nothing). Every variant of :func:`malaria_classifier.stress.stress_variants`
+is applied to the native-resolution crop, then the model's own resize-with-pad, so
+each image reaches the model as it would be served. Scores are the model's raw
+P(Parasitized) at threshold 0.5 (as in docs/benchmarks.md section 1); 95% CIs come
+from a bootstrap over patients (1,000 resamples).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from malaria_classifier.constants import CLASS_NAMES, POSITIVE_CLASS
+from malaria_classifier.evaluation import summarize
+from malaria_classifier.images import load_rgb_image, resize_with_pad
+from malaria_classifier.model import load_model
+from malaria_classifier.splits import read_manifest
+from malaria_classifier.stress import stress_variants
+
+REPORTED = ("accuracy", "recall", "specificity", "roc_auc")
+
+
+def score_variant(model, images: list[np.ndarray], variant, seed: int) -> np.ndarray:
+    """P(Parasitized) of every image after ``variant`` and the model's resize-with-pad."""
+    size = int(model.input_shape[1])
+    rng = np.random.default_rng(seed)
+    batch = np.stack([resize_with_pad(variant(image, rng), size) for image in images])
+    probabilities = model.predict(batch, batch_size=256, verbose=0)
+    return probabilities[:, CLASS_NAMES.index(POSITIVE_CLASS)].astype(np.float64)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", type=Path, required=True, help="run folder (its manifest)")
+    parser.add_argument("--model", type=Path, help="model file (default RUN/model.keras)")
+    parser.add_argument("--data", type=Path, default=Path("../shared/data/nih-cell-images"))
+    parser.add_argument("--split", default="test", choices=("validation", "test"))
+    parser.add_argument("--output", type=Path, help="also write the results as JSON here")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    started = time.monotonic()
+    rows = [row for row in read_manifest(args.run / "manifest.csv") if row.split == args.split]
+    with ThreadPoolExecutor(max_workers=2) as executor:
+        images = list(executor.map(load_rgb_image, [args.data / row.path for row in rows]))
+    y_true = np.array([CLASS_NAMES.index(row.label) for row in rows])
+    groups = [row.patient for row in rows]
+    model = load_model(str(args.model or args.run / "model.keras"))
+
+    results = {}
+    print(f"{args.split} split: {len(rows)} cells of {len(set(groups))} patients")
+    print("| variant | accuracy | sensitivity | specificity | ROC AUC |")
+    print("|---|---|---|---|---|")
+    for index, (name, variant) in enumerate(stress_variants().items()):
+        scores = score_variant(model, images, variant, args.seed + index)
+        block = summarize(y_true, scores, groups, args.split)
+        results[name] = block
+        cells = [_format(block["metrics"][metric]) for metric in REPORTED]
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+    print(f"({time.monotonic() - started:.0f} s)")
+    if args.output:
+        args.output.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+
+
+def _format(metric: dict) -> str:
+    low, high = metric["ci95"]
+    return f"{metric['value']:.3f} [{low:.3f}, {high:.3f}]"
+
+
+if __name__ == "__main__":
+    main()
