@@ -209,6 +209,37 @@ def train(
     _echo_metrics(test)
 
 
+@app.command("cv")
+@_user_errors
+def cross_validation(
+    data: Annotated[Path, typer.Option("--data", help="NIH-layout data folder.")],
+    folds: Annotated[int, typer.Option(help="Number of patient-grouped folds.")] = 5,
+    config: Annotated[Path | None, typer.Option("--config", help="YAML settings file.")] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", help="CV folder (default runs/cv-<time>).")
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(help="Override: maximum epochs.")] = None,
+) -> None:
+    """Patient-grouped, stratified k-fold cross-validation of a recipe (resumable).
+
+    Each fold's patients are the test set of one training run (OUTPUT/fold_<k>/);
+    run the same command again to finish an interrupted cross-validation: finished
+    folds are skipped, an interrupted fold continues from its last epoch.
+    """
+    from malaria_classifier.config import load_config
+    from malaria_classifier.cv import RESULTS_CSV, cross_validate, format_table
+
+    run_dir = output or Path("runs") / datetime.now().strftime("cv-%Y%m%d-%H%M%S")
+    settings = load_config(config, epochs=epochs)
+    result = cross_validate(data, settings, run_dir, folds=folds, progress=sys.stderr.isatty())
+    typer.echo(
+        f"Patient-grouped {folds}-fold cross-validation, test patients of each fold, "
+        f"cell metrics at threshold 0.5 (positive class Parasitized):"
+    )
+    typer.echo(format_table(result))
+    typer.echo(f"Results: {run_dir / RESULTS_CSV} (and .json)")
+
+
 def _echo_metrics(block: dict[str, Any]) -> None:
     typer.echo(
         f"{block['split']} split: {block['cells']} cells of {block['patients']} patients; "
