@@ -146,7 +146,9 @@ def assign_folds(
             f"{folds} folds need at least {folds} patient groups, but only {len(groups)} "
             f"were found. Use fewer folds or add images from more patients."
         )
-    chosen = _balance_groups(groups, records, np.full(folds, 1.0 / folds), np.random.default_rng(seed))
+    chosen = _balance_groups(
+        groups, records, np.full(folds, 1.0 / folds), np.random.default_rng(seed)
+    )
     return [chosen[group_of_patient[record.patient]] for record in records]
 
 
@@ -188,7 +190,7 @@ def fold_manifest(
     targets = np.array([1.0 - validation_fraction, validation_fraction])
     chosen = _balance_groups(groups, rest_records, targets, np.random.default_rng(seed + fold))
     splits = ["test"] * len(records)
-    for position, index in enumerate(rest):
+    for index in rest:
         splits[index] = ("train", "validation")[chosen[group_of_patient[records[index].patient]]]
     return build_manifest(records, hashes, splits, root)
 

@@ -158,4 +158,3 @@ def stress_variants() -> dict[str, Variant]:
             shift_hue(image, -0.03), rng
         ),
     }
-
