@@ -32,13 +32,29 @@ from malaria_classifier.stress import stress_variants
 REPORTED = ("accuracy", "recall", "specificity", "roc_auc")
 
 
-def score_variant(model, images: list[np.ndarray], variant, seed: int) -> np.ndarray:
-    """P(Parasitized) of every image after ``variant`` and the model's resize-with-pad."""
+def score_variant(
+    model, images: list[np.ndarray], variant, seed: int, tta: bool = False
+) -> np.ndarray:
+    """P(Parasitized) of every image after ``variant`` and the model's resize-with-pad.
+
+    With ``tta`` the score is the mean over the eight symmetries of the square
+    (test-time augmentation; a cell has no up or left).
+    """
     size = int(model.input_shape[1])
     rng = np.random.default_rng(seed)
     batch = np.stack([resize_with_pad(variant(image, rng), size) for image in images])
-    probabilities = model.predict(batch, batch_size=256, verbose=0)
-    return probabilities[:, CLASS_NAMES.index(POSITIVE_CLASS)].astype(np.float64)
+    views = [batch]
+    if tta:
+        views = [
+            np.rot90(view, turns, axes=(1, 2))
+            for view in (batch, batch[:, :, ::-1])
+            for turns in range(4)
+        ]
+    positive = CLASS_NAMES.index(POSITIVE_CLASS)
+    scores = [
+        model.predict(np.ascontiguousarray(view), batch_size=256, verbose=0) for view in views
+    ]
+    return np.mean([score[:, positive] for score in scores], axis=0).astype(np.float64)
 
 
 def main() -> None:
@@ -49,6 +65,8 @@ def main() -> None:
     parser.add_argument("--split", default="test", choices=("validation", "test"))
     parser.add_argument("--output", type=Path, help="also write the results as JSON here")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tta", action="store_true", help="average the 8 symmetries")
+    parser.add_argument("--variants", nargs="*", help="only these variants (default all)")
     args = parser.parse_args()
 
     started = time.monotonic()
@@ -60,11 +78,16 @@ def main() -> None:
     model = load_model(str(args.model or args.run / "model.keras"))
 
     results = {}
-    print(f"{args.split} split: {len(rows)} cells of {len(set(groups))} patients")
+    print(
+        f"{args.split} split: {len(rows)} cells of {len(set(groups))} patients"
+        + (" (test-time augmentation: mean of 8 symmetries)" if args.tta else "")
+    )
     print("| variant | accuracy | sensitivity | specificity | ROC AUC |")
     print("|---|---|---|---|---|")
     for index, (name, variant) in enumerate(stress_variants().items()):
-        scores = score_variant(model, images, variant, args.seed + index)
+        if args.variants and name not in args.variants:
+            continue
+        scores = score_variant(model, images, variant, args.seed + index, args.tta)
         block = summarize(y_true, scores, groups, args.split)
         results[name] = block
         cells = [_format(block["metrics"][metric]) for metric in REPORTED]
