@@ -23,9 +23,11 @@ from pathlib import Path
 import numpy as np
 
 from malaria_classifier.constants import CLASS_NAMES, POSITIVE_CLASS
+from malaria_classifier.decision import DECISIONS, NOT_A_CELL, UNCERTAIN
 from malaria_classifier.evaluation import summarize
 from malaria_classifier.images import load_rgb_image, resize_with_pad
 from malaria_classifier.model import load_model
+from malaria_classifier.prediction import Predictor
 from malaria_classifier.splits import read_manifest
 from malaria_classifier.stress import stress_variants
 
@@ -57,6 +59,14 @@ def score_variant(
     return np.mean([score[:, positive] for score in scores], axis=0).astype(np.float64)
 
 
+def decision_shares(predictor, images: list[np.ndarray], variant, seed: int) -> dict[str, float]:
+    """Share of cells given each decision by the trust layer (same variant draws)."""
+    rng = np.random.default_rng(seed)
+    changed = [variant(image, rng) for image in images]
+    decisions = [row.decision for row in predictor.predict_images(changed)]
+    return {name: decisions.count(name) / len(decisions) for name in DECISIONS}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, required=True, help="run folder (its manifest)")
@@ -67,6 +77,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tta", action="store_true", help="average the 8 symmetries")
     parser.add_argument("--variants", nargs="*", help="only these variants (default all)")
+    parser.add_argument(
+        "--decisions",
+        action="store_true",
+        help="also run the model's trust layer (needs a calibrated model) and report the "
+        "share of cells it decides Not a cell or Uncertain",
+    )
     args = parser.parse_args()
 
     started = time.monotonic()
@@ -75,15 +91,18 @@ def main() -> None:
         images = list(executor.map(load_rgb_image, [args.data / row.path for row in rows]))
     y_true = np.array([CLASS_NAMES.index(row.label) for row in rows])
     groups = [row.patient for row in rows]
-    model = load_model(str(args.model or args.run / "model.keras"))
+    model_path = args.model or args.run / "model.keras"
+    model = load_model(str(model_path))
+    predictor = Predictor(model_path) if args.decisions else None
 
     results = {}
     print(
         f"{args.split} split: {len(rows)} cells of {len(set(groups))} patients"
         + (" (test-time augmentation: mean of 8 symmetries)" if args.tta else "")
     )
-    print("| variant | accuracy | sensitivity | specificity | ROC AUC |")
-    print("|---|---|---|---|---|")
+    extra = " Not a cell | Uncertain |" if predictor else ""
+    print("| variant | accuracy | sensitivity | specificity | ROC AUC |" + extra)
+    print("|---|---|---|---|---|" + ("---|---|" if predictor else ""))
     for index, (name, variant) in enumerate(stress_variants().items()):
         if args.variants and name not in args.variants:
             continue
@@ -91,6 +110,10 @@ def main() -> None:
         block = summarize(y_true, scores, groups, args.split)
         results[name] = block
         cells = [_format(block["metrics"][metric]) for metric in REPORTED]
+        if predictor:
+            shares = decision_shares(predictor, images, variant, args.seed + index)
+            block["decision_shares"] = shares
+            cells += [f"{shares[NOT_A_CELL]:.3f}", f"{shares[UNCERTAIN]:.3f}"]
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
     print(f"({time.monotonic() - started:.0f} s)")
     if args.output:
