@@ -99,3 +99,49 @@ def test_iter_images_reports_bad_files_in_place(records, tmp_path):
     results = list(iter_images(paths, 32, workers=2, lookahead=2))
     assert [error is None for _, error in results] == [True, False, True]
     assert "bad.png" in results[1][1]
+
+
+def _pink_discs(count: int = 8, size: int = 32) -> np.ndarray:
+    """Pink discs on black, like NIH crops after resize-with-pad."""
+    yy, xx = np.mgrid[:size, :size]
+    inside = (yy - size / 2 + 0.5) ** 2 + (xx - size / 2 + 0.5) ** 2 < (size / 3) ** 2
+    images = np.zeros((count, size, size, 3), dtype=np.uint8)
+    images[:, inside] = (220, 150, 160)
+    return images
+
+
+def test_background_fill_replaces_only_the_black_mask():
+    config = NO_COLOUR_OR_GEOMETRY.replace(background_probability=1.0)
+    images = _pink_discs()
+    augmented = _augment_once(config, images)
+    background = images.max(axis=-1) == 0
+    # Every black pixel becomes smear-like (pale), no black rim is left ...
+    assert augmented[background].min() > 100
+    # ... and the cell itself (the symmetric disc is unmoved by flips) is untouched.
+    np.testing.assert_array_equal(augmented[~background], images[~background])
+    assert len({tuple(image[0, 0]) for image in augmented}) > 1  # each image its own smear
+
+
+def test_channel_gain_tints_grey_within_its_range():
+    config = NO_COLOUR_OR_GEOMETRY.replace(channel_gain_range=0.2)
+    augmented = _augment_once(config, np.full((16, 8, 8, 3), 100, dtype=np.uint8)).astype(int)
+    assert augmented.min() >= 79 and augmented.max() <= 121
+    assert any(len(set(image[0, 0].tolist())) > 1 for image in augmented)
+
+
+def test_low_resolution_and_blur_smooth_but_keep_flat_images_flat():
+    noise = np.random.default_rng(1).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    flat = np.full((8, 32, 32, 3), 140, dtype=np.uint8)
+    for config in (
+        NO_COLOUR_OR_GEOMETRY.replace(low_resolution_probability=1.0, low_resolution_min_side=4),
+        NO_COLOUR_OR_GEOMETRY.replace(blur_probability=1.0, blur_max_sigma=1.5),
+    ):
+        smoothed = _augment_once(config, noise).astype(float)
+        assert smoothed.std() < 0.9 * noise.astype(float).std()
+        assert np.abs(_augment_once(config, flat).astype(int) - 140).max() <= 1
+
+
+def test_robustness_settings_are_off_by_default():
+    images = _pink_discs()
+    augmented = _augment_once(NO_COLOUR_OR_GEOMETRY, images)
+    np.testing.assert_array_equal(augmented, images)  # a symmetric disc on black

@@ -209,6 +209,89 @@ def train(
     _echo_metrics(test)
 
 
+@app.command("cv")
+@_user_errors
+def cross_validation(
+    data: Annotated[Path, typer.Option("--data", help="NIH-layout data folder.")],
+    folds: Annotated[int, typer.Option(help="Number of patient-grouped folds.")] = 5,
+    config: Annotated[Path | None, typer.Option("--config", help="YAML settings file.")] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", help="CV folder (default runs/cv-<time>).")
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(help="Override: maximum epochs.")] = None,
+) -> None:
+    """Patient-grouped, stratified k-fold cross-validation of a recipe (resumable).
+
+    Each fold's patients are the test set of one training run (OUTPUT/fold_<k>/);
+    run the same command again to finish an interrupted cross-validation: finished
+    folds are skipped, an interrupted fold continues from its last epoch.
+    """
+    from malaria_classifier.config import load_config
+    from malaria_classifier.cv import RESULTS_CSV, cross_validate, format_table
+
+    run_dir = output or Path("runs") / datetime.now().strftime("cv-%Y%m%d-%H%M%S")
+    settings = load_config(config, epochs=epochs)
+    result = cross_validate(data, settings, run_dir, folds=folds, progress=sys.stderr.isatty())
+    typer.echo(
+        f"Patient-grouped {folds}-fold cross-validation, test patients of each fold, "
+        f"cell metrics at threshold 0.5 (positive class Parasitized):"
+    )
+    typer.echo(format_table(result))
+    typer.echo(f"Results: {run_dir / RESULTS_CSV} (and .json)")
+
+
+@app.command("tune")
+@_user_errors
+def tune_command(
+    data: Annotated[Path, typer.Option("--data", help="NIH-layout data folder.")],
+    trials: Annotated[int, typer.Option(help="Finished trials wanted in the study in all.")],
+    storage: Annotated[
+        str | None,
+        typer.Option(help="Optuna storage URL (default sqlite:///OUTPUT/study.db)."),
+    ] = None,
+    timeout: Annotated[
+        float | None, typer.Option(help="Start no new trial after this many seconds.")
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", help="Output folder (default runs/tune-<time>).")
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="YAML of the settings not searched.")
+    ] = None,
+    max_epochs: Annotated[int, typer.Option(help="Epoch budget of one trial.")] = 20,
+    study_name: Annotated[str, typer.Option(help="Study name within the storage.")] = "malaria",
+) -> None:
+    """Search the training recipe with Optuna, scored on validation patients only.
+
+    Searches batch size, learning rate, epochs (early stopping within --max-epochs),
+    width, depth, dropout, label smoothing, input size and augmentation strength;
+    weak trials are pruned. Run the same command again to continue a killed search:
+    finished trials are kept in the storage. Writes OUTPUT/best_config.yaml (for
+    `malaria train --config`), best_trial.json, trials.csv and figures/.
+    """
+    from malaria_classifier.config import load_config
+    from malaria_classifier.tune import SearchSpace, tune
+
+    output_dir = output or Path("runs") / datetime.now().strftime("tune-%Y%m%d-%H%M%S")
+    result = tune(
+        data,
+        trials,
+        output_dir,
+        base=load_config(config),
+        storage=storage,
+        study_name=study_name,
+        timeout=timeout,
+        space=SearchSpace(max_epochs=max_epochs),
+        progress=True,
+    )
+    typer.echo(
+        f"Best trial {result.best_trial}: validation AUC {result.best_value:.4f} "
+        f"({result.finished_trials} trials finished)."
+    )
+    typer.echo(f"Best config: {result.best_config_path}")
+    typer.echo(f"Next: malaria train --data {data} --config {result.best_config_path}")
+
+
 def _echo_metrics(block: dict[str, Any]) -> None:
     typer.echo(
         f"{block['split']} split: {block['cells']} cells of {block['patients']} patients; "

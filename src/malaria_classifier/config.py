@@ -38,6 +38,18 @@ class TrainingConfig:
         contrast_range: Largest relative contrast change.
         saturation_range: Largest relative saturation change.
         hue_delta: Largest hue shift (fraction of the colour circle).
+        channel_gain_range: Largest relative gain per RGB channel, drawn per image: a
+            different Giemsa batch or white balance tints every cell of a slide.
+        low_resolution_probability: Share of training cells shrunk to a random side
+            between ``low_resolution_min_side`` and ``image_size`` and enlarged back, as
+            the model sees cells from labs that image at lower magnification.
+        low_resolution_min_side: Smallest side (px) of that simulation (capped at
+            ``image_size``).
+        blur_probability: Share of training cells blurred (Gaussian; out-of-focus camera).
+        blur_max_sigma: Largest blur standard deviation, in model-input pixels.
+        background_probability: Share of training cells whose black background is
+            replaced by a random smear-like colour with noise, as crops from labs that
+            keep the smear around the cell look.
         validation_fraction: Share of cells (by patient) for validation.
         test_fraction: Share of cells (by patient) for the test split.
         seed: Seeds the split, the weights and the shuffling.
@@ -61,6 +73,12 @@ class TrainingConfig:
     contrast_range: float = 0.15
     saturation_range: float = 0.15
     hue_delta: float = 0.02
+    channel_gain_range: float = 0.0
+    low_resolution_probability: float = 0.0
+    low_resolution_min_side: int = 12
+    blur_probability: float = 0.0
+    blur_max_sigma: float = 1.5
+    background_probability: float = 0.0
     validation_fraction: float = 0.15
     test_fraction: float = 0.15
     seed: int = 42
@@ -76,6 +94,14 @@ class TrainingConfig:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}.")
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate}.")
+        for name in ("low_resolution_probability", "blur_probability", "background_probability"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}.")
+        if self.low_resolution_min_side < 2:
+            raise ValueError(
+                f"low_resolution_min_side must be at least 2 px, got "
+                f"{self.low_resolution_min_side}."
+            )
         if self.image_size < 2**self.conv_blocks:
             raise ValueError(
                 f"image_size {self.image_size} is too small for {self.conv_blocks} conv blocks "

@@ -116,25 +116,101 @@ _YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ).astype(np.float32)
 
 
 def make_batch_augmenter(config: TrainingConfig):
-    """Random symmetries, zoom/shift and stain-like colour jitter for a uint8 batch.
+    """Random symmetries, zoom/shift, stain-like colour jitter and other labs' looks.
 
     Cells have no up or left, so all eight symmetries of the square are valid (random
-    transpose and flips). Brightness, contrast, saturation and hue jitter imitate
-    differences in Giemsa staining and illumination; zoom and shift fill with black,
-    the NIH background. Each image gets its own random draw.
+    transpose and flips). Zoom and shift fill with black, the NIH background. Then,
+    for robustness to other laboratories (each off unless its config setting is set):
+    the black background becomes a smear-like colour, as in crops that keep the smear;
+    brightness, contrast, saturation, hue and per-channel gain imitate other Giemsa
+    batches and white balances; a shrink-and-enlarge imitates small crops (a 15 px
+    cell is enlarged to the model input when served); a Gaussian blur imitates focus.
+    Each image gets its own random draw (the shrink size and blur width are drawn per
+    batch, which images get them per image).
     """
     geometry = _geometry_layers(config)
 
     def augment(images: tf.Tensor, targets: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         x = tf.cast(images, tf.float32) / 255.0
         x = _random_symmetry(x)
-        x = _random_colour(x, config)
-        x = x * 255.0
         for layer in geometry:
             x = layer(x, training=True)
-        return tf.cast(tf.clip_by_value(tf.round(x), 0.0, 255.0), tf.uint8), targets
+        x = _random_background(x, config.background_probability)
+        x = _random_colour(x, config)
+        x = _random_low_resolution(x, config)
+        x = _random_blur(x, config)
+        return tf.cast(tf.clip_by_value(tf.round(x * 255.0), 0.0, 255.0), tf.uint8), targets
 
     return augment
+
+
+# Pale pinkish grey between the cells of a thin smear (RGB, 0-1); each image draws its
+# own shade and a smaller per-channel tint around it, then pixel noise, so no single
+# colour becomes a shortcut.
+_SMEAR_COLOUR = (0.80, 0.72, 0.75)
+_SMEAR_SHADE = 0.10
+_SMEAR_TINT = 0.04
+_SMEAR_NOISE = 0.02
+# Cells are brighter than this in their brightest channel: a pixel near the black mask
+# with a lower maximum is part cell, part black (the antialiased rim of the crop).
+_CELL_LEVEL = 0.7
+
+
+def _chosen(x: tf.Tensor, probability: float) -> tf.Tensor:
+    """Per-image booleans (batch, 1, 1, 1), True with ``probability``."""
+    return _per_image(x, 0.0, 1.0) < probability
+
+
+def _random_background(x: tf.Tensor, probability: float) -> tf.Tensor:
+    """Composite the cell over a smear-like background instead of black.
+
+    Rim pixels are ``alpha * cell`` (blended with the black mask when the crop was
+    resized), so ``x + (1 - alpha) * smear`` re-composites them over the smear without
+    the dark outline a hard mask would leave. Alpha is estimated only within two
+    pixels of pure background, so dark parasites inside the cell are left alone.
+    """
+    if probability <= 0:
+        return x
+    brightest = tf.reduce_max(x, axis=-1, keepdims=True)
+    background = tf.cast(brightest <= 1.0 / 255.0, tf.float32)
+    near_background = tf.nn.max_pool2d(background, 5, 1, "SAME") > 0
+    alpha = tf.where(near_background, tf.clip_by_value(brightest / _CELL_LEVEL, 0.0, 1.0), 1.0)
+    batch = tf.shape(x)[0]
+    shade = tf.random.uniform([batch, 1, 1, 1], -_SMEAR_SHADE, _SMEAR_SHADE)
+    tint = tf.random.uniform([batch, 1, 1, 3], -_SMEAR_TINT, _SMEAR_TINT)
+    smear = tf.constant(_SMEAR_COLOUR) + shade + tint
+    smear = tf.clip_by_value(smear + tf.random.normal(tf.shape(x), 0.0, _SMEAR_NOISE), 0.0, 1.0)
+    composite = tf.clip_by_value(x + (1.0 - alpha) * smear, 0.0, 1.0)
+    return tf.where(_chosen(x, probability), composite, x)
+
+
+def _random_low_resolution(x: tf.Tensor, config: TrainingConfig) -> tf.Tensor:
+    if config.low_resolution_probability <= 0:
+        return x
+    size = config.image_size
+    low = min(config.low_resolution_min_side, size)
+    side = tf.random.uniform([], low, size + 1, dtype=tf.int32)
+    small = tf.image.resize(x, tf.stack([side, side]), method="bilinear", antialias=True)
+    restored = tf.image.resize(small, [size, size], method="bilinear")
+    return tf.where(_chosen(x, config.low_resolution_probability), restored, x)
+
+
+def _random_blur(x: tf.Tensor, config: TrainingConfig) -> tf.Tensor:
+    if config.blur_probability <= 0 or config.blur_max_sigma <= 0:
+        return x
+    radius = max(1, math.ceil(3 * config.blur_max_sigma))
+    sigma = tf.random.uniform([], 0.3, max(config.blur_max_sigma, 0.3))
+    offsets = tf.range(-radius, radius + 1, dtype=tf.float32)
+    kernel = tf.exp(-(offsets**2) / (2 * sigma**2))
+    kernel = kernel / tf.reduce_sum(kernel)
+    channels = 3
+    rows = tf.tile(tf.reshape(kernel, [-1, 1, 1, 1]), [1, 1, channels, 1])
+    columns = tf.tile(tf.reshape(kernel, [1, -1, 1, 1]), [1, 1, channels, 1])
+    # Reflect padding: zero padding would darken the edges of a smear background.
+    padded = tf.pad(x, [[0, 0], [radius, radius], [radius, radius], [0, 0]], mode="REFLECT")
+    blurred = tf.nn.depthwise_conv2d(padded, rows, [1, 1, 1, 1], "VALID")
+    blurred = tf.nn.depthwise_conv2d(blurred, columns, [1, 1, 1, 1], "VALID")
+    return tf.where(_chosen(x, config.blur_probability), blurred, x)
 
 
 def _per_image(x: tf.Tensor, low: float, high: float) -> tf.Tensor:
@@ -161,6 +237,11 @@ def _random_colour(x: tf.Tensor, config: TrainingConfig) -> tf.Tensor:
         gray = tf.reduce_sum(x * tf.constant([0.299, 0.587, 0.114]), axis=-1, keepdims=True)
         factor = _per_image(x, 1 - config.saturation_range, 1 + config.saturation_range)
         x = gray + (x - gray) * factor
+    if config.channel_gain_range > 0:
+        gain = tf.random.uniform(
+            [tf.shape(x)[0], 1, 1, 3], 1 - config.channel_gain_range, 1 + config.channel_gain_range
+        )
+        x = x * gain
     if config.hue_delta > 0:
         angle = 2 * math.pi * _per_image(x, -config.hue_delta, config.hue_delta)[:, 0, 0, 0]
         cos, sin = tf.cos(angle), tf.sin(angle)

@@ -79,24 +79,8 @@ def split_by_patient(
     targets = np.array(
         [1.0 - validation_fraction - test_fraction, validation_fraction, test_fraction]
     )
-    rng = np.random.default_rng(seed)
-    assignment: dict[str, str] = {}
-    for stratum_index, stratum in enumerate(_strata(groups, records)):
-        counts = np.array([_class_counts(groups[name], records) for name in stratum])
-        totals = np.maximum(counts.sum(axis=0), 1)
-        filled = np.zeros((len(SPLITS), len(CLASS_NAMES)))
-        order = rng.permutation(len(stratum))
-        if stratum_index == 0 and len(stratum) >= len(SPLITS):
-            # Seed every split with one group first, so small data sets never end up
-            # with an empty validation or test split.
-            for split_index, position in enumerate(order[: len(SPLITS)]):
-                assignment[stratum[position]] = SPLITS[split_index]
-                filled[split_index] += counts[position]
-            order = order[len(SPLITS) :]
-        for position in order:
-            chosen = _best_split(counts[position], filled, targets, totals)
-            assignment[stratum[position]] = SPLITS[chosen]
-            filled[chosen] += counts[position]
+    chosen = _balance_groups(groups, records, targets, np.random.default_rng(seed))
+    assignment = {name: SPLITS[index] for name, index in chosen.items()}
     empty = sorted(set(SPLITS) - set(assignment.values()))
     if empty:
         raise ValueError(
@@ -104,6 +88,111 @@ def split_by_patient(
             f"Add images from more patients."
         )
     return [assignment[group_of_patient[record.patient]] for record in records]
+
+
+def _balance_groups(
+    groups: dict[str, list[int]],
+    records: Sequence[ImageRecord],
+    targets: np.ndarray,
+    rng: np.random.Generator,
+) -> dict[str, int]:
+    """Give each patient group a bin (index into ``targets``), stratified and balanced.
+
+    Patients with and without parasitized cells are placed separately; within each
+    stratum, groups in a seeded random order go to the bin that brings its per-class
+    cell shares closest to ``targets``. The first stratum seeds every bin with one
+    group, so no bin is left empty on small data sets.
+    """
+    assignment: dict[str, int] = {}
+    bins = len(targets)
+    for stratum_index, stratum in enumerate(_strata(groups, records)):
+        counts = np.array([_class_counts(groups[name], records) for name in stratum])
+        totals = np.maximum(counts.sum(axis=0), 1)
+        filled = np.zeros((bins, len(CLASS_NAMES)))
+        order = rng.permutation(len(stratum))
+        if stratum_index == 0 and len(stratum) >= bins:
+            for bin_index, position in enumerate(order[:bins]):
+                assignment[stratum[position]] = bin_index
+                filled[bin_index] += counts[position]
+            order = order[bins:]
+        for position in order:
+            chosen = _best_split(counts[position], filled, targets, totals)
+            assignment[stratum[position]] = chosen
+            filled[chosen] += counts[position]
+    return assignment
+
+
+def assign_folds(
+    records: Sequence[ImageRecord], hashes: dict[Path, str], folds: int = 5, seed: int = 42
+) -> list[int]:
+    """Patient-grouped, stratified k-fold: the fold (0..folds-1) of each record.
+
+    The same rules as :func:`split_by_patient`: a patient (and any patient sharing an
+    identical image) lies in exactly one fold; infected patients and healthy donors
+    are spread over the folds separately, and each fold gets about ``1/folds`` of
+    each class's cells.
+
+    Raises:
+        ValueError: If ``folds`` is below 2 or there are fewer patient groups than folds.
+    """
+    if not isinstance(folds, int) or folds < 2:
+        raise ValueError(f"folds must be an integer of at least 2, got {folds!r}.")
+    group_of_patient = _group_patients(records, hashes)
+    groups: dict[str, list[int]] = defaultdict(list)
+    for index, record in enumerate(records):
+        groups[group_of_patient[record.patient]].append(index)
+    if len(groups) < folds:
+        raise ValueError(
+            f"{folds} folds need at least {folds} patient groups, but only {len(groups)} "
+            f"were found. Use fewer folds or add images from more patients."
+        )
+    chosen = _balance_groups(
+        groups, records, np.full(folds, 1.0 / folds), np.random.default_rng(seed)
+    )
+    return [chosen[group_of_patient[record.patient]] for record in records]
+
+
+def fold_manifest(
+    records: Sequence[ImageRecord],
+    hashes: dict[Path, str],
+    fold_of_record: Sequence[int],
+    fold: int,
+    root: Path,
+    validation_fraction: float = 0.15,
+    seed: int = 42,
+) -> list[ManifestRow]:
+    """The manifest of one cross-validation fold: its patients are ``test``.
+
+    The other folds' patients are split into ``train`` and ``validation`` (for early
+    stopping and the best epoch) with ``validation_fraction`` of *their* cells in
+    validation, by patient and stratified like :func:`split_by_patient`.
+
+    Raises:
+        ValueError: If ``fold`` is not one of the folds, or the rest cannot be split.
+    """
+    if fold not in set(fold_of_record):
+        raise ValueError(f"Fold {fold} has no records; folds are {sorted(set(fold_of_record))}.")
+    if not 0.0 < validation_fraction < 0.9:
+        raise ValueError(
+            f"validation_fraction must be between 0 and 0.9, got {validation_fraction}."
+        )
+    rest = [index for index, value in enumerate(fold_of_record) if value != fold]
+    rest_records = [records[index] for index in rest]
+    group_of_patient = _group_patients(rest_records, hashes)
+    groups: dict[str, list[int]] = defaultdict(list)
+    for position, record in enumerate(rest_records):
+        groups[group_of_patient[record.patient]].append(position)
+    if len(groups) < 2:
+        raise ValueError(
+            f"Only {len(groups)} patient group(s) outside fold {fold}; training needs at "
+            f"least 2 (train and validation). Use fewer folds or more patients."
+        )
+    targets = np.array([1.0 - validation_fraction, validation_fraction])
+    chosen = _balance_groups(groups, rest_records, targets, np.random.default_rng(seed + fold))
+    splits = ["test"] * len(records)
+    for index in rest:
+        splits[index] = ("train", "validation")[chosen[group_of_patient[records[index].patient]]]
+    return build_manifest(records, hashes, splits, root)
 
 
 def _class_counts(members: list[int], records: Sequence[ImageRecord]) -> list[int]:

@@ -18,6 +18,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -156,7 +157,11 @@ def prepare_split(
 
 
 def _open_run(
-    data_dir: Path, config: TrainingConfig, run_dir: Path, resume: bool
+    data_dir: Path,
+    config: TrainingConfig,
+    run_dir: Path,
+    resume: bool,
+    manifest: Sequence[ManifestRow] | None = None,
 ) -> tuple[TrainingConfig, Path, list[ManifestRow], dict[str, Any]]:
     manifest_path = run_dir / "manifest.csv"
     state_path = run_dir / CHECKPOINT_DIR / STATE_FILE
@@ -178,7 +183,13 @@ def _open_run(
         )
     (run_dir / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "config.yaml")
-    root, rows = prepare_split(data_dir, config, run_dir)
+    if manifest is None:
+        root, rows = prepare_split(data_dir, config, run_dir)
+    else:
+        rows = list(manifest)
+        check_no_leakage(rows)
+        write_manifest(rows, manifest_path)
+        root = find_class_root(data_dir)
     return config, root, rows, fresh_state
 
 
@@ -195,6 +206,7 @@ def train_model(
     resume: bool = False,
     verbose: int | str = "auto",
     strategy: str = "none",
+    manifest: Sequence[ManifestRow] | None = None,
 ) -> TrainingResult:
     """Train a CNN on ``data_dir`` and write everything into ``run_dir``.
 
@@ -212,6 +224,8 @@ def train_model(
         strategy: ``none``, ``mirrored`` or ``multiworker`` (see
             :mod:`malaria_classifier.distribute`); batch size and learning rate are
             per replica and scaled by the number of replicas.
+        manifest: Use this split (e.g. a cross-validation fold's) instead of checking
+            the data and splitting it; ``path`` is relative to the data root.
 
     Returns:
         A :class:`TrainingResult` with the model path and its metrics (empty on a
@@ -231,7 +245,7 @@ def train_model(
     write_dir = run_dir if distribution.is_chief else Path(tempfile.mkdtemp(prefix="malaria-"))
     try:
         config, root, rows, state = _open_run(
-            Path(data_dir), config, run_dir if resume else write_dir, resume
+            Path(data_dir), config, run_dir if resume else write_dir, resume, manifest
         )
         (write_dir / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
         _fit(distribution, config, root, rows, state, run_dir, write_dir, verbose)

@@ -1,0 +1,420 @@
+"""Hyper-parameter search with Optuna, scored on validation patients only.
+
+Every trial trains on the training patients of the usual patient-level split (the
+config's seed) and is scored by its best validation-patient ROC AUC; test patients
+are never loaded, so the test figures of a model trained with the chosen recipe stay
+honest. Trials report their validation AUC after every epoch, and a median pruner
+stops those that trail the trials before them. The study lives in an SQL database
+(SQLite by default), so a killed search continues with every finished trial kept.
+
+The best trial's recipe is written as ``best_config.yaml``, which ``malaria train
+--config`` accepts, with Optuna's Plotly figures of the search beside it.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import keras
+
+from malaria_classifier.config import TrainingConfig, save_config
+from malaria_classifier.data import check_dataset
+from malaria_classifier.model import build_model, compile_model
+from malaria_classifier.model_card import write_json_atomically
+from malaria_classifier.pipeline import make_dataset
+from malaria_classifier.splits import (
+    ManifestRow,
+    build_manifest,
+    check_no_leakage,
+    split_by_patient,
+    write_manifest,
+)
+from malaria_classifier.training import cosine_learning_rate
+
+BEST_CONFIG_FILE = "best_config.yaml"
+FIGURES_DIR = "figures"
+# Augmentation at strength 1.0: the robustness recipe of docs/benchmarks.md section 9.
+# A trial's strength scales every range and probability (probabilities capped at 1).
+AUGMENTATION_AT_STRENGTH_ONE: dict[str, float] = {
+    "zoom_range": 0.15,
+    "shift_range": 0.05,
+    "brightness_delta": 0.1,
+    "contrast_range": 0.2,
+    "saturation_range": 0.4,
+    "hue_delta": 0.04,
+    "channel_gain_range": 0.12,
+    "low_resolution_probability": 0.3,
+    "blur_probability": 0.2,
+    "background_probability": 0.3,
+}
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """What a trial may choose. Defaults suit the NIH cells on a CPU.
+
+    Attributes:
+        image_sizes: Model input sides to try (px).
+        base_filters: Widths of the first conv block to try.
+        conv_blocks: Smallest and largest depth (capped so the input is at least
+            ``2**blocks`` px).
+        convs_per_block: Smallest and largest number of convolutions per block.
+        dense_units: Widths of the dense layer to try.
+        batch_sizes: Batch sizes to try.
+        learning_rate: Range of Adam's initial rate (searched on a log scale).
+        dropout_rate: Range of the dropout rate.
+        label_smoothing: Range of label smoothing.
+        max_epochs: Budget: a trial chooses its cosine-schedule length up to this, and
+            early stopping (the config's patience) may end it sooner.
+        augmentation_strength: Range of the factor on AUGMENTATION_AT_STRENGTH_ONE.
+    """
+
+    image_sizes: tuple[int, ...] = (48, 64, 80, 96)
+    base_filters: tuple[int, ...] = (8, 12, 16, 24)
+    conv_blocks: tuple[int, int] = (3, 5)
+    convs_per_block: tuple[int, int] = (1, 2)
+    dense_units: tuple[int, ...] = (32, 64, 128)
+    batch_sizes: tuple[int, ...] = (32, 64, 128)
+    learning_rate: tuple[float, float] = (3e-4, 3e-3)
+    dropout_rate: tuple[float, float] = (0.0, 0.5)
+    label_smoothing: tuple[float, float] = (0.0, 0.1)
+    max_epochs: int = 20
+    augmentation_strength: tuple[float, float] = (0.0, 1.5)
+
+
+def suggest_config(trial: Any, base: TrainingConfig, space: SearchSpace) -> TrainingConfig:
+    """The recipe of one trial: ``base`` with the searched settings drawn by ``trial``."""
+    image_size = trial.suggest_categorical("image_size", list(space.image_sizes))
+    deepest = min(space.conv_blocks[1], int(math.log2(image_size)))
+    strength = trial.suggest_float("augmentation_strength", *space.augmentation_strength)
+    changes: dict[str, Any] = {
+        "image_size": image_size,
+        "base_filters": trial.suggest_categorical("base_filters", list(space.base_filters)),
+        "conv_blocks": trial.suggest_int("conv_blocks", space.conv_blocks[0], deepest),
+        "convs_per_block": trial.suggest_int("convs_per_block", *space.convs_per_block),
+        "dense_units": trial.suggest_categorical("dense_units", list(space.dense_units)),
+        "batch_size": trial.suggest_categorical("batch_size", list(space.batch_sizes)),
+        "learning_rate": trial.suggest_float("learning_rate", *space.learning_rate, log=True),
+        "dropout_rate": trial.suggest_float("dropout_rate", *space.dropout_rate),
+        "label_smoothing": trial.suggest_float("label_smoothing", *space.label_smoothing),
+        "epochs": trial.suggest_int("epochs", max(1, space.max_epochs // 3), space.max_epochs),
+        "augment": True,
+    }
+    changes.update(scaled_augmentation(strength))
+    return base.replace(**changes)
+
+
+def scaled_augmentation(strength: float) -> dict[str, float]:
+    """Augmentation settings at ``strength`` x AUGMENTATION_AT_STRENGTH_ONE."""
+    return {
+        name: min(1.0, value * strength) if name.endswith("probability") else value * strength
+        for name, value in AUGMENTATION_AT_STRENGTH_ONE.items()
+    }
+
+
+class ReportToTrial(keras.callbacks.Callback):
+    """Report validation AUC to Optuna after each epoch; stop the trial if pruned."""
+
+    def __init__(self, trial: Any) -> None:
+        super().__init__()
+        self.trial = trial
+        self.best = -math.inf
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+        import optuna
+
+        value = float((logs or {}).get("val_auc", math.nan))
+        if math.isfinite(value):
+            self.best = max(self.best, value)
+        self.trial.report(value, step=epoch + 1)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"validation AUC {value:.4f} at epoch {epoch + 1}")
+
+
+def train_trial(config: TrainingConfig, root: Path, rows: list[ManifestRow], trial: Any) -> float:
+    """Train one trial's recipe; return its best validation AUC (test never loaded)."""
+    keras.utils.set_random_seed(config.seed)
+    datasets = {
+        split: make_dataset(
+            [root / row.path for row in rows if row.split == split],
+            [row.label for row in rows if row.split == split],
+            config,
+            training=split == "train",
+        )
+        for split in ("train", "validation")
+    }
+    model = compile_model(build_model(config), config.learning_rate, config.label_smoothing)
+    reporter = ReportToTrial(trial)
+    model.fit(
+        datasets["train"],
+        validation_data=datasets["validation"],
+        epochs=config.epochs,
+        shuffle=False,
+        callbacks=[
+            keras.callbacks.LearningRateScheduler(cosine_learning_rate(config)),
+            keras.callbacks.EarlyStopping(
+                "val_auc", mode="max", patience=config.early_stopping_patience
+            ),
+            reporter,
+        ],
+        verbose=0,
+    )
+    keras.backend.clear_session()
+    return reporter.best
+
+
+@dataclass
+class TuningResult:
+    """Where the search left its files and what it found."""
+
+    output_dir: Path
+    best_config_path: Path
+    best_value: float
+    best_trial: int
+    finished_trials: int
+    figures: list[Path]
+
+
+def tune(
+    data_dir: str | Path,
+    trials: int,
+    output_dir: str | Path,
+    base: TrainingConfig | None = None,
+    storage: str | None = None,
+    study_name: str = "malaria",
+    timeout: float | None = None,
+    space: SearchSpace | None = None,
+    progress: bool = True,
+) -> TuningResult:
+    """Run (or continue) a search until ``trials`` trials have finished.
+
+    Example:
+        >>> result = tune("cell_images", trials=20, output_dir="runs/tune")  # doctest: +SKIP
+        >>> result.best_config_path  # malaria train --config runs/tune/best_config.yaml
+
+    Args:
+        data_dir: A folder in the NIH layout.
+        trials: Finished (completed or pruned) trials wanted in the study in all; a
+            resumed search runs only the missing ones.
+        output_dir: Where the manifest, best config, trial table and figures go.
+        base: Settings not searched (split fractions, seed, patience); defaults if None.
+        storage: Optuna storage URL; default ``sqlite:///OUTPUT/study.db``.
+        study_name: Name of the study within the storage.
+        timeout: Stop starting new trials after this many seconds (None: no limit).
+        space: The search space; :class:`SearchSpace` defaults if None.
+        progress: Print a line per finished trial.
+
+    Returns:
+        A :class:`TuningResult`.
+
+    Raises:
+        ValueError: If ``trials`` is below 1, or no trial has completed (e.g. every
+            trial failed or was pruned): the message says what to change.
+    """
+    if trials < 1:
+        raise ValueError(f"--trials must be at least 1, got {trials}.")
+    base = base or TrainingConfig()
+    space = space or SearchSpace()
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    study = open_study(storage or f"sqlite:///{output_dir / 'study.db'}", study_name, base.seed)
+    done = _finished(study)
+    if done < trials:
+        root, rows = _validation_split(data_dir, base, output_dir, progress)
+        started = time.monotonic()
+
+        def objective(trial: Any) -> float:
+            return train_trial(suggest_config(trial, base, space), root, rows, trial)
+
+        study.optimize(
+            objective,
+            n_trials=trials - done,
+            timeout=timeout,
+            callbacks=[_progress_printer(trials, started)] if progress else None,
+            gc_after_trial=True,
+        )
+    return write_outputs(study, base, space, output_dir)
+
+
+def open_study(storage: str, study_name: str, seed: int) -> Any:
+    """Create or load the study: TPE sampler, median pruner, heartbeats in the database.
+
+    A trial whose process was killed stops beating; after the grace period the next
+    session marks it failed and queues its parameters again, so nothing is lost but
+    the killed trial's partial epochs.
+    """
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with warnings.catch_warnings():
+        # Heartbeats have been "experimental" since Optuna 2.8; the warning is noise.
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        rdb = optuna.storages.RDBStorage(
+            storage,
+            heartbeat_interval=60,
+            grace_period=180,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                max_retry=1
+            ),
+        )
+    return optuna.create_study(
+        storage=rdb,
+        study_name=study_name,
+        direction="maximize",
+        sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=5),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2),
+        load_if_exists=True,
+    )
+
+
+def _finished(study: Any) -> int:
+    import optuna
+
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    return len(study.get_trials(deepcopy=False, states=states))
+
+
+def _validation_split(
+    data_dir: str | Path, base: TrainingConfig, output_dir: Path, progress: bool
+) -> tuple[Path, list[ManifestRow]]:
+    """The usual patient split (same seed as training) without its test patients."""
+    report = check_dataset(data_dir, progress=progress)
+    splits = split_by_patient(
+        report.records, report.hashes, base.validation_fraction, base.test_fraction, base.seed
+    )
+    rows = build_manifest(report.records, report.hashes, splits, report.root)
+    check_no_leakage(rows)
+    write_manifest(rows, output_dir / "manifest.csv")
+    # Test patients are dropped here so no trial can ever score them.
+    return report.root, [row for row in rows if row.split != "test"]
+
+
+def _progress_printer(trials: int, started: float):
+    def report(study: Any, trial: Any) -> None:
+        import optuna
+
+        minutes = (time.monotonic() - started) / 60
+        finished = _finished(study)
+        if trial.state == optuna.trial.TrialState.PRUNED:
+            what = f"pruned after epoch {max(trial.intermediate_values, default=0)}"
+        elif trial.state == optuna.trial.TrialState.COMPLETE:
+            what = f"validation AUC {trial.value:.4f}"
+        else:
+            what = f"{trial.state.name.lower()}"
+        best = _best_or_none(study)
+        best_text = f"best {best.value:.4f} (trial {best.number})" if best else "no best yet"
+        print(
+            f"Trial {trial.number}: {what}; {finished}/{trials} finished, {best_text}, "
+            f"{minutes:.1f} min",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    return report
+
+
+def _best_or_none(study: Any) -> Any:
+    try:
+        return study.best_trial
+    except ValueError:  # no completed trial yet
+        return None
+
+
+def write_outputs(
+    study: Any, base: TrainingConfig, space: SearchSpace, output_dir: Path
+) -> TuningResult:
+    """``best_config.yaml``, ``best_trial.json``, ``trials.csv`` and the figures."""
+    best = _best_or_none(study)
+    if best is None:
+        raise ValueError(
+            f"No trial of study {study.study_name!r} has completed (all failed or were "
+            f"pruned). Run more --trials, or check the data with `malaria data check`."
+        )
+    config = base.replace(**_params_to_settings(best.params))
+    best_path = output_dir / BEST_CONFIG_FILE
+    save_config(config, best_path)
+    write_json_atomically(
+        {
+            "trial": best.number,
+            "objective": "best validation-patient ROC AUC over epochs (Keras AUC)",
+            "value": best.value,
+            "params": best.params,
+            "finished_trials": _finished(study),
+            "search_space": asdict(space),
+        },
+        output_dir / "best_trial.json",
+    )
+    write_trials_csv(study, output_dir / "trials.csv")
+    figures = save_figures(study, output_dir / FIGURES_DIR)
+    return TuningResult(output_dir, best_path, best.value, best.number, _finished(study), figures)
+
+
+def write_trials_csv(study: Any, path: Path) -> None:
+    """One row per trial: number, state, value, last epoch reported, parameters."""
+    trials = study.get_trials(deepcopy=False)
+    names = sorted({name for trial in trials for name in trial.params})
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["number", "state", "value", "last_epoch", "seconds", *names])
+        for trial in trials:
+            seconds = (
+                (trial.datetime_complete - trial.datetime_start).total_seconds()
+                if trial.datetime_complete and trial.datetime_start
+                else ""
+            )
+            writer.writerow(
+                [
+                    trial.number,
+                    trial.state.name,
+                    "" if trial.value is None else trial.value,
+                    max(trial.intermediate_values, default=""),
+                    seconds,
+                    *(trial.params.get(name, "") for name in names),
+                ]
+            )
+    temporary.replace(path)
+
+
+def _params_to_settings(params: dict[str, Any]) -> dict[str, Any]:
+    settings = {key: value for key, value in params.items() if key != "augmentation_strength"}
+    settings.update(scaled_augmentation(params.get("augmentation_strength", 1.0)))
+    settings["augment"] = True
+    return settings
+
+
+def save_figures(study: Any, folder: Path) -> list[Path]:
+    """Optuna's Plotly figures as JSON (for the dashboard) and HTML (for a browser).
+
+    The HTML files share one ``plotly.min.js`` in the folder, so they open offline.
+    A figure Optuna cannot draw yet (e.g. parameter importances before two trials
+    completed) is skipped with a note.
+    """
+    from optuna import visualization
+
+    folder.mkdir(parents=True, exist_ok=True)
+    makers = {
+        "optimization_history": visualization.plot_optimization_history,
+        "intermediate_values": visualization.plot_intermediate_values,
+        "param_importances": visualization.plot_param_importances,
+        "parallel_coordinate": visualization.plot_parallel_coordinate,
+        "slice": visualization.plot_slice,
+    }
+    written: list[Path] = []
+    for name, make in makers.items():
+        try:
+            figure = make(study)
+        except (ValueError, RuntimeError, ZeroDivisionError) as error:
+            print(f"Figure {name} skipped: {error}", file=sys.stderr)
+            continue
+        (folder / f"{name}.json").write_text(figure.to_json(), encoding="utf-8")
+        figure.write_html(folder / f"{name}.html", include_plotlyjs="directory")
+        written.extend([folder / f"{name}.json", folder / f"{name}.html"])
+    return written

@@ -1,0 +1,119 @@
+"""Cross-validation: patient-grouped stratified folds, per-fold runs, resume, summary."""
+
+import csv
+import json
+from collections import defaultdict
+
+import numpy as np
+import pytest
+from _synthetic import write_synthetic_dataset
+from typer.testing import CliRunner
+
+from malaria_classifier.cli import app
+from malaria_classifier.config import TrainingConfig
+from malaria_classifier.cv import cross_validate, fold_dir, summarize_folds
+from malaria_classifier.data import check_dataset
+from malaria_classifier.evaluation import METRIC_NAMES
+from malaria_classifier.splits import assign_folds, check_no_leakage, fold_manifest
+
+TINY = TrainingConfig(
+    image_size=16,
+    base_filters=4,
+    conv_blocks=2,
+    dense_units=8,
+    batch_size=16,
+    epochs=1,
+    validation_fraction=0.25,
+    augment=False,
+)
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    # 12 patients: 9 infected (6 parasitized + 6 uninfected cells each), 3 healthy donors.
+    root = write_synthetic_dataset(
+        tmp_path_factory.mktemp("data") / "cells", patients=12, cells_per_class=6, size=20
+    )
+    return check_dataset(root, progress=False)
+
+
+def test_folds_keep_patients_whole_and_balance_infected_and_healthy(report):
+    folds = assign_folds(report.records, report.hashes, folds=3, seed=1)
+    fold_of_patient = defaultdict(set)
+    for record, fold in zip(report.records, folds, strict=True):
+        fold_of_patient[record.patient].add(fold)
+    assert all(len(found) == 1 for found in fold_of_patient.values())
+    parasitized = [
+        sum(r.label == "Parasitized" for r, f in zip(report.records, folds, strict=True) if f == k)
+        for k in range(3)
+    ]
+    assert parasitized == [18, 18, 18]  # 3 infected patients x 6 cells in every fold
+    healthy = {"C910", "C911", "C912"}
+    healthy_per_fold = [
+        len({r.patient for r, f in zip(report.records, folds, strict=True) if f == k} & healthy)
+        for k in range(3)
+    ]
+    assert healthy_per_fold == [1, 1, 1]
+    assert assign_folds(report.records, report.hashes, folds=3, seed=1) == folds
+
+
+def test_fold_manifest_tests_the_fold_and_splits_the_rest(report):
+    folds = assign_folds(report.records, report.hashes, folds=3, seed=1)
+    rows = fold_manifest(report.records, report.hashes, folds, 2, report.root, 0.25, seed=1)
+    check_no_leakage(rows)
+    test_patients = {r.patient for r, f in zip(report.records, folds, strict=True) if f == 2}
+    assert {row.patient for row in rows if row.split == "test"} == test_patients
+    assert {row.split for row in rows} == {"train", "validation", "test"}
+    assert len(rows) == len(report.records)
+
+
+@pytest.mark.parametrize(
+    ("folds", "message"),
+    [(1, "folds must be an integer of at least 2"), (13, "13 folds need at least 13 patient")],
+)
+def test_impossible_fold_counts_are_refused(report, folds, message):
+    with pytest.raises(ValueError, match=message):
+        assign_folds(report.records, report.hashes, folds=folds)
+
+
+def test_summary_is_mean_and_sample_sd():
+    rows = [dict.fromkeys(METRIC_NAMES, value) for value in (0.9, 0.95, 1.0)]
+    mean, sd = summarize_folds(rows)
+    assert mean["accuracy"] == pytest.approx(0.95)
+    assert sd["roc_auc"] == pytest.approx(0.05)
+
+
+def test_cross_validation_runs_every_fold_resumes_and_summarizes(report, tmp_path):
+    run_dir = tmp_path / "cv"
+    result = cross_validate(report.root, TINY, run_dir, folds=2, verbose=0, progress=False)
+    assert [row["fold"] for row in result.folds] == [1, 2]
+    assert sum(row["cells"] for row in result.folds) == len(report.records)
+    for name in METRIC_NAMES:
+        values = [row[name] for row in result.folds]
+        assert result.mean[name] == pytest.approx(np.mean(values), nan_ok=True)
+    with open(run_dir / "cv_results.csv", newline="") as handle:
+        lines = list(csv.reader(handle))
+    assert [line[0] for line in lines] == ["fold", "1", "2", "mean", "sd"]
+    saved = json.loads((run_dir / "cv_results.json").read_text())
+    assert saved["mean"]["accuracy"] == pytest.approx(result.mean["accuracy"])
+
+    # Resume: finished folds are not retrained; a fold without metrics is completed.
+    finished_model = fold_dir(run_dir, 0) / "model.keras"
+    stamp = finished_model.stat().st_mtime_ns
+    (fold_dir(run_dir, 1) / "metrics.json").unlink()
+    again = cross_validate(report.root, TINY, run_dir, folds=2, verbose=0, progress=False)
+    assert finished_model.stat().st_mtime_ns == stamp
+    assert (fold_dir(run_dir, 1) / "metrics.json").is_file()
+    assert again.folds[0] == result.folds[0]
+
+    with pytest.raises(ValueError, match="cross-validation with other settings"):
+        cross_validate(report.root, TINY, run_dir, folds=3, verbose=0, progress=False)
+
+    # The command prints the table of a finished cross-validation without training.
+    arguments = ["cv", "--data", report.root, "--folds", 2, "--output", run_dir]
+    output = CliRunner().invoke(
+        app, [str(value) for value in [*arguments, "--config", run_dir / "config.yaml"]]
+    )
+    assert output.exit_code == 0, output.output
+    assert "finished earlier" in output.output
+    assert "mean" in output.output and "roc_auc" in output.output

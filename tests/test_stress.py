@@ -1,0 +1,69 @@
+"""Stress variants imitate other labs' cells without touching what they should keep."""
+
+import numpy as np
+import pytest
+from _synthetic import draw_cell
+
+from malaria_classifier.stress import (
+    PURPLE_STAIN_MEAN,
+    add_context,
+    background_mask,
+    blur,
+    fill_background,
+    rescale,
+    rescale_to_side,
+    shift_hue,
+    stress_variants,
+    transfer_stain,
+)
+
+
+@pytest.fixture
+def cell():
+    return np.asarray(draw_cell(60, parasitized=True, rng=np.random.default_rng(0)))[:, :50]
+
+
+def test_rescaling_sets_the_crop_size(cell):
+    assert rescale(cell, 0.5).shape == (30, 25, 3)
+    assert max(rescale_to_side(cell, 15).shape[:2]) == 15
+
+
+def test_smear_background_fills_exactly_the_black_mask(cell):
+    filled = fill_background(cell, np.random.default_rng(0))
+    mask = background_mask(cell)
+    assert mask.any() and not background_mask(filled).any()
+    np.testing.assert_array_equal(filled[~mask], cell[~mask])
+    assert 170 < filled[mask].mean() < 215
+
+
+def test_stain_transfer_moves_the_cell_mean_and_keeps_the_background(cell):
+    stained = transfer_stain(cell)
+    foreground = ~background_mask(cell)
+    np.testing.assert_allclose(stained[foreground].mean(axis=0), PURPLE_STAIN_MEAN, atol=2)
+    assert (stained[~foreground] == 0).all()
+
+
+def test_hue_shift_changes_the_cell_colour_only(cell):
+    shifted = shift_hue(cell, 0.1)
+    foreground = ~background_mask(cell)
+    assert np.abs(shifted[foreground].astype(int) - cell[foreground]).mean() > 10
+    assert (shifted[~foreground] == 0).all()
+
+
+def test_context_crop_is_a_larger_rectangle_without_black(cell):
+    framed = add_context(cell, np.random.default_rng(0), width_factor=1.5, height_factor=1.2)
+    assert framed.shape == (72, 75, 3)
+    assert not background_mask(framed).any()
+
+
+def test_blur_softens_edges(cell):
+    assert (
+        np.abs(np.diff(blur(cell, 2.0).astype(int), axis=1)).mean()
+        < np.abs(np.diff(cell.astype(int), axis=1)).mean()
+    )
+
+
+def test_every_variant_returns_an_rgb_image(cell):
+    for name, variant in stress_variants().items():
+        result = variant(cell, np.random.default_rng(0))
+        assert result.dtype == np.uint8 and result.ndim == 3 and result.shape[2] == 3, name

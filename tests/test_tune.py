@@ -1,0 +1,104 @@
+"""Hyper-parameter search: trial recipes, validation-only objective, resume, outputs."""
+
+import csv
+
+import optuna
+import pytest
+from _synthetic import write_synthetic_dataset
+
+import malaria_classifier.tune as tune_module
+from malaria_classifier.config import TrainingConfig, load_config
+from malaria_classifier.splits import read_manifest
+from malaria_classifier.tune import (
+    AUGMENTATION_AT_STRENGTH_ONE,
+    SearchSpace,
+    scaled_augmentation,
+    suggest_config,
+    tune,
+)
+
+TINY_SPACE = SearchSpace(
+    image_sizes=(16,),
+    base_filters=(4,),
+    conv_blocks=(2, 2),
+    convs_per_block=(1, 1),
+    dense_units=(8,),
+    batch_sizes=(16,),
+    max_epochs=2,
+)
+BASE = TrainingConfig(validation_fraction=0.25, test_fraction=0.25, early_stopping_patience=2)
+
+
+def test_a_trial_recipe_takes_every_searched_setting():
+    params = {
+        "image_size": 80,
+        "augmentation_strength": 0.5,
+        "base_filters": 12,
+        "conv_blocks": 5,
+        "convs_per_block": 2,
+        "dense_units": 32,
+        "batch_size": 128,
+        "learning_rate": 0.002,
+        "dropout_rate": 0.25,
+        "label_smoothing": 0.05,
+        "epochs": 12,
+    }
+    config = suggest_config(optuna.trial.FixedTrial(params), BASE, SearchSpace())
+    for name, value in params.items():
+        if name != "augmentation_strength":
+            assert getattr(config, name) == value, name
+    assert config.saturation_range == pytest.approx(0.2)
+    assert config.background_probability == pytest.approx(0.15)
+    assert config.seed == BASE.seed and config.test_fraction == 0.25
+
+
+def test_augmentation_strength_scales_ranges_and_caps_probabilities():
+    assert scaled_augmentation(0.0) == dict.fromkeys(AUGMENTATION_AT_STRENGTH_ONE, 0.0)
+    strong = scaled_augmentation(5.0)
+    assert strong["blur_probability"] == 1.0
+    assert strong["hue_delta"] == pytest.approx(0.2)
+
+
+def test_search_uses_validation_patients_only_resumes_and_writes_a_usable_config(
+    tmp_path, monkeypatch
+):
+    data = write_synthetic_dataset(tmp_path / "cells", patients=8, cells_per_class=4, size=20)
+    seen_paths = []
+    real_make_dataset = tune_module.make_dataset
+
+    def spying_make_dataset(paths, labels, config, training):
+        seen_paths.extend(str(path) for path in paths)
+        return real_make_dataset(paths, labels, config, training)
+
+    monkeypatch.setattr(tune_module, "make_dataset", spying_make_dataset)
+    output = tmp_path / "tune"
+    first = tune(data, 2, output, base=BASE, space=TINY_SPACE, progress=False)
+
+    test_paths = {
+        str(data / row.path)
+        for row in read_manifest(output / "manifest.csv")
+        if row.split == "test"
+    }
+    assert test_paths and seen_paths and not test_paths & set(seen_paths)
+    assert first.finished_trials == 2
+    best = load_config(first.best_config_path)
+    assert best.image_size == 16 and best.base_filters == 4 and best.test_fraction == 0.25
+    assert (output / "study.db").is_file()
+    assert (output / "figures" / "optimization_history.json").is_file()
+    assert (output / "figures" / "optimization_history.html").is_file()
+
+    storage = f"sqlite:///{output / 'study.db'}"
+    values_before = [
+        t.value for t in optuna.load_study(study_name="malaria", storage=storage).trials
+    ]
+    again = tune(data, 3, output, base=BASE, space=TINY_SPACE, progress=False)
+    trials = optuna.load_study(study_name="malaria", storage=storage).trials
+    assert again.finished_trials == 3 and len(trials) == 3
+    assert [t.value for t in trials[:2]] == values_before
+    with open(output / "trials.csv", newline="") as handle:
+        assert len(list(csv.DictReader(handle))) == 3
+
+
+def test_zero_trials_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="--trials must be at least 1"):
+        tune(tmp_path, 0, tmp_path / "tune")
