@@ -4,7 +4,7 @@ Kill points are drawn from a seeded generator, so a failure can be replayed: the
 kill lands somewhere after the first best model is saved (maybe mid-save), the later
 ones anywhere in a resumed run, start-up included. After every kill the previous
 model must still load, and the run folder's split and settings must be unchanged.
-Tuning has no command yet (another issue); it will reuse the same atomic writes.
+Tuning's kill test is tests/test_tune_kill.py.
 """
 
 import hashlib
