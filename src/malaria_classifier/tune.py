@@ -152,21 +152,24 @@ def train_trial(config: TrainingConfig, root: Path, rows: list[ManifestRow], tri
     }
     model = compile_model(build_model(config), config.learning_rate, config.label_smoothing)
     reporter = ReportToTrial(trial)
-    model.fit(
-        datasets["train"],
-        validation_data=datasets["validation"],
-        epochs=config.epochs,
-        shuffle=False,
-        callbacks=[
-            keras.callbacks.LearningRateScheduler(cosine_learning_rate(config)),
-            keras.callbacks.EarlyStopping(
-                "val_auc", mode="max", patience=config.early_stopping_patience
-            ),
-            reporter,
-        ],
-        verbose=0,
-    )
-    keras.backend.clear_session()
+    try:
+        model.fit(
+            datasets["train"],
+            validation_data=datasets["validation"],
+            epochs=config.epochs,
+            shuffle=False,
+            callbacks=[
+                keras.callbacks.LearningRateScheduler(cosine_learning_rate(config)),
+                keras.callbacks.EarlyStopping(
+                    "val_auc", mode="max", patience=config.early_stopping_patience
+                ),
+                reporter,
+            ],
+            verbose=0,
+        )
+    finally:
+        # Free the graph and weights even when the trial is pruned (an exception).
+        keras.backend.clear_session()
     return reporter.best
 
 
