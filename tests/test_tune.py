@@ -6,7 +6,7 @@ import optuna
 import pytest
 from _synthetic import write_synthetic_dataset
 
-import malaria_classifier.tune as tune_module
+import malaria_classifier.training as training_module
 from malaria_classifier.config import TrainingConfig, load_config
 from malaria_classifier.splits import read_manifest
 from malaria_classifier.tune import (
@@ -64,13 +64,13 @@ def test_search_uses_validation_patients_only_resumes_and_writes_a_usable_config
 ):
     data = write_synthetic_dataset(tmp_path / "cells", patients=8, cells_per_class=4, size=20)
     seen_paths = []
-    real_make_dataset = tune_module.make_dataset
+    real_make_dataset = training_module.make_dataset
 
     def spying_make_dataset(paths, labels, config, training):
         seen_paths.extend(str(path) for path in paths)
         return real_make_dataset(paths, labels, config, training)
 
-    monkeypatch.setattr(tune_module, "make_dataset", spying_make_dataset)
+    monkeypatch.setattr(training_module, "make_dataset", spying_make_dataset)
     output = tmp_path / "tune"
     first = tune(data, 2, output, base=BASE, space=TINY_SPACE, progress=False)
 

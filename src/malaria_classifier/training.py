@@ -276,15 +276,7 @@ def _fit(
     """Run the remaining epochs under the strategy, with global batch and scaled rate."""
     keras.utils.set_random_seed(config.seed)
     scaled = scale_for_replicas(config, distribution.replicas)
-    datasets = {
-        split: make_dataset(
-            [root / row.path for row in rows if row.split == split],
-            [row.label for row in rows if row.split == split],
-            scaled,
-            training=split == "train",
-        )
-        for split in ("train", "validation")
-    }
+    datasets = make_split_datasets(root, rows, scaled)
     if distribution.workers > 1:
         # Every worker reads the same files in the same seeded order and keeps its
         # share of the batches (there are no separate input files to hand out).
@@ -415,4 +407,19 @@ def build_model_card(
             "keras": keras.__version__,
             "python": platform.python_version(),
         },
+    }
+
+
+def make_split_datasets(
+    root: Path, rows: list[ManifestRow], config: TrainingConfig
+) -> dict[str, Any]:
+    """The training (augmented) and validation datasets of a manifest's rows."""
+    return {
+        split: make_dataset(
+            [root / row.path for row in rows if row.split == split],
+            [row.label for row in rows if row.split == split],
+            config,
+            training=split == "train",
+        )
+        for split in ("train", "validation")
     }

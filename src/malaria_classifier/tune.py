@@ -28,7 +28,6 @@ from malaria_classifier.config import TrainingConfig, save_config
 from malaria_classifier.data import check_dataset
 from malaria_classifier.model import build_model, compile_model
 from malaria_classifier.model_card import write_json_atomically
-from malaria_classifier.pipeline import make_dataset
 from malaria_classifier.splits import (
     ManifestRow,
     build_manifest,
@@ -36,7 +35,7 @@ from malaria_classifier.splits import (
     split_by_patient,
     write_manifest,
 )
-from malaria_classifier.training import cosine_learning_rate
+from malaria_classifier.training import cosine_learning_rate, make_split_datasets
 
 BEST_CONFIG_FILE = "best_config.yaml"
 FIGURES_DIR = "figures"
@@ -141,15 +140,7 @@ class ReportToTrial(keras.callbacks.Callback):
 def train_trial(config: TrainingConfig, root: Path, rows: list[ManifestRow], trial: Any) -> float:
     """Train one trial's recipe; return its best validation AUC (test never loaded)."""
     keras.utils.set_random_seed(config.seed)
-    datasets = {
-        split: make_dataset(
-            [root / row.path for row in rows if row.split == split],
-            [row.label for row in rows if row.split == split],
-            config,
-            training=split == "train",
-        )
-        for split in ("train", "validation")
-    }
+    datasets = make_split_datasets(root, rows, config)
     model = compile_model(build_model(config), config.learning_rate, config.label_smoothing)
     reporter = ReportToTrial(trial)
     try:
