@@ -21,6 +21,7 @@ DEFAULTS = {
     "conv_blocks": 4,
     "convs_per_block": 1,
     "dense_units": 64,
+    "colour_normalization": "fixed",
     "dropout_rate": 0.3,
     "batch_size": 64,
     "learning_rate": 0.001,
@@ -137,6 +138,7 @@ def test_unknown_override_is_named():
         ("batch_size: true\n", r"batch_size must be an integer, got True \(bool\)"),
         ('learning_rate: "0.01"\n', r"learning_rate must be a number, got '0\.01' \(str\)"),
         ("dropout_rate: false\n", r"dropout_rate must be a number, got False \(bool\)"),
+        ("colour_normalization: 1\n", r"colour_normalization must be text, got 1 \(int\)"),
     ],
 )
 def test_wrong_types_are_rejected(write_yaml, text, message):

@@ -37,6 +37,7 @@ def test_a_trial_recipe_takes_every_searched_setting():
         "conv_blocks": 5,
         "convs_per_block": 2,
         "dense_units": 32,
+        "colour_normalization": "per_cell",
         "batch_size": 128,
         "learning_rate": 0.002,
         "dropout_rate": 0.25,

@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml
 
+COLOUR_NORMALIZATIONS: tuple[str, ...] = ("fixed", "per_cell")
+
 
 @dataclass(frozen=True)
 class TrainingConfig:
@@ -24,6 +26,11 @@ class TrainingConfig:
         conv_blocks: Number of convolution blocks (each halves the resolution).
         convs_per_block: Convolutions in each block before its pooling.
         dense_units: Width of the fully connected layer before the softmax.
+        colour_normalization: How the model scales its uint8 input. ``"fixed"`` maps
+            0..255 to -1..1 for every image; ``"per_cell"`` standardizes each image's
+            cell pixels per channel (mean 0, standard deviation 1; the black
+            background stays 0), so a paler, deeper or differently tinted stain from
+            another laboratory reaches the convolutions looking like an NIH one.
         dropout_rate: Dropout before the softmax (0 turns it off).
         batch_size: Images per training step.
         learning_rate: Adam's initial learning rate (cosine-decayed over ``epochs``).
@@ -60,6 +67,7 @@ class TrainingConfig:
     conv_blocks: int = 4
     convs_per_block: int = 1
     dense_units: int = 64
+    colour_normalization: str = "fixed"
     dropout_rate: float = 0.3
     batch_size: int = 64
     learning_rate: float = 0.001
@@ -92,6 +100,11 @@ class TrainingConfig:
             raise ValueError(f"learning_rate must be in (0, 1), got {self.learning_rate}.")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}.")
+        if self.colour_normalization not in COLOUR_NORMALIZATIONS:
+            raise ValueError(
+                f"colour_normalization must be one of {', '.join(COLOUR_NORMALIZATIONS)}, "
+                f"got {self.colour_normalization!r}."
+            )
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate}.")
         for name in ("low_resolution_probability", "blur_probability", "background_probability"):
@@ -144,7 +157,7 @@ def config_from_dict(values: dict[str, Any], source: str = "config") -> Training
     return TrainingConfig(**converted)
 
 
-_ARTICLE = {bool: "true or false", int: "an integer", float: "a number"}
+_ARTICLE = {bool: "true or false", int: "an integer", float: "a number", str: "text"}
 
 
 def _convert(name: str, value: Any, expected: type, source: str) -> Any:
@@ -155,6 +168,8 @@ def _convert(name: str, value: Any, expected: type, source: str) -> Any:
         return value
     if expected is float and isinstance(value, int | float) and not is_bool:
         return float(value)
+    if expected is str and isinstance(value, str):
+        return value
     raise ValueError(
         f"{source}: {name} must be {_ARTICLE[expected]}, got {value!r} ({type(value).__name__})."
     )

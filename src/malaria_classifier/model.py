@@ -31,7 +31,10 @@ def build_model(config: TrainingConfig) -> keras.Model:
     """
     size = config.image_size
     inputs = keras.Input(shape=(size, size, 3), dtype="uint8", name=INPUT_NAME)
-    x = layers.Rescaling(1.0 / 127.5, offset=-1.0, name="normalize")(inputs)
+    if config.colour_normalization == "per_cell":
+        x = CellStandardization(name="normalize")(inputs)
+    else:
+        x = layers.Rescaling(1.0 / 127.5, offset=-1.0, name="normalize")(inputs)
     for block in range(config.conv_blocks):
         filters = config.base_filters * 2**block
         is_last = block == config.conv_blocks - 1
@@ -46,6 +49,46 @@ def build_model(config: TrainingConfig) -> keras.Model:
         x = layers.Dropout(config.dropout_rate, seed=config.seed, name="dropout")(x)
     outputs = layers.Dense(len(CLASS_NAMES), activation="softmax", name="probabilities")(x)
     return keras.Model(inputs, outputs, name="malaria_cnn")
+
+
+@keras.saving.register_keras_serializable(package="malaria_classifier")
+class CellStandardization(layers.Layer):
+    """Standardize each image's cell pixels per channel; the background stays 0.
+
+    Giemsa stain varies between batches, laboratories and cameras mostly as a change
+    of each channel's level and spread over the whole crop. Subtracting each image's
+    mean and dividing by its standard deviation (over the cell, i.e. pixels whose
+    brightest channel reaches ``dark_level``, not the black mask) removes that change
+    while keeping what marks a parasite: spots darker and bluer than the cell around
+    them. It is part of the model, so a saved model still takes raw uint8 pixels.
+
+    Args:
+        dark_level: Pixels whose brightest channel is below this (0-255) are
+            background and excluded from the statistics.
+        min_std: Floor of the standard deviation (pixel units), so a flat image is
+            not blown up into noise.
+    """
+
+    def __init__(self, dark_level: float = 30.0, min_std: float = 4.0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.dark_level = float(dark_level)
+        self.min_std = float(min_std)
+
+    def call(self, inputs):
+        pixels = keras.ops.cast(inputs, "float32")
+        brightest = keras.ops.max(pixels, axis=-1, keepdims=True)
+        cell = keras.ops.cast(brightest >= self.dark_level, "float32")
+        count = keras.ops.maximum(keras.ops.sum(cell, axis=(1, 2), keepdims=True), 1.0)
+        mean = keras.ops.sum(pixels * cell, axis=(1, 2), keepdims=True) / count
+        variance = keras.ops.sum(keras.ops.square(pixels - mean) * cell, axis=(1, 2), keepdims=True)
+        std = keras.ops.maximum(keras.ops.sqrt(variance / count), self.min_std)
+        return (pixels - mean) / std * cell
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "dark_level": self.dark_level, "min_std": self.min_std}
 
 
 def _conv_bn_relu(x: keras.KerasTensor, filters: int, name: str) -> keras.KerasTensor:

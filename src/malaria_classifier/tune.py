@@ -66,6 +66,7 @@ class SearchSpace:
             ``2**blocks`` px).
         convs_per_block: Smallest and largest number of convolutions per block.
         dense_units: Widths of the dense layer to try.
+        colour_normalizations: Input scalings to try (see ``TrainingConfig``).
         batch_sizes: Batch sizes to try.
         learning_rate: Range of Adam's initial rate (searched on a log scale).
         dropout_rate: Range of the dropout rate.
@@ -80,6 +81,7 @@ class SearchSpace:
     conv_blocks: tuple[int, int] = (3, 5)
     convs_per_block: tuple[int, int] = (1, 2)
     dense_units: tuple[int, ...] = (32, 64, 128)
+    colour_normalizations: tuple[str, ...] = ("fixed", "per_cell")
     batch_sizes: tuple[int, ...] = (32, 64, 128)
     learning_rate: tuple[float, float] = (3e-4, 3e-3)
     dropout_rate: tuple[float, float] = (0.0, 0.5)
@@ -99,6 +101,9 @@ def suggest_config(trial: Any, base: TrainingConfig, space: SearchSpace) -> Trai
         "conv_blocks": trial.suggest_int("conv_blocks", space.conv_blocks[0], deepest),
         "convs_per_block": trial.suggest_int("convs_per_block", *space.convs_per_block),
         "dense_units": trial.suggest_categorical("dense_units", list(space.dense_units)),
+        "colour_normalization": trial.suggest_categorical(
+            "colour_normalization", list(space.colour_normalizations)
+        ),
         "batch_size": trial.suggest_categorical("batch_size", list(space.batch_sizes)),
         "learning_rate": trial.suggest_float("learning_rate", *space.learning_rate, log=True),
         "dropout_rate": trial.suggest_float("dropout_rate", *space.dropout_rate),

@@ -1,0 +1,82 @@
+"""The CNN's colour normalization: fixed scaling, or per-cell standardization."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from malaria_classifier.config import TrainingConfig
+from malaria_classifier.model import CellStandardization, build_model, load_model
+
+
+def _cells(count: int = 4, size: int = 32, seed: int = 0) -> np.ndarray:
+    """Pinkish discs with darker purple spots on black, like NIH crops."""
+    rng = np.random.default_rng(seed)
+    rows, columns = np.mgrid[:size, :size]
+    disc = (rows - size / 2) ** 2 + (columns - size / 2) ** 2 < (size * 0.4) ** 2
+    images = np.zeros((count, size, size, 3), dtype=np.uint8)
+    for image in images:
+        image[disc] = rng.integers([180, 110, 130], [220, 140, 160], size=(disc.sum(), 3))
+        spot = (rows - rng.integers(10, 22)) ** 2 + (columns - rng.integers(10, 22)) ** 2 < 6
+        image[spot & disc] = (90, 40, 120)
+    return images
+
+
+def _standardize(images: np.ndarray) -> np.ndarray:
+    return np.asarray(CellStandardization()(images))
+
+
+def test_cell_pixels_get_zero_mean_and_unit_spread_and_background_stays_zero():
+    images = _cells()
+    standardized = _standardize(images)
+    cell = images.max(axis=-1) >= 30
+    for index in range(len(images)):
+        values = standardized[index][cell[index]]
+        np.testing.assert_allclose(values.mean(axis=0), 0.0, atol=1e-4)
+        np.testing.assert_allclose(values.std(axis=0), 1.0, atol=1e-3)
+    assert np.all(standardized[~cell] == 0.0)
+
+
+def test_a_different_stain_tint_reaches_the_network_almost_unchanged():
+    images = _cells()
+    cell = images.max(axis=-1, keepdims=True) >= 30
+    # Another laboratory: each channel scaled and shifted differently, background black.
+    tinted = np.where(cell, np.clip(images * [0.7, 0.9, 1.15] + [20, 0, -10], 0, 255), 0)
+    before, after = _standardize(images), _standardize(tinted.astype(np.uint8))
+    # Compare each representation's change to its own spread over cell pixels.
+    fixed_before, fixed_after = images / 127.5 - 1.0, tinted / 127.5 - 1.0
+    inside = cell[..., 0]
+    standardized_change = np.abs(before - after)[inside].mean() / before[inside].std()
+    fixed_change = np.abs(fixed_before - fixed_after)[inside].mean() / fixed_before[inside].std()
+    assert standardized_change < 0.1 * fixed_change
+
+
+def test_a_flat_image_is_not_blown_up_into_noise():
+    flat = np.full((1, 16, 16, 3), 200, dtype=np.uint8)
+    flat[0, 0, 0] = 204
+    assert np.abs(_standardize(flat)).max() <= 1.0
+
+
+def test_per_cell_model_round_trips_through_a_safe_mode_save(tmp_path):
+    model = build_model(
+        TrainingConfig(image_size=32, conv_blocks=3, colour_normalization="per_cell")
+    )
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = load_model(str(path))
+    images = _cells()
+    assert isinstance(loaded.get_layer("normalize"), CellStandardization)
+    np.testing.assert_allclose(loaded.predict(images, verbose=0), model.predict(images, verbose=0))
+
+
+def test_fixed_normalization_is_the_default_and_maps_pixels_to_minus_one_one():
+    model = build_model(TrainingConfig(image_size=32, conv_blocks=3))
+    normalize = keras.Model(model.input, model.get_layer("normalize").output)
+    out = normalize.predict(np.array([[[[0, 255, 0]] * 32] * 32], dtype=np.uint8), verbose=0)
+    assert out.min() == pytest.approx(-1.0) and out.max() == pytest.approx(1.0)
+
+
+def test_unknown_colour_normalization_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match="fixed, per_cell"):
+        TrainingConfig(colour_normalization="histogram")
