@@ -42,13 +42,19 @@ def write_synthetic_dataset(
     return root
 
 
-def save_tiny_model(path: Path, image_size: int = 32) -> Path:
+def save_tiny_model(path: Path, image_size: int = 32, colour_normalization: str = "fixed") -> Path:
     """An untrained, very small model saved like `malaria train` saves its best model."""
     from malaria_classifier.config import TrainingConfig
     from malaria_classifier.model import build_model, compile_model
     from malaria_classifier.training import save_model_atomically
 
-    config = TrainingConfig(image_size=image_size, base_filters=4, conv_blocks=2, dense_units=8)
+    config = TrainingConfig(
+        image_size=image_size,
+        base_filters=4,
+        conv_blocks=2,
+        dense_units=8,
+        colour_normalization=colour_normalization,
+    )
     model = compile_model(build_model(config), config.learning_rate)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_model_atomically(model, path, include_optimizer=False)

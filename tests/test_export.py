@@ -15,6 +15,7 @@ from malaria_classifier.export import (
     export_model,
 )
 from malaria_classifier.images import load_for_model
+from malaria_classifier.model import load_model
 from malaria_classifier.model_card import default_model_path, read_model_card
 from malaria_classifier.prediction import Predictor, label_for
 from malaria_classifier.runtimes import onnx_forward, tflite_forward
@@ -80,6 +81,17 @@ def test_tflite_export_matches_keras_on_real_cells(exports, keras_predictor, rea
     _assert_agrees(expected, forward(real_cells))
     # A different batch size re-allocates the interpreter and must still agree.
     _assert_agrees(expected[:5], forward(real_cells[:5]))
+
+
+@pytest.mark.parametrize("export_format", ["onnx", "tflite"])
+def test_per_cell_colour_normalization_survives_export(export_format, real_cells, tmp_path):
+    path = save_tiny_model(tmp_path / "model.keras", image_size=64, colour_normalization="per_cell")
+    exported = export_model(path, export_format, tmp_path / f"model.{export_format}")
+    forward = onnx_forward if export_format == "onnx" else tflite_forward
+    model = load_model(str(path))
+    expected = np.asarray(model(real_cells, training=False))
+    actual = forward(exported.path.read_bytes())(real_cells)
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=TOLERANCE)
 
 
 def test_saved_model_round_trip_serves_the_same_probabilities(exports, keras_predictor, real_cells):
