@@ -15,6 +15,7 @@ import itertools
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -31,6 +32,7 @@ from malaria_classifier.data import is_image_file
 from malaria_classifier.decision import load_decision_rule, transformed_views
 from malaria_classifier.images import resize_with_pad
 from malaria_classifier.model_card import default_model_path, read_model_card
+from malaria_classifier.ood import combine_signals, image_statistics
 from malaria_classifier.pipeline import iter_images
 from malaria_classifier.verdict import VerdictRule
 
@@ -139,6 +141,9 @@ class Predictor:
         self.verdict_rule: VerdictRule | None = VerdictRule.from_card(self.card)
         self._with_features = self.rule.ood is not None and self.rule.ood.density is not None
         self._forward = make_scoring_forward(self.model, runtime, self._with_features)
+        # The "Not a cell" image statistics (numpy, which releases the GIL) run on this
+        # thread while TensorFlow runs the forward pass of the same batch.
+        self._statistics_thread = ThreadPoolExecutor(1, thread_name_prefix="ood-statistics")
 
     def predict_arrays(self, images: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
         """Calibrated P(Parasitized) for RGB uint8 arrays of any size (resized with padding)."""
@@ -180,6 +185,9 @@ class Predictor:
 
     def _rows_for_batch(self, names: Sequence[str], batch: np.ndarray) -> list[PredictionRow]:
         """Score one batch and build its rows: calibration, views, OOD, decision."""
+        statistics: Future | None = None
+        if self.rule.ood is not None:
+            statistics = self._statistics_thread.submit(image_statistics, batch)
         raw, features = self._raw_scores(batch)
         calibrated = self.rule.calibrate(raw)
         views = None
@@ -187,8 +195,10 @@ class Predictor:
             view_raw, _ = self._raw_scores(transformed_views(batch))
             views = self.rule.calibrate(view_raw).reshape(-1, len(batch)).T
         ood_reasons = None
-        if self.rule.ood is not None:
-            signals = self.rule.ood.signals(batch, features, self.model)
+        if self.rule.ood is not None and statistics is not None:
+            signals = combine_signals(
+                statistics.result(), features, self.rule.ood.density, self.model
+            )
             ood_reasons = self.rule.ood.reasons(signals)
         decisions, reasons = self.rule.decide(calibrated, ood_reasons, views)
         rows = []
