@@ -368,7 +368,7 @@ def predict(
         raise ValueError("--group-by and --summary go together: pass both or neither.")
     if group_by is not None and group_by not in GROUPINGS:
         raise ValueError(f"--group-by must be one of {', '.join(GROUPINGS)}, got {group_by!r}.")
-    predictor = Predictor(model, test_time_views=views, runtime=runtime)
+    predictor = Predictor(model, test_time_views=views, runtime=runtime, decode_processes=True)
     if summary is not None and predictor.verdict_rule is None:
         raise ValueError(
             f"{predictor.model_path} has no verdict rule. Run `malaria calibrate` on it first."

@@ -30,11 +30,16 @@ from malaria_classifier.constants import (
 )
 from malaria_classifier.data import is_image_file
 from malaria_classifier.decision import load_decision_rule, transformed_views
+from malaria_classifier.decoding import iter_images_in_processes
 from malaria_classifier.images import resize_with_pad
 from malaria_classifier.model_card import default_model_path, read_model_card
 from malaria_classifier.ood import combine_signals, image_statistics
 from malaria_classifier.pipeline import iter_images
 from malaria_classifier.verdict import VerdictRule
+
+# Jobs at least this large decode in worker processes; smaller ones do not pay the
+# fraction of a second it takes to start them.
+PROCESS_DECODE_MIN_FILES = 256
 
 OUTPUT_COLUMNS: tuple[str, ...] = (
     "path",
@@ -113,6 +118,11 @@ class Predictor:
             Runtime, fastest on CPU) or ``tflite`` (LiteRT); the last two need the
             ``export`` extra and convert the model in memory at start-up; ``tflite``
             cannot feed the "Not a cell" check (pass ``check_ood=False`` with it).
+        decode_processes: Decode jobs of ``PROCESS_DECODE_MIN_FILES`` files or more
+            in worker processes (one per core), which do not compete with the model
+            for Python's global lock (``malaria predict`` does). Off by default in
+            the API: like every library that starts processes, it needs the calling
+            script's code behind ``if __name__ == "__main__":``.
     """
 
     def __init__(
@@ -123,6 +133,7 @@ class Predictor:
         test_time_views: bool = False,
         check_ood: bool = True,
         runtime: str = "keras",
+        decode_processes: bool = False,
     ) -> None:
         from malaria_classifier.model import load_model
         from malaria_classifier.runtimes import check_runtime, make_scoring_forward
@@ -138,6 +149,7 @@ class Predictor:
             self.rule.ood = None
         self.threshold = self.rule.threshold
         self.test_time_views = test_time_views
+        self.decode_processes = decode_processes
         self.verdict_rule: VerdictRule | None = VerdictRule.from_card(self.card)
         self._with_features = self.rule.ood is not None and self.rule.ood.density is not None
         self._forward = make_scoring_forward(self.model, runtime, self._with_features)
@@ -230,7 +242,7 @@ class Predictor:
         # and tee buffers only the paths between the two.
         pairs, pairs_to_load = itertools.tee(expand_inputs(inputs))
         readable = (path for path, error in pairs_to_load if error is None)
-        loaded = iter_images(readable, self.image_size)
+        loaded = self._decoded(readable)
         pending: list[tuple[str, np.ndarray | None, str | None]] = []
         images_pending = 0
         for path, error in pairs:
@@ -243,6 +255,14 @@ class Predictor:
                 yield from self._flush(pending)
                 pending, images_pending = [], 0
         yield from self._flush(pending)
+
+    def _decoded(self, paths: Iterator[str]) -> Iterator[tuple[np.ndarray | None, str | None]]:
+        """Decode ``paths`` ahead, in processes for large jobs and threads otherwise."""
+        first = list(itertools.islice(paths, PROCESS_DECODE_MIN_FILES))
+        paths = itertools.chain(first, paths)
+        if self.decode_processes and len(first) >= PROCESS_DECODE_MIN_FILES:
+            return iter_images_in_processes(paths, self.image_size)
+        return iter_images(paths, self.image_size)
 
     def _flush(
         self, pending: list[tuple[str, np.ndarray | None, str | None]]
