@@ -2,7 +2,10 @@
 
 Usage:
     python bench/predict_throughput.py [--data ../shared/data/nih-cell-images] [--images 5000] [--rounds 3]
-        [--runtimes keras,onnx,tflite] [--profile 1000]
+        [--runtimes keras,onnx,tflite] [--decode threads,processes] [--profile 1000]
+
+``--decode processes`` is what ``malaria predict`` does (files decoded in one worker
+process per core, started inside each measured call); ``threads`` is the API default.
 
 Both are measured in the same run on the same files (file cache warmed first), so
 the ratio is comparable across machines. Start-up (importing TensorFlow, loading
@@ -85,6 +88,11 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=5000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--runtimes", default="keras,onnx,tflite")
+    parser.add_argument(
+        "--decode",
+        default="threads,processes",
+        help="where files are decoded: threads (API default), processes (malaria predict)",
+    )
     parser.add_argument("--profile", type=int, default=0, help="cProfile this many files")
     args = parser.parse_args()
     files = pick_files(args.data, args.images)
@@ -96,10 +104,12 @@ def main() -> None:
 
     predictors, startups = {}, {}
     for runtime in args.runtimes.split(","):
-        started = time.perf_counter()
-        predictors[runtime] = Predictor(runtime=runtime)
-        list(predictors[runtime].predict_paths(files[:64]))  # trace / allocate once
-        startups[runtime] = time.perf_counter() - started
+        for decode in args.decode.split(","):
+            name = f"{runtime}, decode in {decode}"
+            started = time.perf_counter()
+            predictors[name] = Predictor(runtime=runtime, decode_processes=decode == "processes")
+            list(predictors[name].predict_paths(files[:64]))  # trace / allocate once
+            startups[name] = time.perf_counter() - started
     batch = np.stack([load_for_model(path, 64) for path in files[:256]])
     forward_rates = {name: forward_rate(p, batch) for name, p in predictors.items()}
 
