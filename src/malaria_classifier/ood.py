@@ -103,22 +103,18 @@ def image_statistics(batch: np.ndarray) -> np.ndarray:
     ) / (safe_count[:, None] * 255.0)
     saturation_map = (brightest - darkest) / np.maximum(brightest, 1.0)
     saturation = (saturation_map * foreground).sum(axis=(1, 2)) / safe_count
-    gray = (red + green + blue) / 3.0
     content_dark, enclosed, holes = _background_layout(dark, black, box)
-    border = np.concatenate(
-        [dark[:, 0], dark[:, -1], dark[:, 1:-1, 0], dark[:, 1:-1, -1]], axis=1
-    ).mean(axis=1)
     statistics = np.stack(
         [
             dark.mean(axis=(1, 2)),
-            border,
+            _edge_background_fraction(dark),
             content_dark,
             enclosed,
             colour[:, 0],
             colour[:, 1],
             colour[:, 2],
             saturation,
-            _foreground_texture(gray, foreground),
+            _foreground_texture((red + green + blue) / 3.0, foreground),
             _largest_blob_fraction(foreground, safe_count),
             _edge_sharpness(distance, dark, box, safe_count),
             _thickness(foreground | holes),
@@ -129,6 +125,12 @@ def image_statistics(batch: np.ndarray) -> np.ndarray:
     empty = count == 0
     statistics[empty] = [1.0, 1.0, 1.0] + [0.0] * (len(STATISTIC_NAMES) - 3)
     return statistics.reshape(n, len(STATISTIC_NAMES))
+
+
+def _edge_background_fraction(dark: np.ndarray) -> np.ndarray:
+    """Share of the pixels on the image's outer edge that are background."""
+    edge = np.concatenate([dark[:, 0], dark[:, -1], dark[:, 1:-1, 0], dark[:, 1:-1, -1]], axis=1)
+    return edge.mean(axis=1)
 
 
 @dataclass(frozen=True)
