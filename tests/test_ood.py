@@ -193,7 +193,9 @@ def test_a_smear_background_is_measured_like_the_black_one():
     assert (_stat(smeared, "largest_blob_fraction") == 1.0).all()
     # sharpness is relative to the object's contrast, so a pale step is no "blur" (raw
     # gradients would drop to a fifth; a heavily blurred cell is below 0.15)
-    assert (_stat(smeared, "edge_sharpness") > 0.5 * _stat(black, "edge_sharpness")).all()
+    assert (
+        _stat(smeared, "relative_edge_sharpness") > 0.5 * _stat(black, "relative_edge_sharpness")
+    ).all()
 
 
 def _fitted_checks(train, validation):

@@ -59,7 +59,7 @@ STATISTIC_NAMES: tuple[str, ...] = (
     "foreground_saturation",
     "foreground_texture",
     "largest_blob_fraction",
-    "edge_sharpness",
+    "relative_edge_sharpness",
     "thickness",
 )
 FEATURE_SIGNALS: tuple[str, ...] = ("feature_distance", "energy")
@@ -75,10 +75,11 @@ def image_statistics(batch: np.ndarray) -> np.ndarray:
 
     "Dark" in the names means *background* (:func:`distance_from_background`): black,
     as the NIH mask and the padding are, or close to the colour around the picture's
-    edge, so a crop that keeps its smear background is measured like an NIH crop
-    (whose values are what they were with black alone, apart from edge sharpness,
-    now relative to the object's contrast). Computed for the whole batch at once
-    (about 0.3 ms an image on 2 cores), because this runs on every prediction.
+    edge, so a crop that keeps its smear background is measured like an NIH crop.
+    On NIH crops every statistic named as before keeps its value exactly; the edge
+    one is relative to the object's contrast now, hence its new name, so limits in an
+    older ``ood.json`` never meet it. Computed for the whole batch at once (about
+    0.3 ms an image on 2 cores), because this runs on every prediction.
 
     Args:
         batch: uint8 array ``(n, size, size, 3)``: images as the model sees them.
