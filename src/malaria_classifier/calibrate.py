@@ -205,7 +205,10 @@ def score_run_splits(
         )
         scores[split] = score_cells(model, *columns)
         if ood_variants and split != "test":
-            scores[f"{split}_variants"] = score_cells(model, *columns, variant_seed=seed + 1)
+            # Its own seed per split: the i-th training and validation cells must not
+            # draw the same changes.
+            variant_seed = seed + 1 + ("train", "validation").index(split)
+            scores[f"{split}_variants"] = score_cells(model, *columns, variant_seed=variant_seed)
     return model, scores
 
 
