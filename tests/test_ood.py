@@ -299,3 +299,13 @@ def test_bundled_data_cells_with_other_lab_looks_pass_a_check_fitted_with_varian
     ):
         images = [image for name, image in non_cells if name == kind]
         assert _rejected(with_variants, images) >= 0.9, kind
+
+
+def test_a_picture_running_past_its_edges_has_little_background_on_them():
+    """A cell is cut out of its surroundings; a landscape continues past the frame."""
+    landscape = np.zeros((90, 120, 3), np.uint8)
+    landscape[:50] = (120, 180, 230)  # sky: the border colour
+    landscape[50:] = (70, 140, 50)  # ground: the "object", along the whole bottom edge
+    statistics = image_statistics(_model_inputs([_native_cells(1)[0], landscape]))
+    edge = _stat(statistics, "box_edge_dark_fraction")
+    assert edge[0] > 0.6 and edge[1] < 0.6

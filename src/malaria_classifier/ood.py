@@ -61,6 +61,7 @@ STATISTIC_NAMES: tuple[str, ...] = (
     "largest_blob_fraction",
     "relative_edge_sharpness",
     "thickness",
+    "box_edge_dark_fraction",
 )
 FEATURE_SIGNALS: tuple[str, ...] = ("feature_distance", "energy")
 SIGNAL_NAMES: tuple[str, ...] = STATISTIC_NAMES + FEATURE_SIGNALS
@@ -119,6 +120,7 @@ def image_statistics(batch: np.ndarray) -> np.ndarray:
             _largest_blob_fraction(foreground, safe_count),
             _edge_sharpness(distance, dark, box, safe_count),
             _thickness(foreground | holes),
+            _box_edge_background_fraction(dark, box),
         ],
         axis=1,
     ).astype(np.float64)
@@ -162,6 +164,30 @@ def _content_box(black: np.ndarray) -> ContentBox:
     )
 
 
+def _box_ring(values: np.ndarray, box: ContentBox) -> tuple[np.ndarray, np.ndarray]:
+    """The outer ring of each content box: ``values`` there ``(n, 4 * size, ...)``, and a mask.
+
+    The four box edges are gathered as whole image rows and columns; the mask says
+    which of those positions lie on the box (false for all of an empty image).
+    """
+    n, size = box.rows.shape
+    image = np.arange(n)
+    ring = np.concatenate(
+        [
+            values[image, box.top],
+            values[image, box.bottom],
+            values[image, :, box.left],
+            values[image, :, box.right],
+        ],
+        axis=1,
+    )
+    position = np.arange(size)[None, :]
+    across = (position >= box.left[:, None]) & (position <= box.right[:, None])
+    down = (position >= box.top[:, None]) & (position <= box.bottom[:, None])
+    in_ring = np.concatenate([across, across, down, down], axis=1) & box.rows.any(axis=1)[:, None]
+    return ring, in_ring
+
+
 def border_colours(batch: np.ndarray, box: ContentBox) -> tuple[np.ndarray, np.ndarray]:
     """Median colour ``(n, 3)`` of the outer ring of each content box, and how uniform it is.
 
@@ -173,30 +199,28 @@ def border_colours(batch: np.ndarray, box: ContentBox) -> tuple[np.ndarray, np.n
         The colours, and per image the share of ring pixels within ``BORDER_TOLERANCE``
         of it in every channel (0 for an image with no content).
     """
-    n, size = box.rows.shape
-    image = np.arange(n)
-    ring = np.concatenate(
-        [
-            batch[image, box.top],
-            batch[image, box.bottom],
-            batch[image, :, box.left],
-            batch[image, :, box.right],
-        ],
-        axis=1,
-    ).astype(np.int16)
-    position = np.arange(size)[None, :]
-    across = (position >= box.left[:, None]) & (position <= box.right[:, None])
-    down = (position >= box.top[:, None]) & (position <= box.bottom[:, None])
-    in_ring = np.concatenate([across, across, down, down], axis=1) & box.rows.any(axis=1)[:, None]
+    ring, in_ring = _box_ring(batch, box)
+    ring = ring.astype(np.int16)
     # Pixels beyond the box sort last, so the lower median sits at a known index per image.
     ordered = np.where(in_ring[:, :, None], ring, np.iinfo(np.int16).max)
     ordered.sort(axis=1)
     count = in_ring.sum(axis=1)
-    colour = ordered[image, np.maximum(count - 1, 0) // 2]
+    colour = ordered[np.arange(len(batch)), np.maximum(count - 1, 0) // 2]
     near = in_ring.copy()
     for channel in range(3):
         near &= np.abs(ring[:, :, channel] - colour[:, None, channel]) <= BORDER_TOLERANCE
     return colour.astype(np.float32), near.sum(axis=1) / np.maximum(count, 1)
+
+
+def _box_edge_background_fraction(dark: np.ndarray, box: ContentBox) -> np.ndarray:
+    """Share of the content box's outer ring that is background.
+
+    A cell is cut out of its surroundings, so most of its crop's edge is background
+    (NIH: at least ~60%); a photo, a scene or a screenshot runs on past its edges.
+    Unlike ``border_dark_fraction`` this ignores the padding.
+    """
+    ring, in_ring = _box_ring(dark, box)
+    return (ring & in_ring).sum(axis=1) / np.maximum(in_ring.sum(axis=1), 1)
 
 
 def distance_from_background(
