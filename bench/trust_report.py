@@ -2,8 +2,9 @@
 
     python bench/trust_report.py --run ../main/runs/default --data ../shared/data/nih-cell-images
 
-Uses the trust layer *as shipped* with the bundled model (model card + ood.json, fitted
-by `malaria calibrate` on validation patients) and measures it on the run's test
+Uses the trust layer *as shipped* with the bundled model, or with ``--model`` (model card
++ ood.json, fitted by `malaria calibrate` on validation patients; pass ``--figure`` then,
+so docs/images is left alone) and measures it on the run's test
 patients, plus a programmatic non-cell set (tests/_noncells.py, seed 1: never used for
 fitting or design). 95% CIs: bootstrap over patients (cells) or Wilson (images).
 Also times Predictor.predict_paths with the check off, on (default) and with views.
@@ -114,7 +115,7 @@ def report_operating_point(scores, rule, split):
     )
 
 
-def report_ood(model, scores_by_split, rule, cells_for_non_cells, per_kind):
+def report_ood(model, scores_by_split, rule, cells_for_non_cells, per_kind, model_path=None):
     print("\n## Not-a-cell check")
     for split in ("validation", "test"):
         scores = scores_by_split[split]
@@ -126,7 +127,7 @@ def report_ood(model, scores_by_split, rule, cells_for_non_cells, per_kind):
             f"  false rejection, {split} cells: {rejected.sum()}/{len(rejected)} = "
             f"{rejected.mean():.4f} [{low:.4f}, {high:.4f}] (patient bootstrap)"
         )
-    predictor = Predictor()
+    predictor = Predictor(model_path)
     non_cells = make_non_cells(per_kind, seed=1, cells=cells_for_non_cells)
     rows = predictor.predict_images([resize_with_pad(image, 64) for _, image in non_cells])
     kinds = [kind for kind, _ in non_cells]
@@ -176,7 +177,7 @@ def report_verdicts(model, scores, rule, verdict_rule, split):
         )
 
 
-def report_throughput(paths, rounds):
+def report_throughput(paths, rounds, model_path=None):
     print(
         f"\n## Throughput, Predictor.predict_paths on {len(paths)} cells (median of {rounds} rounds)"
     )
@@ -185,7 +186,7 @@ def report_throughput(paths, rounds):
         "default (check on)": {},
         "check on + views (x4 forward)": dict(test_time_views=True),
     }
-    predictors = {name: Predictor(**kwargs) for name, kwargs in setups.items()}
+    predictors = {name: Predictor(model_path, **kwargs) for name, kwargs in setups.items()}
     for predictor in predictors.values():
         list(predictor.predict_paths(paths[:256]))  # warm up the traced function
     rates = {name: [] for name in setups}
@@ -209,6 +210,9 @@ def main() -> None:
     parser.add_argument(
         "--data", type=Path, default=ROOT.parent / "shared" / "data" / "nih-cell-images"
     )
+    parser.add_argument(
+        "--model", type=Path, help="calibrated model (.keras); default: the bundled model"
+    )
     parser.add_argument("--non-cells-per-kind", type=int, default=50)
     parser.add_argument("--throughput-images", type=int, default=3000)
     parser.add_argument("--rounds", type=int, default=3)
@@ -217,7 +221,7 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    model_path = default_model_path()
+    model_path = args.model or default_model_path()
     card = read_model_card(model_path)
     rule = load_decision_rule(model_path, card)
     verdict_rule = VerdictRule.from_card(card)
@@ -231,11 +235,11 @@ def main() -> None:
     root = find_class_root(args.data)
     test_rows = [row for row in read_manifest(args.run / "manifest.csv") if row.split == "test"]
     cells = [load_rgb_image(root / row.path) for row in test_rows[::50]]
-    report_ood(model, scores, rule, cells, args.non_cells_per_kind)
+    report_ood(model, scores, rule, cells, args.non_cells_per_kind, model_path)
     report_verdicts(model, scores["test"], rule, verdict_rule, "test")
     report_verdicts(model, scores["validation"], rule, verdict_rule, "validation")
     paths = [root / row.path for row in test_rows][: args.throughput_images]
-    report_throughput(paths, args.rounds)
+    report_throughput(paths, args.rounds, model_path)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,12 @@ def write_synthetic_dataset(
 
 
 def save_tiny_model(path: Path, image_size: int = 32, colour_normalization: str = "fixed") -> Path:
-    """An untrained, very small model saved like `malaria train` saves its best model."""
+    """An untrained, very small model saved like `malaria train` saves its best model.
+
+    Its weights are seeded, so tests that depend on its (arbitrary) scores are repeatable.
+    """
+    import keras
+
     from malaria_classifier.config import TrainingConfig
     from malaria_classifier.model import build_model, compile_model
     from malaria_classifier.training import save_model_atomically
@@ -55,6 +60,7 @@ def save_tiny_model(path: Path, image_size: int = 32, colour_normalization: str 
         dense_units=8,
         colour_normalization=colour_normalization,
     )
+    keras.utils.set_random_seed(config.seed)
     model = compile_model(build_model(config), config.learning_rate)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_model_atomically(model, path, include_optimizer=False)

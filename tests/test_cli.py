@@ -1,6 +1,7 @@
 """The `malaria` command: clear messages and exit codes, never a traceback for user errors."""
 
 import csv
+import json
 
 import pytest
 from _synthetic import save_tiny_model, write_synthetic_dataset
@@ -195,10 +196,16 @@ def test_calibrate_then_predict_with_decisions_and_a_patient_summary(tmp_path):
     run_dir = tmp_path / "run"
     _write_manifest(data, run_dir)
     model = save_tiny_model(run_dir / "model.keras")
+    result = _run("calibrate", "--data", data, "--run", run_dir, "--no-ood-variants")
+    assert result.exit_code == 0, result.output
+    assert json.loads((run_dir / "ood.json").read_text())["fitted_on"]["variants"].startswith(
+        "none"
+    )
     result = _run("calibrate", "--data", data, "--run", run_dir)
     assert result.exit_code == 0, result.output
     assert "Temperature" in result.output and "Test patients: ECE" in result.output
-    assert (run_dir / "ood.json").is_file()
+    fitted_on = json.loads((run_dir / "ood.json").read_text())["fitted_on"]
+    assert fitted_on["train_variants_cells"] == fitted_on["train_cells"] > 0
 
     output, summary = tmp_path / "predictions.csv", tmp_path / "summary.csv"
     result = _run(

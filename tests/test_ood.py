@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from _noncells import make_non_cells
+from _noncells import make_non_cells, smear_field
 from _synthetic import draw_cell
 from PIL import Image, ImageDraw
 
@@ -13,11 +13,20 @@ from malaria_classifier.ood import (
     SIGNAL_NAMES,
     STATISTIC_NAMES,
     OodCheck,
+    _content_box,
+    border_colours,
     fit_feature_density,
     fit_ood_check,
     image_statistics,
     load_ood_check,
     save_ood_check,
+)
+from malaria_classifier.stress import (
+    SMEAR_COLOUR,
+    add_context,
+    draw_lab_variant,
+    fill_background,
+    stress_variants,
 )
 
 
@@ -110,3 +119,193 @@ def test_bundled_model_keeps_held_out_cells_and_rejects_non_cells(shared_data_di
         for row in predictor.predict_images([resize_with_pad(image, 64) for _, image in non_cells])
     ]
     assert np.mean([decision == "Not a cell" for decision in decisions]) >= 0.95
+
+
+# --- Backgrounds other than black (crops that keep the smear) ---------------------------
+
+# Drawn cells are pinks up to (240, 170, 190): on the stress smear colour (205, 185, 190)
+# some would vanish, so the synthetic tests use a lighter smear, as real smears are.
+LIGHT_SMEAR = (232, 218, 222)
+
+
+def _native_cells(count, seed=0):
+    """Drawn cells at NIH-like native sizes (80-130 px), black background."""
+    rng = np.random.default_rng(seed)
+    return [
+        np.asarray(draw_cell(int(rng.integers(80, 131)), i % 2 == 0, rng)) for i in range(count)
+    ]
+
+
+def _model_inputs(images):
+    return np.stack([resize_with_pad(image, 64) for image in images])
+
+
+def _image_signals(images):
+    """Signals with the two feature signals unavailable (nan: they never trip)."""
+    statistics = image_statistics(_model_inputs(images))
+    return np.c_[
+        statistics, np.full((len(statistics), len(SIGNAL_NAMES) - len(statistics[0])), np.nan)
+    ]
+
+
+def _rejected(check, images):
+    return np.mean([bool(reason) for reason in check.reasons(_image_signals(images))])
+
+
+def test_black_background_statistics_are_the_black_mask_as_before():
+    """NIH crops: background is exactly "brightest channel < 30", colours are its complement's."""
+    batch = _model_inputs(_native_cells(6))
+    batch[0, 20:24, 20:24] = (25, 10, 29)  # a dark but not black patch inside a cell
+    statistics = image_statistics(batch)
+    black = batch.max(axis=3) < 30
+    assert _stat(statistics, "dark_fraction") == pytest.approx(black.mean(axis=(1, 2)))
+    red_of_object = [
+        image[..., 0][~mask].mean() / 255 for image, mask in zip(batch, black, strict=True)
+    ]
+    assert _stat(statistics, "foreground_red") == pytest.approx(red_of_object, rel=1e-5)
+    assert (_stat(statistics, "largest_blob_fraction") == 1.0).all()
+    assert (_stat(statistics, "thickness") > 0.8).all()  # a disc: about 1
+
+
+def test_border_colour_is_black_for_nih_crops_and_the_smear_for_smear_crops():
+    cell = _native_cells(1)[0]
+    smeared = fill_background(cell, np.random.default_rng(0), colour=SMEAR_COLOUR)
+    gradient = np.linspace(0, 255, 64 * 64 * 3).reshape(64, 64, 3).astype(np.uint8)
+    batch = _model_inputs([cell, smeared, gradient])
+    black = batch.max(axis=3) < 30
+    colours, agreement = border_colours(batch, _content_box(black))
+    assert colours[0].max() < 30
+    assert np.abs(colours[1] - SMEAR_COLOUR).max() <= 3 and agreement[1] > 0.5
+    assert agreement[2] < 0.5  # a gradient's edge has no single colour: no background
+
+
+def test_a_smear_background_is_measured_like_the_black_one():
+    cells = _native_cells(8)
+    rng = np.random.default_rng(1)
+    black = image_statistics(_model_inputs(cells))
+    smeared = image_statistics(
+        _model_inputs([fill_background(cell, rng, colour=LIGHT_SMEAR) for cell in cells])
+    )
+    # the antialiased rim blends into the smear, so a little more is background
+    # (not the content-box fraction: a drawn cell's black margin is trimmed like padding)
+    for name in ("dark_fraction", "foreground_red", "thickness"):
+        assert _stat(smeared, name) == pytest.approx(_stat(black, name), abs=0.05), name
+    assert (_stat(smeared, "largest_blob_fraction") == 1.0).all()
+    # sharpness is relative to the object's contrast, so a pale step is no "blur" (raw
+    # gradients would drop to a fifth; a heavily blurred cell is below 0.15)
+    assert (
+        _stat(smeared, "relative_edge_sharpness") > 0.5 * _stat(black, "relative_edge_sharpness")
+    ).all()
+
+
+def _fitted_checks(train, validation):
+    """The same cells fitted as imaged only, and with one lab variant each."""
+
+    def varied(images, seed):
+        return [
+            draw_lab_variant(image, np.random.default_rng([seed, i]))[0]
+            for i, image in enumerate(images)
+        ]
+
+    signals = {
+        name: _image_signals(images)
+        for name, images in (("train", train), ("validation", validation))
+    }
+    plain = fit_ood_check(signals["train"], signals["validation"], None, max_false_rejection=0.02)
+    with_variants = fit_ood_check(
+        signals["train"],
+        signals["validation"],
+        None,
+        max_false_rejection=0.02,
+        train_variant_signals=_image_signals(varied(train, 1)),
+        validation_variant_signals=_image_signals(varied(validation, 2)),
+        max_variant_rejection=0.05,
+    )
+    return plain, with_variants
+
+
+def _non_cells(cells, seed=0):
+    rng = np.random.default_rng(seed)
+    noise = [rng.integers(0, 256, (90, 120, 3), dtype=np.uint8) for _ in range(5)]
+    flat = [
+        np.full((100, 100, 3), colour, np.uint8)
+        for colour in ((220, 150, 170), SMEAR_COLOUR, (255, 255, 255))
+    ]
+    fields = [smear_field(rng, cells) for _ in range(5)]
+    return {"noise": noise, "flat colour": flat, "smear field": fields}
+
+
+def test_a_check_fitted_with_variants_accepts_smear_crops_and_still_rejects_non_cells():
+    cells = _native_cells(400)
+    plain, with_variants = _fitted_checks(cells[:250], cells[250:350])
+    held_out = cells[350:]
+    rng = np.random.default_rng(3)
+    smear_background = [fill_background(cell, rng, LIGHT_SMEAR) for cell in held_out]
+    rectangle = [add_context(cell, rng, colour=LIGHT_SMEAR) for cell in held_out]
+    assert with_variants.fitted_on["validation_variant_false_rejection"] <= 0.05
+    assert _rejected(with_variants, held_out) <= 0.04
+    assert _rejected(with_variants, smear_background) <= 0.04
+    assert _rejected(with_variants, rectangle) <= 0.04
+    # ... which the check fitted on black crops alone calls "Not a cell"
+    assert _rejected(plain, smear_background) >= 0.9 and _rejected(plain, rectangle) >= 0.9
+    for kind, images in _non_cells(cells[:40]).items():
+        assert _rejected(with_variants, images) == 1.0, kind
+
+
+def test_fitting_ignores_variants_whose_cell_vanished_into_the_background():
+    cells = _native_cells(60)
+    signals = _image_signals(cells)
+    blank = _image_signals([np.full((90, 90, 3), SMEAR_COLOUR, np.uint8)] * 3)
+    check = fit_ood_check(signals[:40], signals[40:], None, 0.1, train_variant_signals=blank)
+    assert check.upper["dark_fraction"] < 1.0
+    assert all(check.reasons(blank))
+
+
+def test_bundled_data_cells_with_other_lab_looks_pass_a_check_fitted_with_variants(shared_data_dir):
+    """Real NIH cells (image statistics only): smear crops pass, non-cells do not."""
+    from malaria_classifier.images import load_rgb_image
+
+    files = [
+        path
+        for label in ("Uninfected", "Parasitized")
+        for path in sorted((shared_data_dir / label).iterdir())[::20][:450]
+    ]
+    cells = [load_rgb_image(path) for path in files]
+    order = np.random.default_rng(0).permutation(len(cells))
+    cells = [cells[i] for i in order]
+    plain, with_variants = _fitted_checks(cells[:600], cells[600:800])
+    held_out = cells[800:]
+    variants = stress_variants()
+    for name in (
+        "smear background",
+        "rectangle with smear context",
+        "vivax_like (context + hue -0.03)",
+        "scale 25%",
+        "blur sigma 2 px",
+    ):
+        rng = np.random.default_rng(4)
+        changed = [variants[name](cell, rng) for cell in held_out]
+        assert _rejected(with_variants, changed) <= 0.1, name
+    rng = np.random.default_rng(5)
+    assert _rejected(plain, [fill_background(cell, rng) for cell in held_out]) >= 0.5
+    non_cells = make_non_cells(10, seed=0, cells=cells[:40])
+    for kind in (
+        "uniform_noise",
+        "flat_colour",
+        "text",
+        "screenshot",
+        "cell_mosaic",
+        "blurred_cell",
+    ):
+        images = [image for name, image in non_cells if name == kind]
+        assert _rejected(with_variants, images) >= 0.9, kind
+
+
+def test_a_picture_running_past_its_edges_has_little_background_on_them():
+    """A cell is cut out of its surroundings; a landscape continues past the frame."""
+    landscape = np.zeros((90, 120, 3), np.uint8)
+    landscape[:50] = (120, 180, 230)  # sky: the border colour
+    landscape[50:] = (70, 140, 50)  # ground: the "object", along the whole bottom edge
+    statistics = image_statistics(_model_inputs([_native_cells(1)[0], landscape]))
+    edge = _stat(statistics, "box_edge_dark_fraction")
+    assert edge[0] > 0.6 and edge[1] < 0.6

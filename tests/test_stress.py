@@ -5,10 +5,13 @@ import pytest
 from _synthetic import draw_cell
 
 from malaria_classifier.stress import (
+    MIN_CELL_CONTRAST,
     PURPLE_STAIN_MEAN,
     add_context,
     background_mask,
     blur,
+    draw_lab_variant,
+    draw_smear_colour,
     fill_background,
     rescale,
     rescale_to_side,
@@ -67,3 +70,31 @@ def test_every_variant_returns_an_rgb_image(cell):
     for name, variant in stress_variants().items():
         result = variant(cell, np.random.default_rng(0))
         assert result.dtype == np.uint8 and result.ndim == 3 and result.shape[2] == 3, name
+
+
+def test_drawn_lab_variants_repeat_with_the_seed_and_cover_every_change(cell):
+    draws = [draw_lab_variant(cell, np.random.default_rng([1, i])) for i in range(200)]
+    again = draw_lab_variant(cell, np.random.default_rng([1, 7]))
+    np.testing.assert_array_equal(again[0], draws[7][0])
+    assert again[1] == draws[7][1]
+    names = {change for _, name in draws for change in name.split(" + ")}
+    assert names == {
+        "hue",
+        "saturation",
+        "stain transfer",
+        "smear background",
+        "smear rectangle",
+        "blur",
+        "rescale",
+    }
+    for image, name in draws:
+        assert name and image.dtype == np.uint8 and image.shape[2] == 3
+
+
+def test_a_drawn_smear_is_brighter_than_the_cell():
+    rng = np.random.default_rng(0)
+    for cell_gray in (0.0, 150.0, 200.0):
+        for _ in range(50):
+            colour = draw_smear_colour(rng, cell_gray)
+            assert np.mean(colour) >= cell_gray + MIN_CELL_CONTRAST - 1
+    assert max(draw_smear_colour(rng, 240.0)) <= 250  # never past white

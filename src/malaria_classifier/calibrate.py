@@ -6,7 +6,10 @@ training cells for the feature density of the "Not a cell" check):
 
 1. the temperature (:mod:`calibration`), then the operating threshold and the
    "Uncertain" band on the calibrated scale;
-2. the out-of-distribution limits (:mod:`ood`), on training and validation cells;
+2. the out-of-distribution limits (:mod:`ood`), on training and validation cells
+   and, by default, on a copy of each of them changed the way other laboratories'
+   images differ (:func:`stress.draw_lab_variant`: smaller, softer, other stain,
+   smear background), so the check does not call those cells "Not a cell";
 3. the patient verdict rule (:mod:`verdict`).
 
 It writes them into the model card and ``ood.json`` beside the model, and adds a
@@ -16,7 +19,9 @@ were never used to choose anything.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,9 +39,11 @@ from malaria_classifier.calibration import (
 from malaria_classifier.constants import POSITIVE_CLASS, POSITIVE_INDEX
 from malaria_classifier.data import find_class_root
 from malaria_classifier.decision import DecisionRule
+from malaria_classifier.images import ImageLoadError, load_rgb_image, resize_with_pad
 from malaria_classifier.model_card import card_path_for, read_model_card, write_json_atomically
 from malaria_classifier.ood import (
     OOD_FILE,
+    OodCheck,
     combine_signals,
     feature_model,
     fit_feature_density,
@@ -46,6 +53,7 @@ from malaria_classifier.ood import (
 )
 from malaria_classifier.pipeline import iter_images
 from malaria_classifier.splits import read_manifest
+from malaria_classifier.stress import LAB_VARIANTS_SUMMARY, draw_lab_variant
 from malaria_classifier.verdict import VerdictRule, choose_verdict_rule, verdict_for
 
 
@@ -58,12 +66,26 @@ class SplitScores:
     probabilities: np.ndarray  # uncalibrated P(Parasitized)
     features: np.ndarray
     statistics: np.ndarray
+    variants: np.ndarray | None = None  # per cell, the other-lab changes made (None: as imaged)
 
 
 def score_cells(
-    model: Any, paths: Sequence[Path], labels: Sequence[str], patients: Sequence[str]
+    model: Any,
+    paths: Sequence[Path],
+    labels: Sequence[str],
+    patients: Sequence[str],
+    variant_seed: int | None = None,
 ) -> SplitScores:
     """Raw scores, penultimate features and image statistics of the readable cells.
+
+    Args:
+        model: The Keras model.
+        paths: Cell image files.
+        labels: The class name of each cell.
+        patients: The patient of each cell.
+        variant_seed: When given, each cell is first changed into one random
+            other-laboratory variant (:func:`stress.draw_lab_variant`, drawn from a
+            generator seeded by ``(variant_seed, position)``, so runs repeat).
 
     Raises:
         ValueError: If none of the files can be read.
@@ -73,13 +95,14 @@ def score_cells(
     size = int(model.input_shape[1])
     network = feature_model(model)
     forward = tf.function(lambda batch: network(batch, training=False))
-    kept, images = [], []
+    kept, images, variants = [], [], []
     outputs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-    for index, (image, _error) in enumerate(iter_images(list(paths), size)):
+    for index, (image, variant) in enumerate(_model_inputs(list(paths), size, variant_seed)):
         if image is None:
             continue
         kept.append(index)
         images.append(image)
+        variants.append(variant)
         if len(images) == 256:
             outputs.append(_score_batch(forward, np.stack(images)))
             images = []
@@ -96,7 +119,39 @@ def score_cells(
         probabilities=probabilities,
         features=features,
         statistics=statistics,
+        variants=None if variant_seed is None else np.array(variants),
     )
+
+
+def _model_inputs(
+    paths: list[Path], size: int, variant_seed: int | None
+) -> Iterator[tuple[np.ndarray | None, str | None]]:
+    """Yield ``(model input or None if unreadable, variant name or None)`` per path."""
+    if variant_seed is None:
+        return ((image, None) for image, _error in iter_images(paths, size))
+    return _iter_lab_variants(paths, size, variant_seed)
+
+
+def _iter_lab_variants(
+    paths: list[Path], size: int, seed: int, chunk: int = 256
+) -> Iterator[tuple[np.ndarray | None, str | None]]:
+    """Yield ``(model input, variant name)`` per path, ``(None, None)`` if unreadable.
+
+    The variant is applied to the native-resolution crop, before the model's own
+    resize-with-pad, as ``bench/stress_test.py`` does.
+    """
+
+    def vary(position: int) -> tuple[np.ndarray | None, str | None]:
+        try:
+            image = load_rgb_image(paths[position])
+        except ImageLoadError:
+            return None, None
+        changed, name = draw_lab_variant(image, np.random.default_rng([seed, position]))
+        return resize_with_pad(changed, size), name
+
+    with ThreadPoolExecutor(max_workers=2) as executor:
+        for start in range(0, len(paths), chunk):
+            yield from executor.map(vary, range(start, min(start + chunk, len(paths))))
 
 
 def _score_batch(forward: Any, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -109,9 +164,19 @@ def _score_batch(forward: Any, batch: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 
 def score_run_splits(
-    model_path: Path, run_dir: Path, data_dir: Path, train_cells: int = 6000, seed: int = 0
+    model_path: Path,
+    run_dir: Path,
+    data_dir: Path,
+    train_cells: int = 6000,
+    seed: int = 0,
+    ood_variants: bool = False,
 ) -> tuple[Any, dict[str, SplitScores]]:
     """Load the model and score its train (a sample), validation and test cells.
+
+    With ``ood_variants``, the same train and validation cells are scored once more,
+    each changed into one random other-laboratory variant, as ``"train_variants"``
+    and ``"validation_variants"`` (for fitting the "Not a cell" check; test cells
+    are never varied here, so they stay the untouched report set).
 
     Raises:
         ValueError: If the run folder has no manifest.
@@ -133,12 +198,17 @@ def score_run_splits(
         chosen = [row for row in rows if row.split == split]
         if split == "train" and len(chosen) > train_cells:
             chosen = [chosen[i] for i in sorted(rng.choice(len(chosen), train_cells, False))]
-        scores[split] = score_cells(
-            model,
+        columns = (
             [root / row.path for row in chosen],
             [row.label for row in chosen],
             [row.patient for row in chosen],
         )
+        scores[split] = score_cells(model, *columns)
+        if ood_variants and split != "test":
+            # Its own seed per split: the i-th training and validation cells must not
+            # draw the same changes.
+            variant_seed = seed + 1 + ("train", "validation").index(split)
+            scores[f"{split}_variants"] = score_cells(model, *columns, variant_seed=variant_seed)
     return model, scores
 
 
@@ -147,26 +217,68 @@ def fit_trust_layer(
 ) -> dict[str, Any]:
     """Fit temperature, threshold, Uncertain band, OOD check and verdict rule.
 
-    Only ``scores["train"]`` and ``scores["validation"]`` are used.
+    Only ``scores["train"]`` and ``scores["validation"]`` are used (and their
+    ``"_variants"`` for the "Not a cell" limits, when present).
     """
-    train, validation = scores["train"], scores["validation"]
+    validation = scores["validation"]
     temperature = fit_temperature(validation.labels, validation.probabilities)
     calibrated = apply_temperature(validation.probabilities, temperature)
     choice = choose_threshold(validation.labels, calibrated, min_specificity)
     margin = choose_uncertain_margin(validation.labels, calibrated, choice.threshold)
-    density = fit_feature_density(train.features, train.labels)
-    ood = fit_ood_check(
-        combine_signals(train.statistics, train.features, density, model),
-        combine_signals(validation.statistics, validation.features, density, model),
-        density,
-    )
-    ood.fitted_on.update(train_cells=len(train.labels), validation_cells=len(validation.labels))
+    ood = fit_ood_layer(model, scores)
     kept = _accepted(ood, model, validation)
     verdict_rule = choose_verdict_rule(
         *_by_patient(validation.patients[kept], calibrated[kept], validation.labels[kept])
     )
     rule = DecisionRule(choice.threshold, temperature, margin, ood)
     return {"rule": rule, "threshold_choice": choice, "verdict_rule": verdict_rule}
+
+
+def fit_ood_layer(model: Any, scores: dict[str, SplitScores]) -> OodCheck:
+    """The "Not a cell" check: feature density on training cells, limits on all fitting cells.
+
+    The density describes the cells the model was trained on, so it uses the
+    unchanged training cells only; the limits also cover the other-laboratory
+    variants when ``scores`` has them (``score_run_splits(..., ood_variants=True)``).
+    ``fitted_on`` says which cells, how many, and which changes they carried.
+    """
+    train, validation = scores["train"], scores["validation"]
+    density = fit_feature_density(train.features, train.labels)
+
+    def signals(split: str) -> np.ndarray | None:
+        part = scores.get(split)
+        if part is None:
+            return None
+        return combine_signals(part.statistics, part.features, density, model)
+
+    ood = fit_ood_check(
+        signals("train"),
+        signals("validation"),
+        density,
+        train_variant_signals=signals("train_variants"),
+        validation_variant_signals=signals("validation_variants"),
+    )
+    ood.fitted_on.update(
+        train_cells=len(train.labels),
+        validation_cells=len(validation.labels),
+        feature_density_fitted_on="training cells as imaged",
+        variants=LAB_VARIANTS_SUMMARY if "train_variants" in scores else "none: cells as imaged",
+    )
+    for split in ("train_variants", "validation_variants"):
+        if split in scores:
+            ood.fitted_on[f"{split}_cells"] = len(scores[split].labels)
+            ood.fitted_on[f"{split}_changes"] = _change_counts(scores[split].variants)
+    return ood
+
+
+def _change_counts(variants: np.ndarray | None) -> dict[str, int]:
+    """How many varied cells carried each change ("hue", "smear background", ...)."""
+    counts = Counter(
+        name
+        for variant in (variants if variants is not None else [])
+        for name in variant.split(" + ")
+    )
+    return dict(sorted(counts.items()))
 
 
 def _accepted(ood: Any, model: Any, scores: SplitScores) -> np.ndarray:
@@ -235,6 +347,7 @@ def calibrate_model(
     run_dir: str | Path,
     data_dir: str | Path,
     min_specificity: float = DEFAULT_MIN_SPECIFICITY,
+    ood_variants: bool = True,
 ) -> dict[str, Any]:
     """Fit the trust layer for ``model_path`` and store it beside the model.
 
@@ -247,12 +360,18 @@ def calibrate_model(
         run_dir: The training run folder (for ``manifest.csv``: which patients are which).
         data_dir: The data folder the manifest's paths are relative to.
         min_specificity: Cell-level specificity the threshold must keep on validation.
+        ood_variants: Also fit the "Not a cell" limits on one other-laboratory variant
+            of each training and validation cell (about twice the scoring time), so
+            smaller, softer, differently stained cells and crops that keep the smear
+            background are not rejected.
 
     Returns:
         The updated model card.
     """
     model_path = Path(model_path)
-    model, scores = score_run_splits(model_path, Path(run_dir), Path(data_dir))
+    model, scores = score_run_splits(
+        model_path, Path(run_dir), Path(data_dir), ood_variants=ood_variants
+    )
     fitted = fit_trust_layer(model, scores, min_specificity)
     rule, choice, verdict_rule = fitted["rule"], fitted["threshold_choice"], fitted["verdict_rule"]
     save_ood_check(rule.ood, model_path.parent / OOD_FILE)

@@ -447,6 +447,13 @@ def calibrate(
     min_specificity: Annotated[
         float, typer.Option(help="Cell specificity the threshold keeps on validation.")
     ] = 0.97,
+    ood_variants: Annotated[
+        bool,
+        typer.Option(
+            help="Fit the Not-a-cell limits also on copies of the cells changed like other "
+            "labs' images (smaller, blurred, other stain, smear background)."
+        ),
+    ] = True,
 ) -> None:
     """Fit calibration, threshold, Uncertain band, Not-a-cell check, verdict rule.
 
@@ -459,7 +466,9 @@ def calibrate(
     if run is None and model is None:
         raise ValueError("Pass --run (a `malaria train` run folder) and/or --model.")
     model_path = model or run / "model.keras"
-    card = calibrate_model(model_path, run or model_path.parent, data, min_specificity)
+    card = calibrate_model(
+        model_path, run or model_path.parent, data, min_specificity, ood_variants=ood_variants
+    )
     calibration, report = card["calibration"], card["calibration_report"]["test"]
     typer.echo(
         f"Temperature {calibration['temperature']:.4f}; threshold "
