@@ -201,11 +201,18 @@ def test_calibrate_then_predict_with_decisions_and_a_patient_summary(tmp_path):
     assert json.loads((run_dir / "ood.json").read_text())["fitted_on"]["variants"].startswith(
         "none"
     )
+    assert not (run_dir / "ood_other_labs.json").exists()
     result = _run("calibrate", "--data", data, "--run", run_dir)
     assert result.exit_code == 0, result.output
     assert "Temperature" in result.output and "Test patients: ECE" in result.output
-    fitted_on = json.loads((run_dir / "ood.json").read_text())["fitted_on"]
-    assert fitted_on["train_variants_cells"] == fitted_on["train_cells"] > 0
+    strict = json.loads((run_dir / "ood.json").read_text())["fitted_on"]
+    assert strict["variants"].startswith("none")
+    other_labs = json.loads((run_dir / "ood_other_labs.json").read_text())["fitted_on"]
+    assert other_labs["train_variants_cells"] == other_labs["train_cells"] > 0
+    result = _run("predict", data, "--model", model, "--not-a-cell", "other-labs")
+    assert result.exit_code == 0, result.output
+    result = _run("predict", data, "--model", model, "--not-a-cell", "lenient")
+    assert result.exit_code == 2 and "strict, other-labs" in result.output
 
     output, summary = tmp_path / "predictions.csv", tmp_path / "summary.csv"
     result = _run(

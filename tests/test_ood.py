@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 from _noncells import make_non_cells, smear_field
-from _synthetic import draw_cell
+from _synthetic import draw_cell, save_tiny_model
 from PIL import Image, ImageDraw
 
 from malaria_classifier.images import resize_with_pad
@@ -119,6 +119,46 @@ def test_bundled_model_keeps_held_out_cells_and_rejects_non_cells(shared_data_di
         for row in predictor.predict_images([resize_with_pad(image, 64) for _, image in non_cells])
     ]
     assert np.mean([decision == "Not a cell" for decision in decisions]) >= 0.95
+
+
+def test_bundled_other_labs_limits_accept_smear_crops_that_the_strict_ones_reject(
+    shared_data_dir,
+):
+    from malaria_classifier.data import patient_id_from_name
+    from malaria_classifier.images import load_rgb_image
+    from malaria_classifier.prediction import Predictor
+
+    strict = Predictor()
+    other_labs = Predictor(not_a_cell="other-labs")
+    test_patients = set(strict.card["split"]["patients"]["test"])
+    files = [
+        path
+        for label in ("Parasitized", "Uninfected")
+        for path in sorted((shared_data_dir / label).iterdir())
+        if patient_id_from_name(path.name) in test_patients
+    ][::40][:60]
+    rng = np.random.default_rng(5)
+    crops = [resize_with_pad(add_context(load_rgb_image(path), rng), 64) for path in files[::2]] + [
+        resize_with_pad(fill_background(load_rgb_image(path), rng), 64) for path in files[1::2]
+    ]
+
+    def rejected(predictor):
+        rows = predictor.predict_images(crops)
+        return np.mean([row.decision == "Not a cell" for row in rows])
+
+    assert rejected(strict) >= 0.9
+    assert rejected(other_labs) <= 0.1
+
+
+def test_asking_for_other_labs_limits_a_model_lacks_says_how_to_get_them(tmp_path):
+    from malaria_classifier.prediction import Predictor
+
+    model = save_tiny_model(tmp_path / "model.keras")
+    save_ood_check(OodCheck({}, {}), tmp_path / "ood.json")
+    with pytest.raises(ValueError, match="malaria calibrate --ood-variants"):
+        Predictor(model, not_a_cell="other-labs")
+    with pytest.raises(ValueError, match="strict, other-labs"):
+        Predictor(model, not_a_cell="loose")
 
 
 # --- Backgrounds other than black (crops that keep the smear) ---------------------------

@@ -43,6 +43,7 @@ from malaria_classifier.images import ImageLoadError, load_rgb_image, resize_wit
 from malaria_classifier.model_card import card_path_for, read_model_card, write_json_atomically
 from malaria_classifier.ood import (
     OOD_FILE,
+    OOD_OTHER_LABS_FILE,
     OodCheck,
     combine_signals,
     feature_model,
@@ -217,15 +218,18 @@ def fit_trust_layer(
 ) -> dict[str, Any]:
     """Fit temperature, threshold, Uncertain band, OOD check and verdict rule.
 
-    Only ``scores["train"]`` and ``scores["validation"]`` are used (and their
-    ``"_variants"`` for the "Not a cell" limits, when present).
+    Only ``scores["train"]`` and ``scores["validation"]`` are used; the "Not a cell"
+    check of the rule is the strict one, fitted on the cells as imaged (the
+    ``"_variants"`` scores, when present, are for :func:`fit_ood_layer`'s other-labs
+    check, fitted separately by :func:`calibrate_model`).
     """
     validation = scores["validation"]
     temperature = fit_temperature(validation.labels, validation.probabilities)
     calibrated = apply_temperature(validation.probabilities, temperature)
     choice = choose_threshold(validation.labels, calibrated, min_specificity)
     margin = choose_uncertain_margin(validation.labels, calibrated, choice.threshold)
-    ood = fit_ood_layer(model, scores)
+    as_imaged = {split: part for split, part in scores.items() if not split.endswith("_variants")}
+    ood = fit_ood_layer(model, as_imaged)
     kept = _accepted(ood, model, validation)
     verdict_rule = choose_verdict_rule(
         *_by_patient(validation.patients[kept], calibrated[kept], validation.labels[kept])
@@ -356,14 +360,15 @@ def calibrate_model(
 
     Args:
         model_path: The ``.keras`` model; its ``model_card.json`` is updated and
-            ``ood.json`` written next to it.
+            ``ood.json`` (strict "Not a cell" limits) written next to it.
         run_dir: The training run folder (for ``manifest.csv``: which patients are which).
         data_dir: The data folder the manifest's paths are relative to.
         min_specificity: Cell-level specificity the threshold must keep on validation.
-        ood_variants: Also fit the "Not a cell" limits on one other-laboratory variant
-            of each training and validation cell (about twice the scoring time), so
+        ood_variants: Also fit a second, "other-labs" set of "Not a cell" limits
+            (``ood_other_labs.json``) on one other-laboratory variant of each training
+            and validation cell as well (about twice the scoring time), which accepts
             smaller, softer, differently stained cells and crops that keep the smear
-            background are not rejected.
+            background; ``Predictor(not_a_cell="other-labs")`` applies it.
 
     Returns:
         The updated model card.
@@ -375,6 +380,11 @@ def calibrate_model(
     fitted = fit_trust_layer(model, scores, min_specificity)
     rule, choice, verdict_rule = fitted["rule"], fitted["threshold_choice"], fitted["verdict_rule"]
     save_ood_check(rule.ood, model_path.parent / OOD_FILE)
+    other_labs_path = model_path.parent / OOD_OTHER_LABS_FILE
+    if ood_variants:
+        save_ood_check(fit_ood_layer(model, scores), other_labs_path)
+    else:
+        other_labs_path.unlink(missing_ok=True)  # never leave limits of an older fit
     card = read_model_card(model_path)
     card["decision_threshold"] = rule.threshold
     card["calibration"] = {
@@ -392,6 +402,7 @@ def calibrate_model(
         "smallest band leaving <= 2% errors among the other validation cells, at most 10% "
         "of cells",
         "out_of_distribution_file": OOD_FILE,
+        "out_of_distribution_file_other_labs": OOD_OTHER_LABS_FILE if ood_variants else None,
     }
     card["verdict_rule"] = {
         **verdict_rule.to_dict(),

@@ -352,6 +352,13 @@ def predict(
         str,
         typer.Option(help="Forward pass: keras, or onnx (faster on CPU; needs the export extra)."),
     ] = "keras",
+    not_a_cell: Annotated[
+        str,
+        typer.Option(
+            help="Not-a-cell limits: strict (fitted on NIH crops) or other-labs (also accepts "
+            "smaller, softer, re-stained cells and crops on a smear background)."
+        ),
+    ] = "strict",
 ) -> None:
     """One row per image: path,label,probability,confidence,error,decision.
 
@@ -368,7 +375,13 @@ def predict(
         raise ValueError("--group-by and --summary go together: pass both or neither.")
     if group_by is not None and group_by not in GROUPINGS:
         raise ValueError(f"--group-by must be one of {', '.join(GROUPINGS)}, got {group_by!r}.")
-    predictor = Predictor(model, test_time_views=views, runtime=runtime, decode_processes=True)
+    predictor = Predictor(
+        model,
+        test_time_views=views,
+        runtime=runtime,
+        decode_processes=True,
+        not_a_cell=not_a_cell,
+    )
     if summary is not None and predictor.verdict_rule is None:
         raise ValueError(
             f"{predictor.model_path} has no verdict rule. Run `malaria calibrate` on it first."
@@ -450,8 +463,9 @@ def calibrate(
     ood_variants: Annotated[
         bool,
         typer.Option(
-            help="Fit the Not-a-cell limits also on copies of the cells changed like other "
-            "labs' images (smaller, blurred, other stain, smear background)."
+            help="Also fit the other-labs Not-a-cell limits (ood_other_labs.json, for "
+            "`malaria predict --not-a-cell other-labs`) on copies of the cells changed like "
+            "other labs' images (smaller, blurred, other stain, smear background)."
         ),
     ] = True,
 ) -> None:

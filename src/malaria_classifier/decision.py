@@ -24,7 +24,7 @@ import numpy as np
 
 from malaria_classifier.calibration import apply_temperature, logits_from_probabilities
 from malaria_classifier.constants import CLASS_NAMES, POSITIVE_CLASS, POSITIVE_INDEX
-from malaria_classifier.ood import OOD_FILE, OodCheck, load_ood_check
+from malaria_classifier.ood import NOT_A_CELL_FILES, OodCheck, load_ood_check
 
 PARASITIZED = POSITIVE_CLASS
 UNINFECTED = CLASS_NAMES[1 - POSITIVE_INDEX]
@@ -89,12 +89,23 @@ class DecisionRule:
 
 
 def load_decision_rule(
-    model_path: Path, card: dict[str, Any], threshold: float | None = None
+    model_path: Path,
+    card: dict[str, Any],
+    threshold: float | None = None,
+    not_a_cell: str = "strict",
 ) -> DecisionRule:
     """The rule stored with a model; ``threshold`` overrides the card's.
 
+    Args:
+        model_path: The ``.keras`` file; its trust-layer files sit beside it.
+        card: Its model card.
+        threshold: Calibrated P(Parasitized) for Parasitized; None: the card's.
+        not_a_cell: Which "Not a cell" limits: ``strict`` (``ood.json``) or
+            ``other-labs`` (``ood_other_labs.json``, for other laboratories' crops).
+
     Raises:
-        ValueError: If the threshold is not strictly between 0 and 1.
+        ValueError: If the threshold is not strictly between 0 and 1, the profile is
+            unknown, or a calibrated model lacks the other-labs limits asked for.
     """
     from malaria_classifier.constants import DEFAULT_THRESHOLD
 
@@ -105,12 +116,23 @@ def load_decision_rule(
             f"threshold must be between 0 and 1, got {threshold}. It is a calibrated "
             f"P(Parasitized) above which a cell is called Parasitized."
         )
+    if not_a_cell not in NOT_A_CELL_FILES:
+        raise ValueError(
+            f"Unknown Not-a-cell limits {not_a_cell!r}; use one of {', '.join(NOT_A_CELL_FILES)}."
+        )
+    ood_path = Path(model_path).parent / NOT_A_CELL_FILES[not_a_cell]
+    strict_path = Path(model_path).parent / NOT_A_CELL_FILES["strict"]
+    if not_a_cell != "strict" and strict_path.is_file() and not ood_path.is_file():
+        raise ValueError(
+            f"{model_path} has no {not_a_cell} Not-a-cell limits ({ood_path.name}). Run "
+            f"`malaria calibrate --ood-variants` on it, or use the strict limits."
+        )
     calibration = card.get("calibration", {})
     return DecisionRule(
         threshold=threshold,
         temperature=float(calibration.get("temperature", 1.0)),
         uncertain_margin=float(calibration.get("uncertain_margin_logit", 0.0)),
-        ood=load_ood_check(Path(model_path).parent / OOD_FILE),
+        ood=load_ood_check(ood_path),
     )
 
 

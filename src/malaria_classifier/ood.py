@@ -32,6 +32,12 @@ import numpy as np
 from scipy import ndimage
 
 OOD_FILE = "ood.json"
+OOD_OTHER_LABS_FILE = "ood_other_labs.json"
+# Which limits ``Predictor(not_a_cell=...)`` applies: "strict" (fitted on NIH cells as
+# imaged: rejects the most non-cells) or "other-labs" (also fitted on other-laboratory
+# variants: accepts smaller, softer, re-stained cells and smear backgrounds, at the
+# cost of letting more non-cells through; see docs/benchmarks.md section 5).
+NOT_A_CELL_FILES: dict[str, str] = {"strict": OOD_FILE, "other-labs": OOD_OTHER_LABS_FILE}
 
 # A pixel whose brightest channel is below this is background (NIH crops: black).
 DARK_LEVEL = 30

@@ -123,6 +123,11 @@ class Predictor:
             for Python's global lock (``malaria predict`` does). Off by default in
             the API: like every library that starts processes, it needs the calling
             script's code behind ``if __name__ == "__main__":``.
+        not_a_cell: Which "Not a cell" limits apply: ``strict`` (fitted on NIH cells
+            as imaged; rejects the most non-cell images) or ``other-labs`` (also
+            fitted on NIH cells changed to look like other laboratories' crops:
+            smaller, blurred, re-stained, on a smear background; accepts those, but
+            lets more non-cells through). See docs/benchmarks.md section 5.
     """
 
     def __init__(
@@ -134,6 +139,7 @@ class Predictor:
         check_ood: bool = True,
         runtime: str = "keras",
         decode_processes: bool = False,
+        not_a_cell: str = "strict",
     ) -> None:
         from malaria_classifier.model import load_model
         from malaria_classifier.runtimes import check_runtime, make_scoring_forward
@@ -144,7 +150,7 @@ class Predictor:
         self.card = read_model_card(self.model_path)
         self.image_size = int(self.model.input_shape[1])
         self.batch_size = batch_size
-        self.rule = load_decision_rule(self.model_path, self.card, threshold)
+        self.rule = load_decision_rule(self.model_path, self.card, threshold, not_a_cell)
         if not check_ood:
             self.rule.ood = None
         self.threshold = self.rule.threshold
