@@ -96,20 +96,26 @@ def test_a_corrupt_ood_file_is_a_clear_error(tmp_path):
     assert load_ood_check(tmp_path / "absent.json") is None
 
 
+def _test_patient_files(predictor, data_dir, step: int, count: int) -> list:
+    """Every ``step``-th file of the model's own test patients, at most ``count``."""
+    from malaria_classifier.data import patient_id_from_name
+
+    test_patients = set(predictor.card["split"]["patients"]["test"])
+    return [
+        path
+        for label in ("Parasitized", "Uninfected")
+        for path in sorted((data_dir / label).iterdir())
+        if patient_id_from_name(path.name) in test_patients
+    ][::step][:count]
+
+
 def test_bundled_model_keeps_held_out_cells_and_rejects_non_cells(shared_data_dir):
     """300 cells of the default model's test patients; 5 non-cells of every kind."""
-    from malaria_classifier.data import patient_id_from_name
     from malaria_classifier.images import load_rgb_image
     from malaria_classifier.prediction import Predictor
 
     predictor = Predictor()
-    test_patients = set(predictor.card["split"]["patients"]["test"])
-    files = [
-        path
-        for label in ("Parasitized", "Uninfected")
-        for path in sorted((shared_data_dir / label).iterdir())
-        if patient_id_from_name(path.name) in test_patients
-    ][::10][:300]
+    files = _test_patient_files(predictor, shared_data_dir, step=10, count=300)
     rows = list(predictor.predict_paths(files))
     assert sum(row.decision == "Not a cell" for row in rows) <= 3  # <= 1 %
     cells = [load_rgb_image(path) for path in files[:40]]
@@ -124,19 +130,12 @@ def test_bundled_model_keeps_held_out_cells_and_rejects_non_cells(shared_data_di
 def test_bundled_other_labs_limits_accept_smear_crops_that_the_strict_ones_reject(
     shared_data_dir,
 ):
-    from malaria_classifier.data import patient_id_from_name
     from malaria_classifier.images import load_rgb_image
     from malaria_classifier.prediction import Predictor
 
     strict = Predictor()
     other_labs = Predictor(not_a_cell="other-labs")
-    test_patients = set(strict.card["split"]["patients"]["test"])
-    files = [
-        path
-        for label in ("Parasitized", "Uninfected")
-        for path in sorted((shared_data_dir / label).iterdir())
-        if patient_id_from_name(path.name) in test_patients
-    ][::40][:60]
+    files = _test_patient_files(strict, shared_data_dir, step=40, count=60)
     rng = np.random.default_rng(5)
     crops = [resize_with_pad(add_context(load_rgb_image(path), rng), 64) for path in files[::2]] + [
         resize_with_pad(fill_background(load_rgb_image(path), rng), 64) for path in files[1::2]
