@@ -6,13 +6,15 @@ training cells for the feature density of the "Not a cell" check):
 
 1. the temperature (:mod:`calibration`), then the operating threshold and the
    "Uncertain" band on the calibrated scale;
-2. the out-of-distribution limits (:mod:`ood`), on training and validation cells
-   and, by default, on a copy of each of them changed the way other laboratories'
-   images differ (:func:`stress.draw_lab_variant`: smaller, softer, other stain,
-   smear background), so the check does not call those cells "Not a cell";
+2. the out-of-distribution limits (:mod:`ood`): strict ones on training and
+   validation cells as imaged (``ood.json``, the default), and, unless asked not
+   to, an other-labs set also fitted on a copy of each cell changed the way other
+   laboratories' images differ (:func:`stress.draw_lab_variant`: smaller, softer,
+   other stain, smear background; ``ood_other_labs.json``), which does not call
+   such cells "Not a cell" but catches fewer non-cells;
 3. the patient verdict rule (:mod:`verdict`).
 
-It writes them into the model card and ``ood.json`` beside the model, and adds a
+It writes them into the model card and the ``ood*.json`` files beside the model, and adds a
 ``calibration_report`` with the same quantities measured on the *test* patients, which
 were never used to choose anything.
 """

@@ -472,8 +472,9 @@ def calibrate(
     """Fit calibration, threshold, Uncertain band, Not-a-cell check, verdict rule.
 
     Everything is chosen on the run's validation patients (training cells for the
-    Not-a-cell feature density) and written into the model card and ood.json beside
-    the model; the card's calibration_report adds the same figures on test patients.
+    Not-a-cell feature density) and written into the model card, ood.json and
+    ood_other_labs.json beside the model; the card's calibration_report adds the same
+    figures on test patients.
     """
     from malaria_classifier.calibrate import calibrate_model
 
