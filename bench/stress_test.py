@@ -2,7 +2,8 @@
 
 Usage:
     python bench/stress_test.py --run runs/default [--model M] [--split test] \
-        [--data ../shared/data/nih-cell-images] [--output runs/stress-default.json]
+        [--data ../shared/data/nih-cell-images] [--output runs/stress-default.json] \
+        [--decisions [--not-a-cell strict|other-labs]]
 
 The cells are those of the run manifest's ``--split`` patients (test by default: the
 patients that chose nothing). Every variant of :func:`malaria_classifier.stress.stress_variants`
@@ -83,6 +84,12 @@ def main() -> None:
         help="also run the model's trust layer (needs a calibrated model) and report the "
         "share of cells it decides Not a cell or Uncertain",
     )
+    parser.add_argument(
+        "--not-a-cell",
+        default="strict",
+        choices=("strict", "other-labs"),
+        help="which Not-a-cell limits --decisions applies",
+    )
     args = parser.parse_args()
 
     started = time.monotonic()
@@ -93,7 +100,7 @@ def main() -> None:
     groups = [row.patient for row in rows]
     model_path = args.model or args.run / "model.keras"
     model = load_model(str(model_path))
-    predictor = Predictor(model_path) if args.decisions else None
+    predictor = Predictor(model_path, not_a_cell=args.not_a_cell) if args.decisions else None
 
     results = {}
     print(
