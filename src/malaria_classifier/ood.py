@@ -485,10 +485,6 @@ class OodCheck:
     density: FeatureDensity | None = None
     fitted_on: dict[str, Any] = field(default_factory=dict)
 
-    def signals(self, batch: np.ndarray, features: np.ndarray | None, model: Any) -> np.ndarray:
-        """All signals for a batch, shape ``(n, len(SIGNAL_NAMES))``; nan where unavailable."""
-        return combine_signals(image_statistics(batch), features, self.density, model)
-
     def reasons(self, signals: np.ndarray) -> list[str]:
         """Per image, the signals outside their limits ("" when it looks like a cell)."""
         out_of_range = np.zeros(signals.shape, dtype=bool)
