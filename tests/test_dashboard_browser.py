@@ -135,18 +135,26 @@ def test_a_batch_with_a_bad_file_classifies_the_rest_and_fills_the_table(
     from selenium.webdriver.common.by import By
 
     cells = sorted((shared_data_dir / "Uninfected").glob("*.png"))[:3]
-    bad = tmp_path_factory.mktemp("bad") / "notes.txt"
+    folder = tmp_path_factory.mktemp("bad")
+    bad = folder / "notes.txt"
     bad.write_text("not an image")
+    # Named so that only a numeric comparison puts cell_9 before cell_10.
+    numbered = [folder / "cell_10.png", folder / "cell_9.png"]
+    for path in numbered:
+        path.write_bytes(cells[0].read_bytes())
     browser.get(server_url)
-    upload(browser, [*cells, bad])
-    cards = wait_for_cards(browser, 4, cells[0].name)
-    assert "unsupported file kind" in cards[3]
+    upload(browser, [bad, *numbered, *reversed(cells)])
+    cards = wait_for_cards(browser, 6, cells[0].name)
+    # The browser reads files in no fixed order; the cards come sorted by file name.
+    shown_names = [card.split(".png")[0].split("\n")[-1] for card in cards[:5]]
+    assert shown_names == [*(cell.stem for cell in cells), "cell_9", "cell_10"]
+    assert "notes.txt" in cards[5] and "unsupported file kind" in cards[5]
     summary = browser.find_element(By.ID, "summary").text
-    assert "Files: 4" in summary and "Not classified: 1" in summary
+    assert "Files: 6" in summary and "Not classified: 1" in summary
     grid_rows = browser.find_elements(
         By.CSS_SELECTOR, "#result-table .ag-center-cols-container .ag-row"
     )
-    assert len(grid_rows) == 4
+    assert len(grid_rows) == 6
     download = browser.find_element(By.ID, "download-button")
     assert download.is_enabled()
 

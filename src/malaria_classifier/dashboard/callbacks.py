@@ -46,7 +46,7 @@ class DashboardContext:
 def classify_pending(
     context: DashboardContext, pending: dict[str, Any] | None, show_why: bool
 ) -> list[dict[str, Any]]:
-    """Classify a batch taken from the upload box; one result per file, in order."""
+    """Classify a batch taken from the upload box (sorted by file name in the browser)."""
     if not pending or not pending.get("filenames"):
         raise PreventUpdate
     uploads = receive_browser_uploads(pending["contents"], pending["filenames"], context.limits)

@@ -102,7 +102,7 @@ def _error_card(result: dict[str, Any]) -> dbc.Card:
 
 
 def result_cards(results: Sequence[dict[str, Any]], show_why: bool) -> list[dbc.Col]:
-    """A responsive grid of cards, in upload order."""
+    """A responsive grid of cards, in the results' order (the upload box sorts by file name)."""
     return [dbc.Col(result_card(result, show_why), xs=6, md=4, lg=3, xl=2) for result in results]
 
 
