@@ -127,7 +127,7 @@ def test_bundled_model_keeps_held_out_cells_and_rejects_non_cells(shared_data_di
     assert np.mean([decision == "Not a cell" for decision in decisions]) >= 0.95
 
 
-def test_bundled_other_labs_limits_accept_smear_crops_that_the_strict_ones_reject(
+def test_smear_crops_are_cut_out_before_the_check_so_both_bundled_limits_accept_them(
     shared_data_dir,
 ):
     from malaria_classifier.images import load_rgb_image
@@ -145,7 +145,8 @@ def test_bundled_other_labs_limits_accept_smear_crops_that_the_strict_ones_rejec
         rows = predictor.predict_images(crops)
         return np.mean([row.decision == "Not a cell" for row in rows])
 
-    assert rejected(strict) >= 0.9
+    # Before background.isolate_cell, the strict limits rejected over 90% of these.
+    assert rejected(strict) <= 0.1
     assert rejected(other_labs) <= 0.1
 
 
@@ -176,7 +177,8 @@ def _native_cells(count, seed=0):
 
 
 def _model_inputs(images):
-    return np.stack([resize_with_pad(image, 64) for image in images])
+    """The model's inputs, smear left in: these tests are about ood.py's own handling."""
+    return np.stack([resize_with_pad(image, 64, cut_out_smear=False) for image in images])
 
 
 def _image_signals(images):

@@ -1,8 +1,9 @@
 """Read one image file safely and turn it into the RGB array every other stage expects.
 
 Every image the project touches (training, evaluation, prediction, the dashboard)
-goes through :func:`load_rgb_image` and :func:`resize_with_pad`, so training and
-serving see the same pixels. Files are only ever read, never written.
+goes through :func:`load_rgb_image` and :func:`resize_with_pad` (which first cuts a
+cell out of a smear background, :mod:`malaria_classifier.background`), so training
+and serving see the same pixels. Files are only ever read, never written.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from malaria_classifier.background import isolate_cell
 
 # A cell crop is ~130 px a side; even a whole smear photo is ~16 Mpx. Anything far
 # bigger is a mistake or a decompression bomb, so refuse it before decoding.
@@ -240,9 +243,11 @@ def _to_rgb_image(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def resize_with_pad(image: np.ndarray, size: int) -> np.ndarray:
+def resize_with_pad(image: np.ndarray, size: int, cut_out_smear: bool = True) -> np.ndarray:
     """Fit an RGB image into a ``size`` x ``size`` square without stretching it.
 
+    A crop that keeps a smear background is first cut down to its cell on black
+    (:func:`malaria_classifier.background.isolate_cell`; NIH crops pass unchanged).
     The longer side is scaled to ``size`` (antialiased bilinear) and the rest is
     padded with black, the background NIH crops already have, so a cell keeps its
     shape whatever the crop's aspect ratio.
@@ -250,14 +255,23 @@ def resize_with_pad(image: np.ndarray, size: int) -> np.ndarray:
     Args:
         image: A uint8 array of shape ``(height, width, 3)``.
         size: The side of the square output.
+        cut_out_smear: Cut a cell out of a smear background first (what every stage
+            does); off only to study the raw crop, e.g. the Not-a-cell check's own
+            background handling.
 
     Returns:
         A uint8 array of shape ``(size, size, 3)``.
     """
-    return _fit_square(Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)), size)
+    picture = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8))
+    return _fit_square(picture, size, cut_out_smear)
 
 
-def _fit_square(image: Image.Image, size: int) -> np.ndarray:
+def _fit_square(image: Image.Image, size: int, cut_out_smear: bool = True) -> np.ndarray:
+    if cut_out_smear:
+        pixels = np.asarray(image)
+        isolated = isolate_cell(pixels)
+        if isolated is not pixels:
+            image = Image.fromarray(isolated)
     width, height = image.size
     scale = size / max(height, width)
     new_width = max(1, round(width * scale))

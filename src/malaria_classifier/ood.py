@@ -31,6 +31,9 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from malaria_classifier.background import DARK_LEVEL, MIN_BORDER_AGREEMENT
+from malaria_classifier.background import TOLERANCE as BORDER_TOLERANCE
+
 OOD_FILE = "ood.json"
 OOD_OTHER_LABS_FILE = "ood_other_labs.json"
 # Which limits ``Predictor(not_a_cell=...)`` applies: "strict" (fitted on NIH cells as
@@ -39,17 +42,12 @@ OOD_OTHER_LABS_FILE = "ood_other_labs.json"
 # cost of letting more non-cells through; see docs/benchmarks.md section 5).
 NOT_A_CELL_FILES: dict[str, str] = {"strict": OOD_FILE, "other-labs": OOD_OTHER_LABS_FILE}
 
-# A pixel whose brightest channel is below this is background (NIH crops: black).
-DARK_LEVEL = 30
-# A pixel with every channel within this of its picture's border colour is background
-# too (crops that keep the smear). 18 levels: 6 standard deviations of a smear's
-# sensor noise at the model's scale (sigma 6 at native size is about 3 after the
-# resize to 64 px), yet below the step from smear to cell: only ~3% of NIH cell
-# pixels lie within 18 of the stress smear colour, ~25% within 30.
-BORDER_TOLERANCE = 18
-# The border colour is a background only when at least this share of the ring has it
-# (a smear: most of it; a blurred cell, a gradient, a photo: a mix).
-MIN_BORDER_AGREEMENT = 0.5
+# What counts as background is defined once, in background.py, which cuts cells out of
+# a smear before the resize: a pixel darker than DARK_LEVEL in every channel (NIH crops:
+# black), or within BORDER_TOLERANCE of the picture's border colour when at least
+# MIN_BORDER_AGREEMENT of the border has that colour (crops that keep the smear). The
+# check keeps its own border-colour reading for the crops that are not cut out (a
+# pale cell on a smear of almost its colour, a field of cells).
 # Edge sharpness is a gradient over the background-to-object step; a floor on the step
 # keeps it finite for an object that is barely distinguishable from its background.
 MIN_CONTRAST = 8.0

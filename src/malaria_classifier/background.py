@@ -1,0 +1,126 @@
+"""Cut a cell out of a smear background, so another laboratory's crop looks like an NIH one.
+
+The NIH crops were cut along each cell's outline and the rest of the box set to black,
+so every model here learned cells on black, filling their picture. Other laboratories
+often keep the smear around the cell (the P. vivax set: rectangular crops with the
+cell in the middle and smear all round). To the model that smear is unexplained
+texture and the cell is smaller than any it has seen. :func:`isolate_cell` undoes
+both: it finds the smear by its colour at the picture's edge, blacks it out, and crops
+to the cell, which is what the NIH pipeline did to its own cells.
+
+It runs on every image before the resize to the model's input (``images._fit_square``),
+in training, evaluation and serving alike. A crop whose edge is mostly black (every NIH
+crop) is returned as it is, after one look at its edge; so is anything that is not
+plainly one object on a uniform background (a photo, a blurred cell, a field of many
+cells), which the Not-a-cell check then judges as before.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageDraw
+from scipy import ndimage
+from scipy.spatial import ConvexHull, QhullError
+
+# A pixel whose brightest channel is below this is black (the NIH mask).
+DARK_LEVEL = 30
+# Width, in pixels, of the picture's edge that is read to find the background.
+RING_WIDTH = 2
+# The edge is a smear only when at least this share of it is within TOLERANCE of its
+# median colour (a smear is one colour all round; a photo or a blurred cell is a mix).
+MIN_BORDER_AGREEMENT = 0.5
+# Largest channel difference from the smear colour that is still smear: three standard
+# deviations of a smear's sensor noise at native size (sigma about 6; the few pixels
+# beyond it are isolated specks that an opening removes), yet below the step from smear
+# to cell: only ~3% of NIH cell pixels lie within 18 of the stress smear colour, ~25%
+# within 30. The Not-a-cell check (ood.py) uses the same three figures.
+TOLERANCE = 18.0
+# The cell must cover at least this share of the picture; below it, what stands out
+# from the smear is debris or nothing, and the picture is left alone.
+MIN_CELL_SHARE = 0.05
+# Other objects (neighbouring cells cut by the crop) may cover at most this multiple of
+# the cell's area; more means a field of cells, not a crop of one.
+MAX_OTHER_OBJECTS = 0.5
+
+
+def smear_colour(image: np.ndarray) -> np.ndarray | None:
+    """The colour of the background around the picture's edge, or None when it is black.
+
+    None too when the edge is not one colour (fewer than ``MIN_BORDER_AGREEMENT`` of its
+    pixels within ``TOLERANCE`` of the median), since then there is no background to
+    remove.
+    """
+    height, width = image.shape[:2]
+    if min(height, width) <= 4 * RING_WIDTH:
+        return None
+    # Fast path, the common case: a cell cut out along its outline has black corners.
+    corners = image[[0, 0, -1, -1], [0, -1, 0, -1]]
+    if corners.max() < DARK_LEVEL:
+        return None
+    ring = np.concatenate(
+        [
+            image[:RING_WIDTH].reshape(-1, 3),
+            image[-RING_WIDTH:].reshape(-1, 3),
+            image[RING_WIDTH:-RING_WIDTH, :RING_WIDTH].reshape(-1, 3),
+            image[RING_WIDTH:-RING_WIDTH, -RING_WIDTH:].reshape(-1, 3),
+        ]
+    )
+    light = ring.max(axis=1) >= DARK_LEVEL
+    if light.mean() < MIN_BORDER_AGREEMENT:
+        return None
+    colour = np.median(ring[light], axis=0)
+    agreement = (np.abs(ring.astype(np.float32) - colour).max(axis=1) <= TOLERANCE).mean()
+    return colour.astype(np.float32) if agreement >= MIN_BORDER_AGREEMENT else None
+
+
+def isolate_cell(image: np.ndarray) -> np.ndarray:
+    """The cell on black, cropped to it, when ``image`` keeps a smear background.
+
+    Args:
+        image: An RGB uint8 array ``(height, width, 3)``; it is never modified.
+
+    Returns:
+        ``image`` itself when there is no smear to remove (NIH crops, photos, fields
+        of cells); otherwise a new array: the largest object that stands out from the
+        smear (specks removed, filled out to its convex hull) with everything else
+        black, cropped to its bounding box.
+    """
+    colour = smear_colour(image)
+    if colour is None:
+        return image
+    foreground = np.abs(image.astype(np.float32) - colour).max(axis=2) > TOLERANCE
+    # Opening drops the specks of smear noise that pass the tolerance.
+    foreground = ndimage.binary_opening(foreground, iterations=1)
+    labels, count = ndimage.label(foreground)
+    if count == 0:
+        return image
+    areas = np.bincount(labels.ravel())[1:]
+    largest = int(areas.argmax())
+    cell_area = areas[largest]
+    if cell_area < MIN_CELL_SHARE * labels.size:
+        return image
+    if areas.sum() - cell_area > MAX_OTHER_OBJECTS * cell_area:
+        return image
+    cell = _convex_hull(labels == largest + 1)
+    rows, columns = np.flatnonzero(cell.any(axis=1)), np.flatnonzero(cell.any(axis=0))
+    box = (slice(rows[0], rows[-1] + 1), slice(columns[0], columns[-1] + 1))
+    return np.where(cell[box][:, :, None], image[box], 0).astype(np.uint8)
+
+
+def _convex_hull(mask: np.ndarray) -> np.ndarray:
+    """The smallest convex region holding ``mask``.
+
+    A red cell is a convex disc, but parts of it can be as pale as the smear (the
+    centre, a rim, the halo round a parasite) and drop out of the mask; the hull puts
+    them back, where filling holes would miss the ones that touch the outline.
+    """
+    outline = mask & ~ndimage.binary_erosion(mask)
+    rows, columns = np.nonzero(outline)
+    points = np.column_stack([columns, rows]).astype(np.float64)
+    try:
+        vertices = points[ConvexHull(points).vertices]
+    except QhullError:  # a line or a point: nothing to fill
+        return mask
+    canvas = Image.new("L", (mask.shape[1], mask.shape[0]), 0)
+    ImageDraw.Draw(canvas).polygon([tuple(vertex) for vertex in vertices], fill=1, outline=1)
+    return np.asarray(canvas, dtype=bool) | mask

@@ -1,0 +1,100 @@
+"""Cutting a cell out of a smear background (background.py) and its place before the resize."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from malaria_classifier.background import isolate_cell, smear_colour
+from malaria_classifier.images import load_rgb_image, resize_with_pad
+from malaria_classifier.stress import add_context, background_mask, fill_background
+
+SMEAR = (212, 190, 196)
+PINK = (225, 150, 165)
+PURPLE = (80, 20, 110)
+
+
+def cell_on(background: tuple[int, int, int], width: int = 150, height: int = 110) -> np.ndarray:
+    """A pink ellipse with a purple dot, centred on ``background`` with sensor noise."""
+    rng = np.random.default_rng(0)
+    image = Image.new("RGB", (width, height), background)
+    draw = ImageDraw.Draw(image)
+    draw.ellipse([45, 15, 105, 95], fill=PINK)
+    draw.ellipse([70, 40, 80, 50], fill=PURPLE)
+    pixels = np.asarray(image).astype(np.int16)
+    if background != (0, 0, 0):
+        pixels += rng.normal(0, 4, pixels.shape).round().astype(np.int16)
+    return np.clip(pixels, 0, 255).astype(np.uint8)
+
+
+def test_a_cell_on_black_is_returned_as_it_is():
+    image = cell_on((0, 0, 0))
+    assert smear_colour(image) is None
+    assert isolate_cell(image) is image
+
+
+def test_a_cell_on_a_smear_becomes_the_cell_on_black_cropped_to_it():
+    image = cell_on(SMEAR)
+    before = image.copy()
+    colour = smear_colour(image)
+    assert colour is not None and np.abs(colour - SMEAR).max() < 6
+    isolated = isolate_cell(image)
+    np.testing.assert_array_equal(image, before)  # the input is never modified
+    # The ellipse spans 61 x 81 px.
+    assert 79 <= isolated.shape[0] <= 83 and 59 <= isolated.shape[1] <= 63
+    corners = isolated[[0, 0, -1, -1], [0, -1, 0, -1]]
+    assert corners.max() == 0  # black around the cell, as in an NIH crop
+    parasite = np.abs(isolated.astype(int) - PURPLE).max(axis=2) < 20
+    assert parasite.sum() > 50  # the 11 px dot survives
+    cell_pixels = isolated.max(axis=2) > 0
+    ellipse_area = np.pi * 30.5 * 40.5
+    assert abs(cell_pixels.sum() - ellipse_area) < 0.1 * ellipse_area
+
+
+@pytest.mark.parametrize(
+    "description, image",
+    [
+        ("flat colour", np.full((90, 90, 3), 180, dtype=np.uint8)),
+        ("noise photo", np.random.default_rng(1).integers(0, 256, (90, 90, 3), dtype=np.uint8)),
+        ("tiny speck", cell_on(SMEAR, 150, 110)[:, :40].copy()),
+    ],
+)
+def test_pictures_that_are_not_one_cell_on_a_smear_are_left_alone(description, image):
+    assert isolate_cell(image) is image, description
+
+
+def test_a_field_of_many_cells_is_left_alone_for_the_not_a_cell_check():
+    field = Image.new("RGB", (240, 240), SMEAR)
+    draw = ImageDraw.Draw(field)
+    for row in range(4):
+        for column in range(4):
+            x, y = 10 + 58 * column, 10 + 58 * row
+            draw.ellipse([x, y, x + 48, y + 48], fill=PINK)
+    image = np.asarray(field).copy()
+    assert isolate_cell(image) is image
+
+
+def test_the_model_input_of_a_smear_crop_matches_the_cell_cut_out_on_black():
+    on_smear = resize_with_pad(cell_on(SMEAR), 64)
+    on_black = resize_with_pad(cell_on((0, 0, 0))[15:96, 45:106], 64)
+    # Same cell filling the same square; only the rim and the noise differ.
+    difference = np.abs(on_smear.astype(int) - on_black.astype(int)).max(axis=2)
+    assert np.mean(difference > 40) < 0.03
+
+
+def test_real_cells_put_back_on_a_smear_come_back_as_their_nih_crop(shared_data_dir):
+    paths = sorted((shared_data_dir / "Parasitized").glob("*.png"))[::400][:20]
+    rng = np.random.default_rng(0)
+    area_ratios = []
+    for path in paths:
+        cell = load_rgb_image(path)
+        mask = ~background_mask(cell)
+        for changed in (fill_background(cell, rng, SMEAR), add_context(cell, rng, colour=SMEAR)):
+            isolated = isolate_cell(changed)
+            assert isolated is not changed, path.name
+            area_ratios.append((isolated.max(axis=2) > 0).sum() / mask.sum())
+    # The cut-out is the NIH cell's area to a few percent (the convex hull adds the
+    # concave bits of a ragged outline, a pale rim can drop out).
+    assert 0.97 < np.median(area_ratios) < 1.06
+    assert min(area_ratios) > 0.75
