@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from malaria_classifier.background import isolate_cell, smear_colour
+from malaria_classifier.background import isolate_cell, roundness, smear_colour
 from malaria_classifier.images import load_rgb_image, resize_with_pad
 from malaria_classifier.stress import add_context, background_mask, fill_background
 
@@ -75,6 +75,23 @@ def test_a_field_of_many_cells_is_left_alone_for_the_not_a_cell_check():
     assert isolate_cell(image) is image
 
 
+def test_a_clump_of_overlapping_cells_is_not_round_and_is_left_alone():
+    clump = Image.new("RGB", (220, 160), SMEAR)
+    draw = ImageDraw.Draw(clump)
+    for x in (20, 70, 120):  # three cells in a row, each overlapping the next
+        draw.ellipse([x, 40, x + 80, 120], fill=PINK)
+    image = np.asarray(clump).copy()
+    assert isolate_cell(image) is image
+
+
+def test_roundness_is_one_for_a_disc_and_lower_for_ovals_and_clumps():
+    rows, columns = np.mgrid[:101, :101]
+    disc = (rows - 50) ** 2 + (columns - 50) ** 2 <= 40**2
+    oval = ((rows - 50) / 20) ** 2 + ((columns - 50) / 40) ** 2 <= 1
+    assert roundness(disc) == pytest.approx(1.0, abs=0.06)
+    assert roundness(oval) == pytest.approx(0.5, abs=0.06)  # axis ratio 0.5
+
+
 def test_the_model_input_of_a_smear_crop_matches_the_cell_cut_out_on_black():
     on_smear = resize_with_pad(cell_on(SMEAR), 64)
     on_black = resize_with_pad(cell_on((0, 0, 0))[15:96, 45:106], 64)
@@ -92,9 +109,12 @@ def test_real_cells_put_back_on_a_smear_come_back_as_their_nih_crop(shared_data_
         mask = ~background_mask(cell)
         for changed in (fill_background(cell, rng, SMEAR), add_context(cell, rng, colour=SMEAR)):
             isolated = isolate_cell(changed)
-            assert isolated is not changed, path.name
-            area_ratios.append((isolated.max(axis=2) > 0).sum() / mask.sum())
-    # The cut-out is the NIH cell's area to a few percent (the convex hull adds the
-    # concave bits of a ragged outline, a pale rim can drop out).
+            if isolated is not changed:
+                area_ratios.append((isolated.max(axis=2) > 0).sum() / mask.sum())
+    # Nearly all are cut out (a very oval or pale cell can fail the roundness test and
+    # is left for the Not-a-cell check) ...
+    assert len(area_ratios) >= 0.9 * 2 * len(paths)
+    # ... to the NIH cell's area within a few percent (the convex hull adds the concave
+    # bits of a ragged outline, a pale rim can drop out).
     assert 0.97 < np.median(area_ratios) < 1.06
     assert min(area_ratios) > 0.75
