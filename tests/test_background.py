@@ -64,6 +64,13 @@ def test_pictures_that_are_not_one_cell_on_a_smear_are_left_alone(description, i
     assert isolate_cell(image) is image, description
 
 
+def test_a_picture_too_large_to_be_one_crop_is_left_alone_without_being_cut():
+    small = cell_on(SMEAR)
+    large = np.asarray(Image.fromarray(small).resize((1500, 1100)))  # the same, 1.65 Mpx
+    assert isolate_cell(small) is not small
+    assert isolate_cell(large) is large
+
+
 def test_a_field_of_many_cells_is_left_alone_for_the_not_a_cell_check():
     field = Image.new("RGB", (240, 240), SMEAR)
     draw = ImageDraw.Draw(field)

@@ -46,6 +46,10 @@ MAX_OTHER_OBJECTS = 0.5
 # median 0.78); a clump of overlapping cells in a field of view is not (median 0.36), and
 # a field must stay as it is, for the Not-a-cell check to reject it.
 MIN_ROUNDNESS = 0.55
+# A crop of one cell is a few hundred pixels a side even at high magnification; a
+# bigger picture (a whole field photo, up to images.MAX_IMAGE_PIXELS) is not one, and
+# cutting it would cost seconds and hundreds of MB per image, so it is left alone.
+MAX_CROP_PIXELS = 1_000_000
 
 
 def smear_colour(image: np.ndarray) -> np.ndarray | None:
@@ -53,10 +57,10 @@ def smear_colour(image: np.ndarray) -> np.ndarray | None:
 
     None too when the edge is not one colour (fewer than ``MIN_BORDER_AGREEMENT`` of its
     pixels within ``TOLERANCE`` of the median), since then there is no background to
-    remove.
+    remove, and for pictures too large to be a crop of one cell (``MAX_CROP_PIXELS``).
     """
     height, width = image.shape[:2]
-    if min(height, width) <= 4 * RING_WIDTH:
+    if min(height, width) <= 4 * RING_WIDTH or height * width > MAX_CROP_PIXELS:
         return None
     # Fast path, the common case: a cell cut out along its outline has black corners.
     corners = image[[0, 0, -1, -1], [0, -1, 0, -1]]
