@@ -11,10 +11,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from malaria_classifier import images
 from malaria_classifier.images import (
     ImageLoadError,
     decode_image_bytes,
+    load_for_model,
     load_rgb_image,
+    plain_rgb_png_size,
     resize_with_pad,
     sha256_of_file,
 )
@@ -194,6 +197,93 @@ def test_decode_image_bytes_reads_a_jpeg_upload():
 
     assert pixels.shape == (5, 8, 3)
     assert pixels.max() <= 2  # black survives JPEG within rounding
+
+
+# --- plain RGB PNGs: the libspng fast path -------------------------------------------------
+
+
+def _pillow_only(path: Path) -> np.ndarray:
+    """What Pillow alone makes of a file (the general path, no libspng)."""
+    return np.asarray(images._decode_rgb_image(path.read_bytes(), str(path), 10**8))
+
+
+def test_plain_rgb_png_takes_the_fast_path_and_decodes_like_pillow(tmp_path):
+    path = _noise_png(tmp_path / "noise.png", width=37, height=23)
+
+    assert plain_rgb_png_size(path.read_bytes()) == (37, 23)
+    np.testing.assert_array_equal(load_rgb_image(path), _pillow_only(path))
+
+
+def test_palette_png_without_transparency_takes_the_fast_path(tmp_path):
+    pixels = np.random.default_rng(3).integers(0, 256, (12, 10, 3), dtype=np.uint8)
+    path = _save(Image.fromarray(pixels).convert("P"), tmp_path / "palette.png")
+
+    assert plain_rgb_png_size(path.read_bytes()) == (10, 12)
+    np.testing.assert_array_equal(load_rgb_image(path), _pillow_only(path))
+
+
+@pytest.mark.parametrize(
+    ("mode", "options"),
+    [
+        ("RGBA", {}),
+        ("L", {}),
+        ("P", {"transparency": 0}),
+        ("I;16", {}),
+        ("RGB", {"transparency": (1, 2, 3)}),
+    ],
+)
+def test_pngs_that_need_converting_go_to_pillow(tmp_path, mode, options):
+    pixels = np.random.default_rng(2).integers(0, 256, (12, 10, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels).convert(mode if mode != "I;16" else "I")
+    path = _save(image if mode != "I;16" else image.convert("I;16"), tmp_path / "x.png", **options)
+
+    assert plain_rgb_png_size(path.read_bytes()) is None
+    np.testing.assert_array_equal(load_rgb_image(path), _pillow_only(path))
+
+
+def test_png_text_or_exif_goes_to_pillow_so_orientation_is_applied(tmp_path):
+    pixels = np.zeros((20, 30, 3), dtype=np.uint8)
+    pixels[:10, :10] = (255, 0, 0)
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = 6  # rotate 90 degrees clockwise to display
+    path = _save(Image.fromarray(pixels), tmp_path / "rotated.png", exif=exif.tobytes())
+
+    assert plain_rgb_png_size(path.read_bytes()) is None
+    image = load_rgb_image(path)
+    assert image.shape == (30, 20, 3)
+    assert tuple(image[2, -3]) == (255, 0, 0)
+
+
+def test_truncated_plain_png_gets_pillows_message(tmp_path):
+    whole = _noise_png(tmp_path / "whole.png").read_bytes()
+    path = tmp_path / "cut.png"
+    path.write_bytes(whole[: len(whole) - 200])
+
+    assert plain_rgb_png_size(path.read_bytes()) == (40, 40)
+    with pytest.raises(ImageLoadError, match=_error_for(path) + "is truncated or corrupt"):
+        load_for_model(path, 16)
+
+
+def test_plain_png_claiming_huge_size_is_refused_before_decoding(tmp_path):
+    data = bytearray(_noise_png(tmp_path / "small.png").read_bytes())
+    data[16:24] = (100_000).to_bytes(4, "big") + (100_000).to_bytes(4, "big")  # IHDR size
+    path = tmp_path / "bomb.png"
+    path.write_bytes(bytes(data))
+
+    with pytest.raises(ImageLoadError, match=_error_for(path) + "is 100000x100000 px"):
+        load_rgb_image(path)
+
+
+def test_shared_cells_decode_identically_on_both_paths(shared_data_dir):
+    paths = sorted(shared_data_dir.glob("*/*.png"))[::150]
+
+    fast = [plain_rgb_png_size(path.read_bytes()) is not None for path in paths]
+
+    assert all(fast), "NIH crops are plain RGB or palette PNGs; the fast path should take them"
+    for path in paths:
+        np.testing.assert_array_equal(load_rgb_image(path), _pillow_only(path), err_msg=str(path))
+        expected = resize_with_pad(_pillow_only(path), 64)
+        np.testing.assert_array_equal(load_for_model(path, 64), expected, err_msg=str(path))
 
 
 # --- errors ------------------------------------------------------------------------------

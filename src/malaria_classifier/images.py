@@ -14,9 +14,11 @@ import hashlib
 import io
 import os
 import stat
+import struct
 import warnings
 from pathlib import Path
 
+import imagecodecs
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
@@ -31,6 +33,16 @@ MAX_FILE_BYTES = 64 * 1024 * 1024
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 SUPPORTED_FORMATS = "PNG, JPEG, TIFF, BMP, GIF or WebP"
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Chunks that may precede the pixels of a plain 8-bit RGB PNG without changing the
+# RGB values Pillow returns (Pillow applies no gamma, colour profile or background).
+# Anything else (text that may hold EXIF, eXIf itself, transparency, an unknown
+# chunk) sends the file down the general Pillow path.
+_PLAIN_PNG_CHUNKS = frozenset({b"sRGB", b"gAMA", b"cHRM", b"pHYs", b"sBIT", b"tIME", b"iCCP"})
+# 8-bit colour types with three channels out: RGB, and a palette of RGB colours
+# (~7% of the NIH crops) whose PLTE chunk is then expected.
+_PLAIN_PNG_COLOUR_TYPES = {2: _PLAIN_PNG_CHUNKS, 3: _PLAIN_PNG_CHUNKS | {b"PLTE"}}
 
 
 class ImageLoadError(ValueError):
@@ -123,6 +135,9 @@ def decode_image_bytes(
         ImageLoadError: If the bytes are not a decodable, reasonably sized image.
     """
     _check_encoded_size(len(data), source, max_file_bytes)
+    pixels = _decode_plain_png(data, source, max_pixels)
+    if pixels is not None:
+        return pixels
     return np.asarray(_decode_rgb_image(data, source, max_pixels), dtype=np.uint8).copy()
 
 
@@ -171,6 +186,59 @@ def _check_encoded_size(size: int, source: str, max_file_bytes: int) -> None:
         )
 
 
+def plain_rgb_png_size(data: bytes) -> tuple[int, int] | None:
+    """Width and height of a PNG whose pixels need nothing but decoding, else None.
+
+    That is an 8-bit RGB or RGB-palette PNG, without transparency, with only
+    colour-neutral chunks before its image data: what the NIH crops and most
+    microscope software write. Reading the chunk headers costs a few microseconds
+    and decodes nothing.
+    """
+    if len(data) < 33 or not data.startswith(PNG_SIGNATURE) or data[12:16] != b"IHDR":
+        return None
+    width, height, bit_depth, colour_type = struct.unpack(">IIBB", data[16:26])
+    allowed_chunks = _PLAIN_PNG_COLOUR_TYPES.get(colour_type)
+    if bit_depth != 8 or allowed_chunks is None:
+        return None
+    position = 33  # signature (8) + IHDR: length (4), type (4), data (13), CRC (4)
+    while position + 8 <= len(data):
+        length = int.from_bytes(data[position : position + 4], "big")
+        kind = data[position + 4 : position + 8]
+        if kind == b"IDAT":
+            return width, height
+        if kind not in allowed_chunks:
+            return None
+        position += 12 + length
+    return None
+
+
+def _decode_plain_png(data: bytes, source: str, max_pixels: int) -> np.ndarray | None:
+    """The ``(height, width, 3)`` pixels of a plain RGB PNG, decoded by libspng; else None.
+
+    libspng decodes these files about 1.5x faster than Pillow's own PNG decoder,
+    and decoding is most of the time ``malaria predict`` spends per cell. The pixels
+    are identical (PNG is lossless; tests compare every shared cell's pixels). A
+    file it cannot decode goes back to Pillow, which names the problem.
+    """
+    size = plain_rgb_png_size(data)
+    if size is None:
+        return None
+    _check_size(size, source, max_pixels)
+    try:
+        pixels = imagecodecs.spng_decode(data)
+    except imagecodecs.SpngError:
+        return None
+    if pixels.shape != (size[1], size[0], 3) or pixels.dtype != np.uint8:
+        return None
+    return pixels
+
+
+def _decode_rgb_pixels(data: bytes, source: str, max_pixels: int) -> Image.Image | np.ndarray:
+    """Decode to RGB: an array from the plain-PNG fast path, else a Pillow image."""
+    pixels = _decode_plain_png(data, source, max_pixels)
+    return pixels if pixels is not None else _decode_rgb_image(data, source, max_pixels)
+
+
 def _decode_rgb_image(data: bytes, source: str, max_pixels: int) -> Image.Image:
     """Decode to a Pillow RGB image, kept as Pillow so resizing needs no array copy."""
     if not data:
@@ -206,7 +274,11 @@ def _decode_rgb_image(data: bytes, source: str, max_pixels: int) -> Image.Image:
 
 
 def _check_dimensions(image: Image.Image, source: str, max_pixels: int) -> None:
-    width, height = image.size
+    _check_size(image.size, source, max_pixels)
+
+
+def _check_size(size: tuple[int, int], source: str, max_pixels: int) -> None:
+    width, height = size
     if width < 1 or height < 1:
         raise ImageLoadError(source, f"has no pixels ({width}x{height})", "Re-export the image.")
     if width * height > max_pixels:
@@ -262,16 +334,19 @@ def resize_with_pad(image: np.ndarray, size: int, cut_out_smear: bool = True) ->
     Returns:
         A uint8 array of shape ``(size, size, 3)``.
     """
-    picture = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8))
-    return _fit_square(picture, size, cut_out_smear)
+    return _fit_square(np.asarray(image, dtype=np.uint8), size, cut_out_smear)
 
 
-def _fit_square(image: Image.Image, size: int, cut_out_smear: bool = True) -> np.ndarray:
+def _fit_square(
+    image: Image.Image | np.ndarray, size: int, cut_out_smear: bool = True
+) -> np.ndarray:
     if cut_out_smear:
-        pixels = np.asarray(image)
+        pixels = image if isinstance(image, np.ndarray) else np.asarray(image)
         isolated = isolate_cell(pixels)
         if isolated is not pixels:
-            image = Image.fromarray(isolated)
+            image = isolated
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8))
     width, height = image.size
     scale = size / max(height, width)
     new_width = max(1, round(width * scale))
@@ -296,7 +371,7 @@ def load_for_model(
     """
     path = Path(path)
     data = _read_file_bytes(path, max_file_bytes)
-    return _fit_square(_decode_rgb_image(data, str(path), max_pixels), size)
+    return _fit_square(_decode_rgb_pixels(data, str(path), max_pixels), size)
 
 
 def sha256_of_file(path: str | Path) -> str:
