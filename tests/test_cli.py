@@ -269,19 +269,22 @@ def test_export_of_a_missing_model_is_a_clear_error(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_predict_with_the_onnx_runtime_matches_keras(shared_data_dir, tmp_path):
+def test_predict_runs_onnx_by_default_and_it_matches_keras(shared_data_dir, tmp_path):
     cells = sorted((shared_data_dir / "Parasitized").glob("*.png"))[:5]
     outputs = {}
-    for runtime in ("keras", "onnx"):
+    for runtime in ("keras", "onnx", None):
         output = tmp_path / f"{runtime}.csv"
-        result = _run("predict", *cells, "--output", output, "--runtime", runtime)
+        options = ["--runtime", runtime] if runtime else []
+        result = _run("predict", *cells, "--output", output, *options)
         assert result.exit_code == 0, result.output
+        assert f"(forward pass: {runtime or 'onnx'})" in result.output
         outputs[runtime] = list(csv.DictReader(output.open()))
-    assert [row["decision"] for row in outputs["onnx"]] == [
-        row["decision"] for row in outputs["keras"]
-    ]
-    for onnx_row, keras_row in zip(outputs["onnx"], outputs["keras"], strict=True):
-        assert abs(float(onnx_row["probability"]) - float(keras_row["probability"])) < 1e-4
+    for runtime in ("onnx", None):
+        assert [row["decision"] for row in outputs[runtime]] == [
+            row["decision"] for row in outputs["keras"]
+        ]
+        for row, keras_row in zip(outputs[runtime], outputs["keras"], strict=True):
+            assert abs(float(row["probability"]) - float(keras_row["probability"])) < 1e-4
 
 
 def test_predict_refuses_an_unknown_runtime_by_name(tmp_path):

@@ -162,13 +162,32 @@ def test_onnx_runtime_gives_the_keras_rows_with_the_not_a_cell_check(
     )
 
 
+def test_auto_runtime_is_onnx_and_falls_back_to_keras_when_conversion_fails(
+    keras_predictor, real_cells, monkeypatch, caplog
+):
+    assert Predictor(runtime="auto").runtime == "onnx"
+
+    def refuse(model):
+        raise ValueError("this graph has an op tf2onnx does not know")
+
+    monkeypatch.setattr("malaria_classifier.export.convert_to_onnx", refuse)
+    with caplog.at_level("WARNING", logger="malaria_classifier.runtimes"):
+        fallback = Predictor(runtime="auto")
+
+    assert fallback.runtime == "keras"
+    assert "op tf2onnx does not know" in caplog.text and "using Keras" in caplog.text
+    np.testing.assert_array_equal(
+        fallback.predict_arrays(real_cells), keras_predictor.predict_arrays(real_cells)
+    )
+
+
 def test_tflite_runtime_says_how_to_run_without_the_not_a_cell_check():
     with pytest.raises(ValueError, match="check_ood=False"):
         Predictor(runtime="tflite")
 
 
 def test_unknown_runtime_and_format_are_refused_by_name(tmp_path):
-    with pytest.raises(ValueError, match="Unknown runtime 'torch'; use one of keras, onnx"):
+    with pytest.raises(ValueError, match="Unknown runtime 'torch'; use one of auto, keras, onnx"):
         Predictor(runtime="torch")
     with pytest.raises(ValueError, match="Unknown export format 'coreml'; use one of"):
         export_model(default_model_path(), "coreml", tmp_path / "model.mlmodel")

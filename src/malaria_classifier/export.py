@@ -32,7 +32,6 @@ from malaria_classifier.constants import (
 )
 from malaria_classifier.model import INPUT_NAME
 from malaria_classifier.model_card import read_model_card, write_json_atomically
-from malaria_classifier.runtimes import EXPORT_EXTRA_HINT
 
 EXPORT_FORMATS: tuple[str, ...] = ("saved_model", "tflite", "onnx")
 ONNX_OUTPUT_NAME = "probabilities"
@@ -116,7 +115,10 @@ def convert_to_onnx(model) -> bytes:
     try:
         import tf2onnx
     except ImportError:
-        raise ValueError(f"ONNX export needs the tf2onnx package. {EXPORT_EXTRA_HINT}") from None
+        raise ValueError(
+            "ONNX export needs the tf2onnx package, a dependency of malaria-classifier: "
+            "reinstall it (pip install tf2onnx)."
+        ) from None
     infer = inference_function(model)
     proto, _ = tf2onnx.convert.from_function(
         infer, input_signature=infer.input_signature, opset=ONNX_OPSET

@@ -115,9 +115,11 @@ class Predictor:
             it Uncertain when they disagree (about 2x slower; off by default).
         check_ood: Run the "Not a cell" check when the model has an ``ood.json``.
         runtime: What runs the forward pass: ``keras`` (TensorFlow), ``onnx`` (ONNX
-            Runtime, fastest on CPU) or ``tflite`` (LiteRT); the last two need the
-            ``export`` extra and convert the model in memory at start-up; ``tflite``
-            cannot feed the "Not a cell" check (pass ``check_ood=False`` with it).
+            Runtime, fastest on CPU), ``auto`` (ONNX Runtime, or Keras for a model it
+            cannot convert; what ``malaria predict`` uses) or ``tflite`` (LiteRT, needs
+            the ``export`` extra). All but Keras convert the model in memory at
+            start-up (under a second); ``tflite`` cannot feed the "Not a cell" check
+            (pass ``check_ood=False`` with it). ``Predictor.runtime`` says which ran.
         decode_processes: Decode jobs of ``PROCESS_DECODE_MIN_FILES`` files or more
             in worker processes (one per core), which do not compete with the model
             for Python's global lock (``malaria predict`` does). Off by default in
@@ -142,9 +144,9 @@ class Predictor:
         not_a_cell: str = "strict",
     ) -> None:
         from malaria_classifier.model import load_model
-        from malaria_classifier.runtimes import check_runtime, make_scoring_forward
+        from malaria_classifier.runtimes import check_runtime, make_best_scoring_forward
 
-        self.runtime = check_runtime(runtime)
+        check_runtime(runtime)
         self.model_path = Path(model_path) if model_path else default_model_path()
         self.model = load_model(str(self.model_path))
         self.card = read_model_card(self.model_path)
@@ -158,7 +160,9 @@ class Predictor:
         self.decode_processes = decode_processes
         self.verdict_rule: VerdictRule | None = VerdictRule.from_card(self.card)
         self._with_features = self.rule.ood is not None and self.rule.ood.density is not None
-        self._forward = make_scoring_forward(self.model, runtime, self._with_features)
+        self._forward, self.runtime = make_best_scoring_forward(
+            self.model, runtime, self._with_features
+        )
         # The "Not a cell" image statistics (numpy, which releases the GIL) run on this
         # thread while TensorFlow runs the forward pass of the same batch.
         self._statistics_thread = ThreadPoolExecutor(1, thread_name_prefix="ood-statistics")

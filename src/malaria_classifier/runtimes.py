@@ -6,13 +6,16 @@ float32 softmax outputs of shape ``(n, 2)``. They are interchangeable: the expor
 models are converted from the same Keras graph, and tests check that they agree with
 Keras within 1e-4 on real cells.
 
-ONNX Runtime and LiteRT are optional (``pip install "malaria-classifier[export]"``);
-on two CPU cores ONNX Runtime runs this model's forward pass ~1.6x faster than the
-compiled Keras call (docs/benchmarks.md).
+ONNX Runtime (with tf2onnx, which converts the model in memory) is installed with
+the package; on two CPU cores it runs this model's forward pass 1.2-1.6x faster than
+the compiled Keras call (docs/benchmarks.md), so ``auto`` (what ``malaria predict``
+uses) picks it, and falls back to Keras for a model it cannot convert. LiteRT is
+optional (``pip install "malaria-classifier[export]"``).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Callable
@@ -23,8 +26,10 @@ Forward = Callable[[np.ndarray], np.ndarray]
 # forward(batch) -> (softmax, penultimate features or None), for the Not-a-cell check.
 ScoringForward = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]
 
-RUNTIMES: tuple[str, ...] = ("keras", "onnx", "tflite")
+RUNTIMES: tuple[str, ...] = ("auto", "keras", "onnx", "tflite")
 EXPORT_EXTRA_HINT = 'Install it with: pip install "malaria-classifier[export]".'
+
+LOGGER = logging.getLogger(__name__)
 
 
 def check_runtime(runtime: str) -> str:
@@ -56,6 +61,9 @@ def make_forward(model, runtime: str = "keras") -> Forward:
         ValueError: For an unknown runtime, or one whose package is not installed.
     """
     check_runtime(runtime)
+    if runtime == "auto":
+        scoring = make_best_scoring_forward(model, runtime)[0]
+        return lambda batch: scoring(batch)[0]
     if runtime == "keras":
         return keras_forward(model)
     from malaria_classifier.export import convert_to_onnx, convert_to_tflite
@@ -63,6 +71,29 @@ def make_forward(model, runtime: str = "keras") -> Forward:
     if runtime == "onnx":
         return onnx_forward(convert_to_onnx(model))
     return tflite_forward(convert_to_tflite(model))
+
+
+def make_best_scoring_forward(
+    model, runtime: str = "auto", with_features: bool = False
+) -> tuple[ScoringForward, str]:
+    """Like :func:`make_scoring_forward`, resolving ``auto``; returns the runtime used too.
+
+    ``auto`` means ONNX Runtime, the fastest forward pass on a CPU, unless the model
+    cannot be converted or onnxruntime/tf2onnx are missing: then Keras, with a
+    warning that says why (the results are the same within 1e-4; only speed differs).
+    """
+    check_runtime(runtime)
+    if runtime != "auto":
+        return make_scoring_forward(model, runtime, with_features), runtime
+    try:
+        return make_scoring_forward(model, "onnx", with_features), "onnx"
+    except Exception as error:  # any conversion failure: Keras still gives the results
+        LOGGER.warning(
+            "ONNX Runtime is not available for this model (%s); using Keras, which gives "
+            "the same results more slowly.",
+            error,
+        )
+        return make_scoring_forward(model, "keras", with_features), "keras"
 
 
 def make_scoring_forward(
@@ -78,6 +109,8 @@ def make_scoring_forward(
         ValueError: For an unknown runtime, a missing package, or features with tflite.
     """
     check_runtime(runtime)
+    if runtime == "auto":
+        return make_best_scoring_forward(model, runtime, with_features)[0]
     if not with_features:
         forward = make_forward(model, runtime)
         return lambda batch: (forward(batch), None)
@@ -137,7 +170,8 @@ def onnx_forward(
         import onnxruntime
     except ImportError:
         raise ValueError(
-            f"The onnx runtime needs the onnxruntime package. {EXPORT_EXTRA_HINT}"
+            "The onnx runtime needs the onnxruntime package, a dependency of "
+            "malaria-classifier: reinstall it (pip install onnxruntime)."
         ) from None
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads or cpu_threads()
