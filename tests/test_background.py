@@ -5,8 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
+from scipy import ndimage
+from scipy.spatial import ConvexHull
 
-from malaria_classifier.background import isolate_cell, roundness, smear_colour
+from malaria_classifier.background import (
+    dilate_cross,
+    erode_cross,
+    isolate_cell,
+    roundness,
+    smear_colour,
+)
 from malaria_classifier.images import load_rgb_image, resize_with_pad
 from malaria_classifier.stress import add_context, background_mask, fill_background
 
@@ -50,6 +58,31 @@ def test_a_cell_on_a_smear_becomes_the_cell_on_black_cropped_to_it():
     cell_pixels = isolated.max(axis=2) > 0
     ellipse_area = np.pi * 30.5 * 40.5
     assert abs(cell_pixels.sum() - ellipse_area) < 0.1 * ellipse_area
+
+
+def test_a_cell_cut_by_the_crop_edge_keeps_its_pale_centre_and_ends_at_the_edge():
+    image = cell_on(SMEAR)
+    # A pale centre the colour of the smear, then the crop cut through the cell's left side.
+    image[45:65, 65:85] = SMEAR
+    cut = image[:, 60:].copy()
+    isolated = isolate_cell(cut)
+    assert isolated is not cut
+    assert isolated.shape[1] == 105 - 60 + 1  # from the crop's edge to the ellipse's right
+    cell_pixels = isolated.max(axis=2) > 0
+    assert cell_pixels[30:50, 5:25].all()  # the pale centre is part of the cell again
+    assert cell_pixels[:, 0].sum() > 40  # the cell runs to the crop's edge
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (2, 9), (37, 41), (3, 16, 12)])
+def test_cross_erosion_and_dilation_match_scipy_picture_by_picture(shape):
+    rng = np.random.default_rng(sum(shape))
+    for share in (0.3, 0.7, 0.95):
+        mask = rng.random(shape) < share
+        pictures = mask if mask.ndim == 3 else mask[None]
+        expected_eroded = np.stack([ndimage.binary_erosion(picture) for picture in pictures])
+        expected_dilated = np.stack([ndimage.binary_dilation(picture) for picture in pictures])
+        np.testing.assert_array_equal(erode_cross(mask).reshape(pictures.shape), expected_eroded)
+        np.testing.assert_array_equal(dilate_cross(mask).reshape(pictures.shape), expected_dilated)
 
 
 @pytest.mark.parametrize(
@@ -125,3 +158,42 @@ def test_real_cells_put_back_on_a_smear_come_back_as_their_nih_crop(shared_data_
     # bits of a ragged outline, a pale rim can drop out).
     assert 0.97 < np.median(area_ratios) < 1.06
     assert min(area_ratios) > 0.75
+
+
+def _whole_picture_cut_out(image: np.ndarray) -> np.ndarray:
+    """The cut-out done the plain way, every step on the whole picture with scipy.
+
+    ``isolate_cell`` does the later steps on the cell's window only; this reference
+    says that changes no pixel.
+    """
+    colour = smear_colour(image)
+    foreground = np.abs(image.astype(np.float32) - colour).max(axis=2) > 18
+    labels, _ = ndimage.label(ndimage.binary_opening(foreground))
+    largest = np.bincount(labels.ravel())[1:].argmax() + 1
+    cell = ndimage.binary_fill_holes(labels == largest)
+    outline = cell & ~ndimage.binary_erosion(cell)
+    rows, columns = np.nonzero(outline)
+    points = np.column_stack([columns, rows]).astype(np.float64)
+    vertices = points[ConvexHull(points).vertices]
+    canvas = Image.new("L", (cell.shape[1], cell.shape[0]), 0)
+    ImageDraw.Draw(canvas).polygon([tuple(vertex) for vertex in vertices], fill=1, outline=1)
+    cell |= np.asarray(canvas, dtype=bool)
+    rows, columns = np.flatnonzero(cell.any(axis=1)), np.flatnonzero(cell.any(axis=0))
+    box = (slice(rows[0], rows[-1] + 1), slice(columns[0], columns[-1] + 1))
+    return np.where(cell[box][:, :, None], image[box], 0).astype(np.uint8)
+
+
+def test_the_windowed_cut_out_equals_the_whole_picture_one(shared_data_dir):
+    paths = sorted(shared_data_dir.glob("*/*.png"))[::50][:400]
+    rng = np.random.default_rng(3)
+    compared = 0
+    for path in paths:
+        on_smear = add_context(load_rgb_image(path), rng, colour=SMEAR)
+        height, width = on_smear.shape[:2]
+        for crop in (on_smear, on_smear[height // 5 :, : width - width // 6]):  # cut at the edge
+            isolated = isolate_cell(crop)
+            if isolated is crop:
+                continue
+            np.testing.assert_array_equal(isolated, _whole_picture_cut_out(crop), err_msg=path.name)
+            compared += 1
+    assert compared >= 400

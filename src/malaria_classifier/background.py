@@ -98,9 +98,9 @@ def isolate_cell(image: np.ndarray) -> np.ndarray:
     colour = smear_colour(image)
     if colour is None:
         return image
-    foreground = np.abs(image.astype(np.float32) - colour).max(axis=2) > TOLERANCE
+    foreground = _differs_from(image, colour)
     # Opening drops the specks of smear noise that pass the tolerance.
-    foreground = ndimage.binary_opening(foreground, iterations=1)
+    foreground = dilate_cross(erode_cross(foreground))
     labels, count = ndimage.label(foreground)
     if count == 0:
         return image
@@ -111,13 +111,67 @@ def isolate_cell(image: np.ndarray) -> np.ndarray:
         return image
     if areas.sum() - cell_area > MAX_OTHER_OBJECTS * cell_area:
         return image
-    cell = ndimage.binary_fill_holes(labels == largest + 1)
+    # Everything below works on the cell's box plus one pixel of background (clipped at
+    # the picture's edge): the same results as on the whole picture (the nearest
+    # background pixel, the background reaching the edge, the hull all lie within it),
+    # for a fraction of the pixels.
+    window = _around(ndimage.find_objects(labels, max_label=largest + 1)[largest], labels.shape)
+    cell = ndimage.binary_fill_holes(labels[window] == largest + 1)
     if roundness(cell) < MIN_ROUNDNESS:
         return image
-    cell = _convex_hull(cell)
+    cell = _convex_hull(cell, origin=(window[0].start, window[1].start), shape=labels.shape)
     rows, columns = np.flatnonzero(cell.any(axis=1)), np.flatnonzero(cell.any(axis=0))
     box = (slice(rows[0], rows[-1] + 1), slice(columns[0], columns[-1] + 1))
-    return np.where(cell[box][:, :, None], image[box], 0).astype(np.uint8)
+    top, left = window[0].start + rows[0], window[1].start + columns[0]
+    picture = image[top : top + len(cell[box]), left : left + cell[box].shape[1]]
+    return np.where(cell[box][:, :, None], picture, 0).astype(np.uint8)
+
+
+def _differs_from(image: np.ndarray, colour: np.ndarray) -> np.ndarray:
+    """Pixels whose largest channel difference from ``colour`` exceeds ``TOLERANCE``.
+
+    Channel by channel (a reduction over a last axis of length 3 is slow in numpy).
+    """
+    pixels = image.astype(np.float32)
+    difference = np.abs(pixels[:, :, 0] - colour[0])
+    for channel in (1, 2):
+        np.maximum(difference, np.abs(pixels[:, :, channel] - colour[channel]), out=difference)
+    return difference > TOLERANCE
+
+
+def erode_cross(mask: np.ndarray) -> np.ndarray:
+    """Binary erosion by a 3x3 cross over the last two axes, outside the picture empty.
+
+    What ``scipy.ndimage.binary_erosion`` gives with its default cross on one picture,
+    and on a stack of pictures (``(n, height, width)``) without one touching the next;
+    by shifted array operations, several times faster on pictures of this size.
+    """
+    eroded = mask.copy()
+    eroded[..., 1:, :] &= mask[..., :-1, :]
+    eroded[..., :-1, :] &= mask[..., 1:, :]
+    eroded[..., :, 1:] &= mask[..., :, :-1]
+    eroded[..., :, :-1] &= mask[..., :, 1:]
+    eroded[..., [0, -1], :] = False
+    eroded[..., :, [0, -1]] = False
+    return eroded
+
+
+def dilate_cross(mask: np.ndarray) -> np.ndarray:
+    """Binary dilation by a 3x3 cross over the last two axes (``binary_dilation``'s default)."""
+    dilated = mask.copy()
+    dilated[..., 1:, :] |= mask[..., :-1, :]
+    dilated[..., :-1, :] |= mask[..., 1:, :]
+    dilated[..., :, 1:] |= mask[..., :, :-1]
+    dilated[..., :, :-1] |= mask[..., :, 1:]
+    return dilated
+
+
+def _around(box: tuple[slice, slice], shape: tuple[int, ...]) -> tuple[slice, slice]:
+    """``box`` grown by one pixel on every side, clipped to an array of ``shape``."""
+    return tuple(
+        slice(max(part.start - 1, 0), min(part.stop + 1, size))
+        for part, size in zip(box, shape[:2], strict=True)
+    )
 
 
 def roundness(mask: np.ndarray) -> float:
@@ -130,20 +184,32 @@ def roundness(mask: np.ndarray) -> float:
     return float(np.pi * radius**2 / max(int(mask.sum()), 1))
 
 
-def _convex_hull(mask: np.ndarray) -> np.ndarray:
+def _convex_hull(
+    mask: np.ndarray, origin: tuple[int, int] = (0, 0), shape: tuple[int, ...] | None = None
+) -> np.ndarray:
     """The smallest convex region holding ``mask``.
 
     A red cell is a convex disc, but parts of it can be as pale as the smear (the
     centre, a rim, the halo round a parasite) and drop out of the mask; the hull puts
     them back, where filling holes would miss the ones that touch the outline.
+
+    Args:
+        mask: The object, possibly a window of a larger picture.
+        origin: Where the window's top-left pixel lies in that picture.
+        shape: The picture's shape. The hull is drawn in the picture's coordinates,
+            because Pillow's polygon edges depend on where the vertices lie (drawn
+            shifted, one edge pixel in ~1% of cells came out differently).
     """
-    outline = mask & ~ndimage.binary_erosion(mask)
+    outline = mask & ~erode_cross(mask)
     rows, columns = np.nonzero(outline)
-    points = np.column_stack([columns, rows]).astype(np.float64)
+    top, left = origin
+    points = np.column_stack([columns + left, rows + top]).astype(np.float64)
     try:
         vertices = points[ConvexHull(points).vertices]
     except QhullError:  # a line or a point: nothing to fill
         return mask
-    canvas = Image.new("L", (mask.shape[1], mask.shape[0]), 0)
+    height, width = shape[:2] if shape is not None else mask.shape
+    canvas = Image.new("L", (width, height), 0)
     ImageDraw.Draw(canvas).polygon([tuple(vertex) for vertex in vertices], fill=1, outline=1)
-    return np.asarray(canvas, dtype=bool) | mask
+    hull = np.asarray(canvas, dtype=bool)[top : top + mask.shape[0], left : left + mask.shape[1]]
+    return hull | mask

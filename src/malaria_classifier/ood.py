@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from malaria_classifier.background import DARK_LEVEL, MIN_BORDER_AGREEMENT
+from malaria_classifier.background import DARK_LEVEL, MIN_BORDER_AGREEMENT, erode_cross
 from malaria_classifier.background import TOLERANCE as BORDER_TOLERANCE
 
 OOD_FILE = "ood.json"
@@ -317,21 +317,9 @@ _PLANE = np.zeros((3, 3, 3), dtype=bool)
 _PLANE[1] = ndimage.generate_binary_structure(2, 1)
 
 
-def _erode(mask: np.ndarray) -> np.ndarray:
-    """Binary erosion of each image by a 3x3 cross, outside the image counting as empty."""
-    eroded = mask.copy()
-    eroded[:, 1:, :] &= mask[:, :-1, :]
-    eroded[:, :-1, :] &= mask[:, 1:, :]
-    eroded[:, :, 1:] &= mask[:, :, :-1]
-    eroded[:, :, :-1] &= mask[:, :, 1:]
-    eroded[:, [0, -1], :] = False
-    eroded[:, :, [0, -1]] = False
-    return eroded
-
-
 def _foreground_texture(gray: np.ndarray, foreground: np.ndarray) -> np.ndarray:
     """Mean absolute neighbour difference inside the object, away from its edge."""
-    inner = _erode(_erode(foreground))
+    inner = erode_cross(erode_cross(foreground))
     dx_mask = inner[:, :, 1:] & inner[:, :, :-1]
     dy_mask = inner[:, 1:, :] & inner[:, :-1, :]
     total = (np.abs(np.diff(gray, axis=2)) * dx_mask).sum(axis=(1, 2)) + (
@@ -375,7 +363,7 @@ def _edge_sharpness(
     smear (a step of ~30 levels, not ~190 as on black) blurred. A crisp cell edge
     gives about 0.6; a heavily blurred cell much less.
     """
-    boundary = (dark ^ _erode(dark)) | (~dark ^ _erode(~dark))
+    boundary = (dark ^ erode_cross(dark)) | (~dark ^ erode_cross(~dark))
     # Only inside the content box: the step from the padding to a crop's edge is no
     # object edge (a blurred crop ends in a sharp line against the padding).
     boundary &= _box_interior(box)
