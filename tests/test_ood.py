@@ -351,3 +351,36 @@ def test_a_picture_running_past_its_edges_has_little_background_on_them():
     statistics = image_statistics(_model_inputs([_native_cells(1)[0], landscape]))
     edge = _stat(statistics, "box_edge_dark_fraction")
     assert edge[0] > 0.6 and edge[1] < 0.6
+
+
+def _stacked_chamfer_thickness(solid: np.ndarray) -> np.ndarray:
+    """The thickness as the limits were fitted: scipy's city-block transform over the stack."""
+    from scipy import ndimage
+
+    n, height, width = solid.shape
+    padded = np.zeros((n, height + 1, width + 1), dtype=bool)
+    padded[:, :height, :width] = solid
+    distance = ndimage.distance_transform_cdt(
+        padded.reshape(n * (height + 1), width + 1), metric="taxicab"
+    )
+    radius = distance.reshape(n, height + 1, width + 1).max(axis=(1, 2))
+    area = solid.sum(axis=(1, 2))
+    return np.where(area > 0, radius / np.sqrt(np.maximum(area, 1) / np.pi), 0.0)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 64, 64), (40, 64, 64), (7, 20, 31)])
+def test_thickness_equals_the_chamfer_transform_it_replaced(shape):
+    from malaria_classifier.ood import _thickness
+
+    rng = np.random.default_rng(sum(shape))
+    rows, columns = np.mgrid[: shape[1], : shape[2]]
+    for share in (0.5, 0.9, 0.99, 1.0):
+        solid = rng.random(shape) < share
+        # and discs of random centre and radius, some cut by the picture's edges
+        centre = rng.integers(0, max(shape[1:]), (shape[0], 2))
+        radius = rng.integers(1, max(shape[1:]) + 1, shape[0])
+        discs = (rows - centre[:, 0, None, None]) ** 2 + (
+            columns - centre[:, 1, None, None]
+        ) ** 2 <= radius[:, None, None] ** 2
+        for mask in (solid, discs, solid & discs):
+            np.testing.assert_array_equal(_thickness(mask), _stacked_chamfer_thickness(mask))

@@ -296,18 +296,45 @@ def _thickness(solid: np.ndarray) -> np.ndarray:
 
     A cell is one compact body; a field of touching cells is as wide as a single
     cell in its thickest place but many cells in area. The inscribed radius is the
-    largest city-block distance to the background (outside the image counting as
-    background), with the holes filled so a pale centre does not thin a cell.
+    largest city-block distance to the background, with the holes filled so a pale
+    centre does not thin a cell.
+
+    The limits in ``ood.json`` were fitted on the values of a 2-D distance transform
+    over the images stacked with an empty row and column after each, so that layout is
+    kept exactly: beyond the last column and the last row is background; beyond the
+    first column is not, and beyond the first row only for the images after the first
+    (the row before them is the previous image's padding). The city-block distance is
+    separable, so it is two 1-D passes (along rows, then columns), each a forward and a
+    backward sweep over the whole batch: 2-3x faster than scipy's chamfer transform here.
     """
     n, height, width = solid.shape
-    # One 2-D transform over the images stacked with an empty row and column between
-    # them: a third of the cost of a loop of erosions, and no image sees another.
-    padded = np.zeros((n, height + 1, width + 1), dtype=bool)
-    padded[:, :height, :width] = solid
-    distance = ndimage.distance_transform_cdt(
-        padded.reshape(n * (height + 1), width + 1), metric="taxicab"
-    )
-    radius = distance.reshape(n, height + 1, width + 1).max(axis=(1, 2))
+    beyond = np.int16(height + width + 2)  # farther than any distance in one image
+    cells = np.ascontiguousarray(solid.transpose(2, 0, 1)).astype(np.int16)  # (x, n, y)
+    # Along each row: distance to the nearest background pixel left or right of it.
+    along_rows = np.empty((height + 2, n, width + 1), dtype=np.int16)
+    run = np.full((n, height), beyond, dtype=np.int16)  # no background before column 0
+    for x in range(width):
+        run += 1
+        run *= cells[x]
+        along_rows[1:-1, :, x] = run.T
+    run[:] = 0  # the padding column after the last one is background
+    along_rows[1:-1, :, width] = 0
+    for x in range(width - 1, -1, -1):
+        run += 1
+        run *= cells[x]
+        np.minimum(along_rows[1:-1, :, x], run.T, out=along_rows[1:-1, :, x])
+    # Along each column, between the padding rows before and after each image.
+    along_rows[0] = 0
+    along_rows[0, 0] = beyond
+    along_rows[-1] = 0
+    step = np.empty((n, width + 1), dtype=np.int16)
+    for y in range(1, height + 2):
+        np.add(along_rows[y - 1], 1, out=step)
+        np.minimum(along_rows[y], step, out=along_rows[y])
+    for y in range(height, -1, -1):
+        np.add(along_rows[y + 1], 1, out=step)
+        np.minimum(along_rows[y], step, out=along_rows[y])
+    radius = along_rows[1:-1].max(axis=(0, 2))
     area = solid.sum(axis=(1, 2))
     return np.where(area > 0, radius / np.sqrt(np.maximum(area, 1) / np.pi), 0.0)
 
