@@ -122,9 +122,10 @@ def isolate_cell(image: np.ndarray) -> np.ndarray:
     cell = _convex_hull(cell, origin=(window[0].start, window[1].start), shape=labels.shape)
     rows, columns = np.flatnonzero(cell.any(axis=1)), np.flatnonzero(cell.any(axis=0))
     box = (slice(rows[0], rows[-1] + 1), slice(columns[0], columns[-1] + 1))
+    cell = cell[box]
     top, left = window[0].start + rows[0], window[1].start + columns[0]
-    picture = image[top : top + len(cell[box]), left : left + cell[box].shape[1]]
-    return np.where(cell[box][:, :, None], picture, 0).astype(np.uint8)
+    picture = image[top : top + cell.shape[0], left : left + cell.shape[1]]
+    return np.where(cell[:, :, None], picture, 0).astype(np.uint8)
 
 
 def _differs_from(image: np.ndarray, colour: np.ndarray) -> np.ndarray:

@@ -135,10 +135,10 @@ def decode_image_bytes(
         ImageLoadError: If the bytes are not a decodable, reasonably sized image.
     """
     _check_encoded_size(len(data), source, max_file_bytes)
-    pixels = _decode_plain_png(data, source, max_pixels)
-    if pixels is not None:
+    pixels = _decode_rgb_pixels(data, source, max_pixels)
+    if isinstance(pixels, np.ndarray):
         return pixels
-    return np.asarray(_decode_rgb_image(data, source, max_pixels), dtype=np.uint8).copy()
+    return np.asarray(pixels, dtype=np.uint8).copy()
 
 
 def decode_upload(
