@@ -5,7 +5,8 @@ Usage:
         [--runtimes keras,onnx,tflite] [--decode threads,processes] [--profile 1000]
 
 ``--decode processes`` is what ``malaria predict`` does (files decoded in one worker
-process per core, started inside each measured call); ``threads`` is the API default.
+process per core, started with the predictor and reused by every call, so starting
+them counts as start-up); ``threads`` is the API default.
 
 Both are measured in the same run on the same files (file cache warmed first), so
 the ratio is comparable across machines. Start-up (importing TensorFlow, loading

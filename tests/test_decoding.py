@@ -10,7 +10,7 @@ import numpy as np
 from _synthetic import save_tiny_model
 from conftest import write_png
 
-from malaria_classifier.decoding import iter_images_in_processes
+from malaria_classifier.decoding import DecodePool, iter_images_in_processes
 from malaria_classifier.images import load_for_model
 from malaria_classifier.prediction import PROCESS_DECODE_MIN_FILES, Predictor
 
@@ -67,3 +67,59 @@ def test_predictor_rows_are_the_same_with_decode_processes(tmp_path):
 
     assert [row.path for row in actual] == sorted(paths)
     assert actual == expected
+
+
+def _worker_pids() -> set[int]:
+    return {child.pid for child in multiprocessing.active_children()}
+
+
+def test_a_pool_serves_many_jobs_with_the_same_workers(tmp_path):
+    paths = _cells(tmp_path, 30)
+    with DecodePool(processes=2) as pool:
+        first = list(pool.iter_images(paths, 16, chunk_size=4))
+        workers = _worker_pids()
+        second = list(pool.iter_images(reversed(paths), 16, chunk_size=4))
+        assert _worker_pids() == workers
+
+    for (image, _), (reversed_image, _) in zip(first, reversed(second), strict=True):
+        np.testing.assert_array_equal(image, reversed_image)
+    assert not (_worker_pids() & workers)  # closed with the block
+
+
+def test_a_job_abandoned_halfway_leaves_the_next_job_intact(tmp_path):
+    paths = _cells(tmp_path, 40)
+    with DecodePool(processes=1) as pool:
+        abandoned = pool.iter_images(paths, 16, chunk_size=2, lookahead_chunks=8)
+        next(abandoned)
+        abandoned.close()
+        results = list(pool.iter_images(paths[::-1], 16, chunk_size=3))
+
+    for path, (image, error) in zip(paths[::-1], results, strict=True):
+        assert error is None
+        np.testing.assert_array_equal(image, load_for_model(path, 16))
+
+
+def test_after_a_worker_dies_the_next_job_gets_a_fresh_pool(tmp_path, caplog):
+    paths = _cells(tmp_path, 24)
+    with DecodePool(processes=1) as pool:
+        stream = pool.iter_images(paths, 16, chunk_size=4, lookahead_chunks=2)
+        next(stream)
+        for pid in _worker_pids():
+            os.kill(pid, signal.SIGKILL)
+        assert len([next(stream), *stream]) == len(paths) - 1
+        assert "decode process died" in caplog.text
+
+        again = list(pool.iter_images(paths, 16, chunk_size=4))
+
+        assert _worker_pids()  # a new worker decoded the second job
+    assert [error for _, error in again] == [None] * len(paths)
+
+
+def test_a_predictor_stops_its_decode_workers_when_closed(tmp_path):
+    model = save_tiny_model(tmp_path / "model.keras")
+    before = _worker_pids()
+    with Predictor(model, decode_processes=True) as predictor:
+        started = _worker_pids() - before
+        assert len(started) == predictor._decode_pool.processes
+
+    assert not (_worker_pids() & started)

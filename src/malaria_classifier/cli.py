@@ -385,39 +385,40 @@ def predict(
         decode_processes=True,
         not_a_cell=not_a_cell,
     )
-    if summary is not None and predictor.verdict_rule is None:
-        raise ValueError(
-            f"{predictor.model_path} has no verdict rule. Run `malaria calibrate` on it first."
+    with predictor:  # stops its decode worker processes at the end
+        if summary is not None and predictor.verdict_rule is None:
+            raise ValueError(
+                f"{predictor.model_path} has no verdict rule. Run `malaria calibrate` on it first."
+            )
+        collected: list = []
+        rows = _collecting(predictor.predict_paths(paths), collected if summary else None)
+        if output is not None and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            rows = tqdm(rows, desc="Predicting", unit="img", file=sys.stderr)
+        if output is None:
+            counts = write_rows(rows, sys.stdout, output_format)
+        else:
+            temporary = output.with_name(output.name + ".partial")
+            with open(temporary, "w", newline="", encoding="utf-8") as handle:
+                counts = write_rows(rows, handle, output_format)
+            temporary.replace(output)
+        typer.echo(
+            f"{counts['predicted']} predicted, {counts['failed']} failed "
+            f"(forward pass: {predictor.runtime})",
+            err=True,
         )
-    collected: list = []
-    rows = _collecting(predictor.predict_paths(paths), collected if summary else None)
-    if output is not None and sys.stderr.isatty():
-        from tqdm import tqdm
+        if summary is not None and group_by is not None and predictor.verdict_rule is not None:
+            from malaria_classifier.verdict import summarize_rows, write_summary
 
-        rows = tqdm(rows, desc="Predicting", unit="img", file=sys.stderr)
-    if output is None:
-        counts = write_rows(rows, sys.stdout, output_format)
-    else:
-        temporary = output.with_name(output.name + ".partial")
-        with open(temporary, "w", newline="", encoding="utf-8") as handle:
-            counts = write_rows(rows, handle, output_format)
-        temporary.replace(output)
-    typer.echo(
-        f"{counts['predicted']} predicted, {counts['failed']} failed "
-        f"(forward pass: {predictor.runtime})",
-        err=True,
-    )
-    if summary is not None and group_by is not None and predictor.verdict_rule is not None:
-        from malaria_classifier.verdict import summarize_rows, write_summary
-
-        groups = summarize_rows(collected, predictor.verdict_rule, group_by)
-        temporary = summary.with_name(summary.name + ".partial")
-        with open(temporary, "w", newline="", encoding="utf-8") as handle:
-            write_summary(groups, handle)
-        temporary.replace(summary)
-        typer.echo(f"{len(groups)} {group_by} verdict(s) written to {summary}", err=True)
-    if counts["predicted"] == 0:
-        raise typer.Exit(code=1)
+            groups = summarize_rows(collected, predictor.verdict_rule, group_by)
+            temporary = summary.with_name(summary.name + ".partial")
+            with open(temporary, "w", newline="", encoding="utf-8") as handle:
+                write_summary(groups, handle)
+            temporary.replace(summary)
+            typer.echo(f"{len(groups)} {group_by} verdict(s) written to {summary}", err=True)
+        if counts["predicted"] == 0:
+            raise typer.Exit(code=1)
 
 
 @app.command()

@@ -30,7 +30,7 @@ from malaria_classifier.constants import (
 )
 from malaria_classifier.data import is_image_file
 from malaria_classifier.decision import load_decision_rule, transformed_views
-from malaria_classifier.decoding import iter_images_in_processes
+from malaria_classifier.decoding import DecodePool
 from malaria_classifier.images import resize_with_pad
 from malaria_classifier.model_card import default_model_path, read_model_card
 from malaria_classifier.ood import combine_signals, image_statistics
@@ -122,9 +122,11 @@ class Predictor:
             (pass ``check_ood=False`` with it). ``Predictor.runtime`` says which ran.
         decode_processes: Decode jobs of ``PROCESS_DECODE_MIN_FILES`` files or more
             in worker processes (one per core), which do not compete with the model
-            for Python's global lock (``malaria predict`` does). Off by default in
-            the API: like every library that starts processes, it needs the calling
-            script's code behind ``if __name__ == "__main__":``.
+            for Python's global lock (``malaria predict`` does). The workers start
+            with the predictor and serve every later call; ``close()`` (or a ``with``
+            block) stops them. Off by default in the API: like every library that
+            starts processes, it needs the calling script's code behind
+            ``if __name__ == "__main__":``.
         not_a_cell: Which "Not a cell" limits apply: ``strict`` (fitted on NIH cells
             as imaged; rejects the most non-cell images) or ``other-labs`` (also
             fitted on NIH cells changed to look like other laboratories' crops:
@@ -143,10 +145,31 @@ class Predictor:
         decode_processes: bool = False,
         not_a_cell: str = "strict",
     ) -> None:
-        from malaria_classifier.model import load_model
-        from malaria_classifier.runtimes import check_runtime, make_best_scoring_forward
+        from malaria_classifier.runtimes import check_runtime
 
         check_runtime(runtime)
+        # Started first, so the workers' imports overlap loading the model.
+        self._decode_pool = DecodePool().start() if decode_processes else None
+        try:
+            self._load(model_path, batch_size, threshold, check_ood, runtime, not_a_cell)
+        except BaseException:
+            self.close()
+            raise
+        self.test_time_views = test_time_views
+        self.decode_processes = decode_processes
+
+    def _load(
+        self,
+        model_path: str | Path | None,
+        batch_size: int,
+        threshold: float | None,
+        check_ood: bool,
+        runtime: str,
+        not_a_cell: str,
+    ) -> None:
+        from malaria_classifier.model import load_model
+        from malaria_classifier.runtimes import make_best_scoring_forward
+
         self.model_path = Path(model_path) if model_path else default_model_path()
         self.model = load_model(str(self.model_path))
         self.card = read_model_card(self.model_path)
@@ -156,8 +179,6 @@ class Predictor:
         if not check_ood:
             self.rule.ood = None
         self.threshold = self.rule.threshold
-        self.test_time_views = test_time_views
-        self.decode_processes = decode_processes
         self.verdict_rule: VerdictRule | None = VerdictRule.from_card(self.card)
         self._with_features = self.rule.ood is not None and self.rule.ood.density is not None
         self._forward, self.runtime = make_best_scoring_forward(
@@ -166,6 +187,19 @@ class Predictor:
         # The "Not a cell" image statistics (numpy, which releases the GIL) run on this
         # thread while TensorFlow runs the forward pass of the same batch.
         self._statistics_thread = ThreadPoolExecutor(1, thread_name_prefix="ood-statistics")
+
+    def close(self) -> None:
+        """Stop the decode worker processes and the statistics thread (if any)."""
+        if self._decode_pool is not None:
+            self._decode_pool.close()
+        if hasattr(self, "_statistics_thread"):
+            self._statistics_thread.shutdown(wait=False)
+
+    def __enter__(self) -> Predictor:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def predict_arrays(self, images: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
         """Calibrated P(Parasitized) for RGB uint8 arrays of any size (resized with padding)."""
@@ -270,8 +304,8 @@ class Predictor:
         """Decode ``paths`` ahead, in processes for large jobs and threads otherwise."""
         first = list(itertools.islice(paths, PROCESS_DECODE_MIN_FILES))
         paths = itertools.chain(first, paths)
-        if self.decode_processes and len(first) >= PROCESS_DECODE_MIN_FILES:
-            return iter_images_in_processes(paths, self.image_size)
+        if self._decode_pool is not None and len(first) >= PROCESS_DECODE_MIN_FILES:
+            return self._decode_pool.iter_images(paths, self.image_size)
         return iter_images(paths, self.image_size)
 
     def _flush(
