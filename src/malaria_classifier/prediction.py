@@ -181,8 +181,11 @@ class Predictor:
         self.threshold = self.rule.threshold
         self.verdict_rule: VerdictRule | None = VerdictRule.from_card(self.card)
         self._with_features = self.rule.ood is not None and self.rule.ood.density is not None
+        # With decode processes on every core, the forward pass gets one thread: a
+        # second one costs 20% more CPU time (0.45 vs 0.37 core-ms an image) that the
+        # decoders need (docs/benchmarks.md 8.2e).
         self._forward, self.runtime = make_best_scoring_forward(
-            self.model, runtime, self._with_features
+            self.model, runtime, self._with_features, 1 if self._decode_pool else None
         )
         # The "Not a cell" image statistics (numpy, which releases the GIL) run on this
         # thread while TensorFlow runs the forward pass of the same batch.

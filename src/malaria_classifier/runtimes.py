@@ -51,30 +51,32 @@ def cpu_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def make_forward(model, runtime: str = "keras") -> Forward:
+def make_forward(model, runtime: str = "keras", threads: int | None = None) -> Forward:
     """A forward function for a loaded Keras model, run by ``runtime``.
 
     ``onnx`` and ``tflite`` convert the model in memory first (under a second for
-    the default model), so the caller needs only the ``.keras`` file.
+    the default model), so the caller needs only the ``.keras`` file. ``threads``
+    caps ONNX Runtime's and LiteRT's threads (default: every core); TensorFlow's are
+    set process-wide, so Keras ignores it.
 
     Raises:
         ValueError: For an unknown runtime, or one whose package is not installed.
     """
     check_runtime(runtime)
     if runtime == "auto":
-        scoring = make_best_scoring_forward(model, runtime)[0]
+        scoring = make_best_scoring_forward(model, runtime, threads=threads)[0]
         return lambda batch: scoring(batch)[0]
     if runtime == "keras":
         return keras_forward(model)
     from malaria_classifier.export import convert_to_onnx, convert_to_tflite
 
     if runtime == "onnx":
-        return onnx_forward(convert_to_onnx(model))
-    return tflite_forward(convert_to_tflite(model))
+        return onnx_forward(convert_to_onnx(model), threads)
+    return tflite_forward(convert_to_tflite(model), threads)
 
 
 def make_best_scoring_forward(
-    model, runtime: str = "auto", with_features: bool = False
+    model, runtime: str = "auto", with_features: bool = False, threads: int | None = None
 ) -> tuple[ScoringForward, str]:
     """Like :func:`make_scoring_forward`, resolving ``auto``; returns the runtime used too.
 
@@ -84,9 +86,9 @@ def make_best_scoring_forward(
     """
     check_runtime(runtime)
     if runtime != "auto":
-        return make_scoring_forward(model, runtime, with_features), runtime
+        return make_scoring_forward(model, runtime, with_features, threads), runtime
     try:
-        return make_scoring_forward(model, "onnx", with_features), "onnx"
+        return make_scoring_forward(model, "onnx", with_features, threads), "onnx"
     except Exception as error:  # any conversion failure: Keras still gives the results
         LOGGER.warning(
             "ONNX Runtime is not available for this model (%s); using Keras, which gives "
@@ -97,7 +99,7 @@ def make_best_scoring_forward(
 
 
 def make_scoring_forward(
-    model, runtime: str = "keras", with_features: bool = False
+    model, runtime: str = "keras", with_features: bool = False, threads: int | None = None
 ) -> ScoringForward:
     """A forward function returning softmax and, when asked, the penultimate features.
 
@@ -110,9 +112,9 @@ def make_scoring_forward(
     """
     check_runtime(runtime)
     if runtime == "auto":
-        return make_best_scoring_forward(model, runtime, with_features)[0]
+        return make_best_scoring_forward(model, runtime, with_features, threads)[0]
     if not with_features:
-        forward = make_forward(model, runtime)
+        forward = make_forward(model, runtime, threads)
         return lambda batch: (forward(batch), None)
     if runtime == "tflite":
         raise ValueError(
@@ -127,7 +129,7 @@ def make_scoring_forward(
         return _keras_pair_forward(network)
     from malaria_classifier.export import convert_to_onnx
 
-    run = onnx_forward(convert_to_onnx(network), all_outputs=True)
+    run = onnx_forward(convert_to_onnx(network), threads, all_outputs=True)
     return lambda batch: tuple(run(batch))
 
 
