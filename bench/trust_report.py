@@ -32,7 +32,7 @@ from malaria_classifier.decision import load_decision_rule  # noqa: E402
 from malaria_classifier.evaluation import bootstrap_intervals  # noqa: E402
 from malaria_classifier.images import load_rgb_image, resize_with_pad  # noqa: E402
 from malaria_classifier.model_card import default_model_path, read_model_card  # noqa: E402
-from malaria_classifier.ood import combine_signals  # noqa: E402
+from malaria_classifier.ood import combine_signals, final_layer_weights  # noqa: E402
 from malaria_classifier.plots import reliability_diagram  # noqa: E402
 from malaria_classifier.prediction import Predictor  # noqa: E402
 from malaria_classifier.splits import read_manifest  # noqa: E402
@@ -119,7 +119,9 @@ def report_ood(model, scores_by_split, rule, cells_for_non_cells, per_kind, mode
     print("\n## Not-a-cell check")
     for split in ("validation", "test"):
         scores = scores_by_split[split]
-        signals = combine_signals(scores.statistics, scores.features, rule.ood.density, model)
+        signals = combine_signals(
+            scores.statistics, scores.features, rule.ood.density, final_layer_weights(model)
+        )
         rejected = np.array([bool(r) for r in rule.ood.reasons(signals)])
         parts = {p: rejected[scores.patients == p] for p in sorted(set(scores.patients))}
         low, high = patient_bootstrap(parts, lambda ps: np.concatenate(ps).mean())
@@ -150,7 +152,9 @@ def report_ood(model, scores_by_split, rule, cells_for_non_cells, per_kind, mode
 
 def report_verdicts(model, scores, rule, verdict_rule, split):
     calibrated = rule.calibrate(scores.probabilities)
-    signals = combine_signals(scores.statistics, scores.features, rule.ood.density, model)
+    signals = combine_signals(
+        scores.statistics, scores.features, rule.ood.density, final_layer_weights(model)
+    )
     kept = np.array([not r for r in rule.ood.reasons(signals)])
     print(
         f"\n## Patient verdicts, {split} patients (rule: >= {verdict_rule.min_suspicious_cells} "

@@ -171,6 +171,8 @@ def test_auto_runtime_is_onnx_and_falls_back_to_keras_when_conversion_fails(
         raise ValueError("this graph has an op tf2onnx does not know")
 
     monkeypatch.setattr("malaria_classifier.export.convert_to_onnx", refuse)
+    # As for a model without a serving copy (tests/test_serving.py), which converts.
+    monkeypatch.setattr("malaria_classifier.prediction.read_serving_copy", lambda path: None)
     with caplog.at_level("WARNING", logger="malaria_classifier.runtimes"):
         fallback = Predictor(runtime="auto")
 

@@ -10,6 +10,7 @@ import pytest
 from _synthetic import write_synthetic_dataset
 
 from malaria_classifier.config import TrainingConfig, load_config
+from malaria_classifier.serving import read_serving_copy
 from malaria_classifier.splits import check_no_leakage, read_manifest
 from malaria_classifier.training import RunCheckpoint, RunFolderError, train_model
 
@@ -54,8 +55,11 @@ def test_run_folder_holds_everything_needed_to_reproduce(finished_run):
         "evaluation/confusion_matrix.png",
         "evaluation/roc_curve.json",
         "checkpoint/last.keras",
+        "model.serving.onnx",
+        "model.serving.json",
     ):
         assert (run_dir / name).is_file(), name
+    assert read_serving_copy(run_dir / "model.keras") is not None  # fresh: predict needs no TF
     assert any((run_dir / "tensorboard").rglob("*tfevents*"))
     assert load_config(run_dir / "config.yaml") == TINY
     assert len(json.loads((run_dir / "history.json").read_text())) == 2

@@ -49,6 +49,7 @@ from malaria_classifier.ood import (
     OodCheck,
     combine_signals,
     feature_model,
+    final_layer_weights,
     fit_feature_density,
     fit_ood_check,
     image_statistics,
@@ -255,7 +256,7 @@ def fit_ood_layer(model: Any, scores: dict[str, SplitScores]) -> OodCheck:
         part = scores.get(split)
         if part is None:
             return None
-        return combine_signals(part.statistics, part.features, density, model)
+        return combine_signals(part.statistics, part.features, density, final_layer_weights(model))
 
     ood = fit_ood_check(
         signals("train"),
@@ -288,7 +289,9 @@ def _change_counts(variants: np.ndarray | None) -> dict[str, int]:
 
 
 def _accepted(ood: Any, model: Any, scores: SplitScores) -> np.ndarray:
-    signals = combine_signals(scores.statistics, scores.features, ood.density, model)
+    signals = combine_signals(
+        scores.statistics, scores.features, ood.density, final_layer_weights(model)
+    )
     return np.array([not reason for reason in ood.reasons(signals)], dtype=bool)
 
 
@@ -309,7 +312,9 @@ def report_split(
     """Calibration, operating point, abstention, OOD and verdict figures for one split."""
     calibrated = rule.calibrate(scores.probabilities)
     predicted = calibrated >= rule.threshold
-    signals = combine_signals(scores.statistics, scores.features, rule.ood.density, model)
+    signals = combine_signals(
+        scores.statistics, scores.features, rule.ood.density, final_layer_weights(model)
+    )
     reasons = rule.ood.reasons(signals)
     decisions, _ = rule.decide(calibrated, reasons)
     decisions = np.array(decisions)

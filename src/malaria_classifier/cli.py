@@ -80,13 +80,15 @@ def _import_tensorflow_quietly() -> None:
 
 @app.callback()
 def main(
+    context: typer.Context,
     version: Annotated[
         bool,
         typer.Option("--version", callback=_show_version, is_eager=True, help="Show version."),
     ] = False,
 ) -> None:
     """Tell Parasitized from Uninfected red-blood-cell images (NIH/NLM malaria cells)."""
-    _import_tensorflow_quietly()
+    if context.invoked_subcommand != "predict":  # predict imports it only if it must
+        _import_tensorflow_quietly()
 
 
 @data_app.command("check")
@@ -369,7 +371,9 @@ def predict(
     chosen label; decision is Parasitized, Uninfected, Uncertain or Not a cell.
     Exits non-zero only when no image could be predicted.
     """
+    from malaria_classifier.model_card import default_model_path
     from malaria_classifier.prediction import Predictor, write_rows
+    from malaria_classifier.serving import read_serving_copy
     from malaria_classifier.verdict import GROUPINGS
 
     if output_format not in ("csv", "json"):
@@ -378,6 +382,8 @@ def predict(
         raise ValueError("--group-by and --summary go together: pass both or neither.")
     if group_by is not None and group_by not in GROUPINGS:
         raise ValueError(f"--group-by must be one of {', '.join(GROUPINGS)}, got {group_by!r}.")
+    if runtime not in ("auto", "onnx") or read_serving_copy(model or default_model_path()) is None:
+        _import_tensorflow_quietly()  # the model has to be loaded by Keras
     predictor = Predictor(
         model,
         test_time_views=views,

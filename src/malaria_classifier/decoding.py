@@ -3,8 +3,8 @@
 Decoding a PNG cell is about half C (zlib, unfiltering) and half Python (Pillow's
 chunk parsing, our checks). Decode threads therefore fight the main thread, which
 runs the model and the "Not a cell" statistics, for Python's global lock; worker
-processes do not. ``malaria predict`` on large folders uses this module; everything
-else (training, small batches) uses the threads of ``pipeline.iter_images``.
+processes do not. ``malaria predict`` on large folders uses :class:`DecodePool`; everything
+else (training, small batches) uses the threads of :func:`iter_images`.
 
 This module imports no TensorFlow, so a worker starts in a fraction of a second.
 """
@@ -16,7 +16,7 @@ import multiprocessing
 import os
 from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from itertools import islice
 from pathlib import Path
@@ -30,23 +30,41 @@ LOGGER = logging.getLogger(__name__)
 LoadResult = tuple[np.ndarray | None, str | None]
 
 
+def load_one(path: str | Path, image_size: int) -> LoadResult:
+    """Decode and fit one file; a bad file gives its error, never an exception."""
+    try:
+        return load_for_model(path, image_size), None
+    except ImageLoadError as error:
+        return None, str(error)
+
+
 def load_chunk(paths: list[str], image_size: int) -> list[LoadResult]:
-    """Decode and fit each file; a bad file gives its error, never an exception.
-
-    Runs inside a worker process, so it must stay importable without TensorFlow.
-    """
-    results: list[LoadResult] = []
-    for path in paths:
-        try:
-            results.append((load_for_model(path, image_size), None))
-        except ImageLoadError as error:
-            results.append((None, str(error)))
-    return results
+    """:func:`load_one` for each file; runs inside a worker process (so: no TensorFlow)."""
+    return [load_one(path, image_size) for path in paths]
 
 
-def default_processes() -> int:
-    """One decode process per core."""
+def default_workers() -> int:
+    """Decode threads or processes: one per core (decoding releases the GIL in C)."""
     return max(1, os.cpu_count() or 1)
+
+
+def iter_images(
+    paths: Iterable[str | Path], image_size: int, workers: int | None = None, lookahead: int = 512
+) -> Iterator[LoadResult]:
+    """Yield ``(image, None)`` or ``(None, error)`` per path, in order, decoding in threads.
+
+    A bounded window of futures keeps memory flat however many paths there are, and
+    a bad file yields its error instead of stopping the stream.
+    """
+    workers = workers or default_workers()
+    with ThreadPoolExecutor(max_workers=workers) as executor:
+        pending: deque = deque()
+        for path in paths:
+            pending.append(executor.submit(load_one, path, image_size))
+            if len(pending) >= lookahead:
+                yield pending.popleft().result()
+        for future in pending:
+            yield future.result()
 
 
 def _worker_ready() -> int:
@@ -74,7 +92,7 @@ class DecodePool:
     """
 
     def __init__(self, processes: int | None = None) -> None:
-        self.processes = processes or default_processes()
+        self.processes = processes or default_workers()
         self._executor: ProcessPoolExecutor | None = None
 
     def start(self) -> DecodePool:

@@ -426,9 +426,18 @@ def feature_model(model: Any) -> Any:
     return keras.Model(model.inputs, [model.outputs[0], final.input], name="with_features")
 
 
-def logits_from_features(model: Any, features: np.ndarray) -> np.ndarray:
-    """Pre-softmax logits ``features @ W + b`` of the model's final dense layer."""
+FinalLayer = tuple[np.ndarray, np.ndarray]  # the softmax layer's (kernel, bias)
+
+
+def final_layer_weights(model: Any) -> FinalLayer:
+    """The kernel ``(features, classes)`` and bias of a Keras model's final dense layer."""
     kernel, bias = (np.asarray(weight) for weight in model.layers[-1].get_weights()[:2])
+    return kernel, bias
+
+
+def logits_from_features(final_layer: FinalLayer, features: np.ndarray) -> np.ndarray:
+    """Pre-softmax logits ``features @ W + b`` of the final dense layer."""
+    kernel, bias = final_layer
     return np.asarray(features, dtype=np.float64) @ kernel + bias
 
 
@@ -476,16 +485,17 @@ def combine_signals(
     statistics: np.ndarray,
     features: np.ndarray | None,
     density: FeatureDensity | None,
-    model: Any,
+    final_layer: FinalLayer | None,
 ) -> np.ndarray:
     """Image statistics plus feature distance and energy, shape ``(n, len(SIGNAL_NAMES))``.
 
+    ``final_layer`` is :func:`final_layer_weights` of the model (or a serving copy's).
     The two feature signals are ``nan`` (never tripping a limit) when unavailable.
     """
     extra = np.full((len(statistics), len(FEATURE_SIGNALS)), np.nan)
-    if features is not None and density is not None and model is not None:
+    if features is not None and density is not None and final_layer is not None:
         extra[:, 0] = density.distances(features)
-        extra[:, 1] = energy_scores(logits_from_features(model, features))
+        extra[:, 1] = energy_scores(logits_from_features(final_layer, features))
     return np.concatenate([np.asarray(statistics, dtype=np.float64), extra], axis=1)
 
 

@@ -8,10 +8,7 @@ is mapped over the training split only; the model itself normalizes.
 from __future__ import annotations
 
 import math
-import os
-from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import keras
@@ -20,38 +17,8 @@ import tensorflow as tf
 
 from malaria_classifier.config import TrainingConfig
 from malaria_classifier.constants import CLASS_NAMES
-from malaria_classifier.images import ImageLoadError, load_for_model
-
-
-def default_workers() -> int:
-    """Decode threads: one per core (Pillow releases the GIL while it decodes)."""
-    return max(1, os.cpu_count() or 1)
-
-
-def iter_images(
-    paths: Iterable[str | Path], image_size: int, workers: int | None = None, lookahead: int = 512
-) -> Iterator[tuple[np.ndarray | None, str | None]]:
-    """Yield ``(image, None)`` or ``(None, error)`` per path, in order, decoding ahead.
-
-    A bounded window of futures keeps memory flat however many paths there are, and
-    a bad file yields its error instead of stopping the stream.
-    """
-    workers = workers or default_workers()
-
-    def load(path: str | Path) -> tuple[np.ndarray | None, str | None]:
-        try:
-            return load_for_model(path, image_size), None
-        except ImageLoadError as error:
-            return None, str(error)
-
-    with ThreadPoolExecutor(max_workers=workers) as executor:
-        pending: deque = deque()
-        for path in paths:
-            pending.append(executor.submit(load, path))
-            if len(pending) >= lookahead:
-                yield pending.popleft().result()
-        for future in pending:
-            yield future.result()
+from malaria_classifier.decoding import default_workers, iter_images  # noqa: F401 (API)
+from malaria_classifier.images import ImageLoadError
 
 
 def one_hot(labels: Sequence[str]) -> np.ndarray:

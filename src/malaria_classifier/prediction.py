@@ -30,11 +30,17 @@ from malaria_classifier.constants import (
 )
 from malaria_classifier.data import is_image_file
 from malaria_classifier.decision import load_decision_rule, transformed_views
-from malaria_classifier.decoding import DecodePool
+from malaria_classifier.decoding import DecodePool, iter_images
 from malaria_classifier.images import resize_with_pad
 from malaria_classifier.model_card import default_model_path, read_model_card
-from malaria_classifier.ood import combine_signals, image_statistics
-from malaria_classifier.pipeline import iter_images
+from malaria_classifier.ood import (
+    FinalLayer,
+    combine_signals,
+    final_layer_weights,
+    image_statistics,
+)
+from malaria_classifier.runtimes import check_runtime, make_best_scoring_forward, serving_forward
+from malaria_classifier.serving import read_serving_copy
 from malaria_classifier.verdict import VerdictRule
 
 # Jobs at least this large decode in worker processes; smaller ones do not pay the
@@ -117,9 +123,13 @@ class Predictor:
         runtime: What runs the forward pass: ``keras`` (TensorFlow), ``onnx`` (ONNX
             Runtime, fastest on CPU), ``auto`` (ONNX Runtime, or Keras for a model it
             cannot convert; what ``malaria predict`` uses) or ``tflite`` (LiteRT, needs
-            the ``export`` extra). All but Keras convert the model in memory at
-            start-up (under a second); ``tflite`` cannot feed the "Not a cell" check
-            (pass ``check_ood=False`` with it). ``Predictor.runtime`` says which ran.
+            the ``export`` extra). ``onnx`` and ``auto`` use the model's serving copy
+            (``model.serving.onnx``, written by ``malaria train``; see
+            :mod:`malaria_classifier.serving`) when it matches the ``.keras`` file, and
+            then never import TensorFlow; otherwise they, like ``tflite``, convert the
+            model in memory at start-up (under a second). ``tflite`` cannot feed the
+            "Not a cell" check (pass ``check_ood=False`` with it).
+            ``Predictor.runtime`` says which ran.
         decode_processes: Decode jobs of ``PROCESS_DECODE_MIN_FILES`` files or more
             in worker processes (one per core), which do not compete with the model
             for Python's global lock (``malaria predict`` does). The workers start
@@ -145,9 +155,10 @@ class Predictor:
         decode_processes: bool = False,
         not_a_cell: str = "strict",
     ) -> None:
-        from malaria_classifier.runtimes import check_runtime
-
         check_runtime(runtime)
+        # The "Not a cell" image statistics (numpy, which releases the GIL) run on this
+        # thread while the forward pass of the same batch runs.
+        self._statistics_thread = ThreadPoolExecutor(1, thread_name_prefix="ood-statistics")
         # Started first, so the workers' imports overlap loading the model.
         self._decode_pool = DecodePool().start() if decode_processes else None
         try:
@@ -167,13 +178,8 @@ class Predictor:
         runtime: str,
         not_a_cell: str,
     ) -> None:
-        from malaria_classifier.model import load_model
-        from malaria_classifier.runtimes import make_best_scoring_forward
-
         self.model_path = Path(model_path) if model_path else default_model_path()
-        self.model = load_model(str(self.model_path))
         self.card = read_model_card(self.model_path)
-        self.image_size = int(self.model.input_shape[1])
         self.batch_size = batch_size
         self.rule = load_decision_rule(self.model_path, self.card, threshold, not_a_cell)
         if not check_ood:
@@ -184,19 +190,35 @@ class Predictor:
         # With decode processes on every core, the forward pass gets one thread: a
         # second one costs 20% more CPU time (0.45 vs 0.37 core-ms an image) that the
         # decoders need (docs/benchmarks.md 8.2e).
+        threads = 1 if self._decode_pool else None
+        self._model = None
+        serving = read_serving_copy(self.model_path) if runtime in ("auto", "onnx") else None
+        if serving is not None:  # no TensorFlow needed (serving.py)
+            self._forward = serving_forward(serving, self._with_features, threads)
+            self.runtime, self.image_size = "onnx", serving.image_size
+            self._final_layer: FinalLayer | None = serving.final_layer
+            return
+        model = self.model
+        self.image_size = int(model.input_shape[1])
+        self._final_layer = final_layer_weights(model)
         self._forward, self.runtime = make_best_scoring_forward(
-            self.model, runtime, self._with_features, 1 if self._decode_pool else None
+            model, runtime, self._with_features, threads
         )
-        # The "Not a cell" image statistics (numpy, which releases the GIL) run on this
-        # thread while TensorFlow runs the forward pass of the same batch.
-        self._statistics_thread = ThreadPoolExecutor(1, thread_name_prefix="ood-statistics")
+
+    @property
+    def model(self):
+        """The Keras model (loaded on first use: a serving copy predicts without it)."""
+        if self._model is None:
+            from malaria_classifier.model import load_model
+
+            self._model = load_model(str(self.model_path))
+        return self._model
 
     def close(self) -> None:
         """Stop the decode worker processes and the statistics thread (if any)."""
         if self._decode_pool is not None:
             self._decode_pool.close()
-        if hasattr(self, "_statistics_thread"):
-            self._statistics_thread.shutdown(wait=False)
+        self._statistics_thread.shutdown(wait=False)
 
     def __enter__(self) -> Predictor:
         return self
@@ -256,7 +278,7 @@ class Predictor:
         ood_reasons = None
         if self.rule.ood is not None and statistics is not None:
             signals = combine_signals(
-                statistics.result(), features, self.rule.ood.density, self.model
+                statistics.result(), features, self.rule.ood.density, self._final_layer
             )
             ood_reasons = self.rule.ood.reasons(signals)
         decisions, reasons = self.rule.decide(calibrated, ood_reasons, views)

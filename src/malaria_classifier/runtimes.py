@@ -133,6 +133,17 @@ def make_scoring_forward(
     return lambda batch: tuple(run(batch))
 
 
+def serving_forward(serving, with_features: bool, threads: int | None = None) -> ScoringForward:
+    """Score with a model's serving copy (:mod:`malaria_classifier.serving`), no TensorFlow."""
+    run = onnx_forward(serving.onnx_bytes, threads, all_outputs=True)
+
+    def forward(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        probabilities, features = run(batch)
+        return probabilities, features if with_features else None
+
+    return forward
+
+
 def _keras_pair_forward(network) -> ScoringForward:
     import tensorflow as tf
 

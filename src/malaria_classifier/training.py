@@ -11,6 +11,7 @@ name and renamed, so a killed run never leaves a corrupt model where a good one 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import platform
@@ -39,7 +40,7 @@ from malaria_classifier.distribute import (
     scale_for_replicas,
 )
 from malaria_classifier.evaluation import roc_points, summarize
-from malaria_classifier.model import build_model, compile_model, count_weight_bytes
+from malaria_classifier.model import build_model, compile_model, count_weight_bytes, load_model
 from malaria_classifier.model_card import CARD_FILE, MODEL_FILE, write_json_atomically
 from malaria_classifier.pipeline import make_dataset
 from malaria_classifier.splits import (
@@ -52,6 +53,8 @@ from malaria_classifier.splits import (
     split_summary,
     write_manifest,
 )
+
+LOGGER = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoint"
 LAST_CHECKPOINT = "last.keras"
@@ -260,7 +263,24 @@ def train_model(
     card = build_model_card(config, run_dir, root, rows, state, metrics, training_seconds)
     card["distribution"] = describe(distribution, config)
     write_json_atomically(card, run_dir / CARD_FILE)
+    _write_serving_copy(run_dir / MODEL_FILE)
     return TrainingResult(run_dir, run_dir / MODEL_FILE, metrics, training_seconds)
+
+
+def _write_serving_copy(model_path: Path) -> None:
+    """Write the TensorFlow-free copy that lets `malaria predict` start in a second.
+
+    Optional: without it prediction converts the model in memory, so a conversion
+    failure is reported and training still succeeds.
+    """
+    from malaria_classifier.serving import write_serving_copy
+
+    try:
+        write_serving_copy(load_model(str(model_path)), model_path)
+    except Exception as error:  # tf2onnx raises many types
+        LOGGER.warning(
+            "No serving copy written for %s (%s); prediction will convert it.", model_path, error
+        )
 
 
 def _fit(
