@@ -2,12 +2,21 @@
 
 import numpy as np
 import pytest
+import tensorflow as tf
 from _synthetic import write_synthetic_dataset
 
 from malaria_classifier.config import TrainingConfig
 from malaria_classifier.data import discover_images
 from malaria_classifier.images import load_for_model
-from malaria_classifier.pipeline import iter_images, make_batch_augmenter, make_dataset, one_hot
+from malaria_classifier.pipeline import (
+    ColourDraws,
+    colour_transform,
+    iter_images,
+    make_batch_augmenter,
+    make_dataset,
+    one_hot,
+    symmetry_permutations,
+)
 
 CONFIG = TrainingConfig(image_size=32, batch_size=5, conv_blocks=2, seed=7)
 
@@ -145,3 +154,53 @@ def test_robustness_settings_are_off_by_default():
     images = _pink_discs()
     augmented = _augment_once(NO_COLOUR_OR_GEOMETRY, images)
     np.testing.assert_array_equal(augmented, images)  # a symmetric disc on black
+
+
+def test_the_symmetries_are_the_eight_of_the_square_each_drawn():
+    image = np.arange(5 * 5).reshape(5, 5)
+    expected = {np.rot90(grid, turns).tobytes() for grid in (image, image.T) for turns in range(4)}
+    permutations = symmetry_permutations(5)
+    assert {image.ravel()[order].reshape(5, 5).tobytes() for order in permutations} == expected
+
+    batch = np.repeat(np.arange(16, dtype=np.uint8).reshape(1, 4, 4, 1), 800, axis=0)
+    batch = np.repeat(batch, 3, axis=3)
+    augmented = _augment_once(NO_COLOUR_OR_GEOMETRY, batch)
+    seen = [image[..., 0].tobytes() for image in augmented]
+    counts = sorted(seen.count(view) for view in set(seen))
+    assert len(counts) == 8 and counts[0] > 60  # uniform: 100 each expected
+
+
+def _colour_step_by_step(x, brightness, contrast, saturation, gain, hue_angle):
+    """The stain jitter as five separate passes, as the formulas read (the reference)."""
+    x = x + brightness[:, None, None, None]
+    mean = x.mean(axis=(1, 2, 3), keepdims=True)
+    x = (x - mean) * contrast[:, None, None, None] + mean
+    gray = (x * np.array([0.299, 0.587, 0.114])).sum(axis=-1, keepdims=True)
+    x = gray + (x - gray) * saturation[:, None, None, None]
+    x = x * gain[:, None, None, :]
+    to_yiq = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+    cos, sin = np.cos(hue_angle), np.sin(hue_angle)
+    for index in range(len(x)):
+        rotation = np.array([[1, 0, 0], [0, cos[index], -sin[index]], [0, sin[index], cos[index]]])
+        matrix = np.linalg.inv(to_yiq) @ rotation @ to_yiq
+        x[index] = x[index] @ matrix.T
+    return x
+
+
+def test_the_fused_colour_jitter_equals_the_five_steps():
+    rng = np.random.default_rng(3)
+    x = rng.uniform(0, 1, (6, 8, 8, 3))
+    draws = {
+        "brightness": rng.uniform(-0.1, 0.1, 6),
+        "contrast": rng.uniform(0.8, 1.2, 6),
+        "saturation": rng.uniform(0.8, 1.2, 6),
+        "gain": rng.uniform(0.9, 1.1, (6, 3)),
+        "hue_angle": rng.uniform(-0.3, 0.3, 6),
+    }
+    tensors = {name: tf.constant(value, tf.float32) for name, value in draws.items()}
+    image_mean = tf.constant(x.mean(axis=(1, 2, 3)), tf.float32)
+
+    matrix, offset = colour_transform(ColourDraws(**tensors), image_mean)
+    fused = np.einsum("bhwj,bji->bhwi", x, matrix.numpy()) + offset.numpy()[:, None, None, :]
+
+    np.testing.assert_allclose(fused, _colour_step_by_step(x.copy(), **draws), atol=1e-5)
