@@ -10,7 +10,7 @@ import numpy as np
 from _synthetic import save_tiny_model
 from conftest import write_png
 
-from malaria_classifier.decoding import DecodePool, iter_images_in_processes
+from malaria_classifier.decoding import DecodePool
 from malaria_classifier.images import load_for_model
 from malaria_classifier.prediction import PROCESS_DECODE_MIN_FILES, Predictor
 
@@ -30,7 +30,8 @@ def test_images_come_back_in_order_with_the_pixels_of_load_for_model(tmp_path):
     broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
     paths.insert(7, str(broken))
 
-    results = list(iter_images_in_processes(paths, 16, processes=2, chunk_size=5))
+    with DecodePool(processes=2) as pool:
+        results = list(pool.iter_images(paths, 16, chunk_size=5))
 
     assert len(results) == len(paths)
     image, error = results[7]
@@ -42,12 +43,13 @@ def test_images_come_back_in_order_with_the_pixels_of_load_for_model(tmp_path):
 
 def test_a_killed_worker_loses_no_file(tmp_path, caplog):
     paths = _cells(tmp_path, 60)
-    stream = iter_images_in_processes(paths, 16, processes=1, chunk_size=4, lookahead_chunks=3)
-    first = next(stream)
-    for child in multiprocessing.active_children():
-        os.kill(child.pid, signal.SIGKILL)
+    with DecodePool(processes=1) as pool:
+        stream = pool.iter_images(paths, 16, chunk_size=4, lookahead_chunks=3)
+        first = next(stream)
+        for child in multiprocessing.active_children():
+            os.kill(child.pid, signal.SIGKILL)
 
-    results = [first, *stream]
+        results = [first, *stream]
 
     assert "decode process died" in caplog.text
     assert len(results) == len(paths)

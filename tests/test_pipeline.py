@@ -7,11 +7,11 @@ from _synthetic import write_synthetic_dataset
 
 from malaria_classifier.config import TrainingConfig
 from malaria_classifier.data import discover_images
+from malaria_classifier.decoding import iter_images
 from malaria_classifier.images import load_for_model
 from malaria_classifier.pipeline import (
     ColourDraws,
     colour_transform,
-    iter_images,
     make_batch_augmenter,
     make_dataset,
     one_hot,

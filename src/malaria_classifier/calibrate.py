@@ -41,6 +41,7 @@ from malaria_classifier.calibration import (
 from malaria_classifier.constants import POSITIVE_CLASS, POSITIVE_INDEX
 from malaria_classifier.data import find_class_root
 from malaria_classifier.decision import DecisionRule
+from malaria_classifier.decoding import iter_images
 from malaria_classifier.images import ImageLoadError, load_rgb_image, resize_with_pad
 from malaria_classifier.model_card import card_path_for, read_model_card, write_json_atomically
 from malaria_classifier.ood import (
@@ -55,7 +56,6 @@ from malaria_classifier.ood import (
     image_statistics,
     save_ood_check,
 )
-from malaria_classifier.pipeline import iter_images
 from malaria_classifier.splits import read_manifest
 from malaria_classifier.stress import LAB_VARIANTS_SUMMARY, draw_lab_variant
 from malaria_classifier.verdict import VerdictRule, choose_verdict_rule, verdict_for

@@ -177,18 +177,6 @@ class DecodePool:
         return True
 
 
-def iter_images_in_processes(
-    paths: Iterable[str | Path],
-    image_size: int,
-    processes: int | None = None,
-    chunk_size: int = 64,
-    lookahead_chunks: int = 8,
-) -> Iterator[LoadResult]:
-    """One job in a pool of its own, stopped at the end (see :meth:`DecodePool.iter_images`)."""
-    with DecodePool(processes) as pool:
-        yield from pool.iter_images(paths, image_size, chunk_size, lookahead_chunks)
-
-
 def _warn_once(already_broken: bool) -> None:
     if not already_broken:
         LOGGER.warning("A decode process died; decoding the rest in this process.")

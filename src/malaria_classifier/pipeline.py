@@ -18,7 +18,7 @@ import tensorflow as tf
 
 from malaria_classifier.config import TrainingConfig
 from malaria_classifier.constants import CLASS_NAMES
-from malaria_classifier.decoding import default_workers, iter_images  # noqa: F401 (API)
+from malaria_classifier.decoding import iter_images
 from malaria_classifier.images import ImageLoadError
 
 
