@@ -24,6 +24,18 @@ def _cells(folder, count: int) -> list[str]:
     return paths
 
 
+def _assert_decoded_like_load_for_model(paths, results) -> None:
+    assert len(results) == len(paths)
+    for path, (image, error) in zip(paths, results, strict=True):
+        assert error is None
+        np.testing.assert_array_equal(image, load_for_model(path, 16))
+
+
+def _kill_workers() -> None:
+    for child in multiprocessing.active_children():
+        os.kill(child.pid, signal.SIGKILL)
+
+
 def test_images_come_back_in_order_with_the_pixels_of_load_for_model(tmp_path):
     paths = _cells(tmp_path, 40)
     broken = tmp_path / "broken.png"
@@ -33,12 +45,9 @@ def test_images_come_back_in_order_with_the_pixels_of_load_for_model(tmp_path):
     with DecodePool(processes=2) as pool:
         results = list(pool.iter_images(paths, 16, chunk_size=5))
 
-    assert len(results) == len(paths)
     image, error = results[7]
     assert image is None and "broken.png" in error
-    for path, (image, error) in zip(paths[:7] + paths[8:], results[:7] + results[8:], strict=True):
-        assert error is None
-        np.testing.assert_array_equal(image, load_for_model(path, 16))
+    _assert_decoded_like_load_for_model(paths[:7] + paths[8:], results[:7] + results[8:])
 
 
 def test_a_killed_worker_loses_no_file(tmp_path, caplog):
@@ -46,16 +55,12 @@ def test_a_killed_worker_loses_no_file(tmp_path, caplog):
     with DecodePool(processes=1) as pool:
         stream = pool.iter_images(paths, 16, chunk_size=4, lookahead_chunks=3)
         first = next(stream)
-        for child in multiprocessing.active_children():
-            os.kill(child.pid, signal.SIGKILL)
+        _kill_workers()
 
         results = [first, *stream]
 
     assert "decode process died" in caplog.text
-    assert len(results) == len(paths)
-    for path, (image, error) in zip(paths, results, strict=True):
-        assert error is None
-        np.testing.assert_array_equal(image, load_for_model(path, 16))
+    _assert_decoded_like_load_for_model(paths, results)
 
 
 def test_predictor_rows_are_the_same_with_decode_processes(tmp_path):
@@ -96,9 +101,7 @@ def test_a_job_abandoned_halfway_leaves_the_next_job_intact(tmp_path):
         abandoned.close()
         results = list(pool.iter_images(paths[::-1], 16, chunk_size=3))
 
-    for path, (image, error) in zip(paths[::-1], results, strict=True):
-        assert error is None
-        np.testing.assert_array_equal(image, load_for_model(path, 16))
+    _assert_decoded_like_load_for_model(paths[::-1], results)
 
 
 def test_after_a_worker_dies_the_next_job_gets_a_fresh_pool(tmp_path, caplog):
@@ -106,8 +109,7 @@ def test_after_a_worker_dies_the_next_job_gets_a_fresh_pool(tmp_path, caplog):
     with DecodePool(processes=1) as pool:
         stream = pool.iter_images(paths, 16, chunk_size=4, lookahead_chunks=2)
         next(stream)
-        for pid in _worker_pids():
-            os.kill(pid, signal.SIGKILL)
+        _kill_workers()
         assert len([next(stream), *stream]) == len(paths) - 1
         assert "decode process died" in caplog.text
 
