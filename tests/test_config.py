@@ -44,6 +44,7 @@ DEFAULTS = {
     "validation_fraction": 0.15,
     "test_fraction": 0.15,
     "seed": 42,
+    "training_seed": None,
 }
 
 
@@ -248,3 +249,21 @@ def test_replace_validates_again():
     assert config.epochs == 30
     with pytest.raises(ValueError, match="learning_rate must be in"):
         config.replace(learning_rate=0.0)
+
+
+def test_training_seed_defaults_to_the_split_seed():
+    assert TrainingConfig(seed=7).randomness_seed == 7
+    assert TrainingConfig(seed=7, training_seed=3).randomness_seed == 3
+
+
+def test_training_seed_round_trips_set_and_unset(tmp_path):
+    path = tmp_path / "config.yaml"
+    for config in (TrainingConfig(training_seed=5), TrainingConfig()):
+        save_config(config, path)
+
+        assert load_config(path) == config
+
+
+def test_training_seed_must_be_an_integer(write_yaml):
+    with pytest.raises(ValueError, match="training_seed must be an integer, got 'x'"):
+        load_config(write_yaml("training_seed: x\n"))

@@ -7,6 +7,7 @@ reproduced from its folder alone (``malaria train --config RUN/config.yaml``).
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,11 @@ class TrainingConfig:
             keep the smear around the cell look.
         validation_fraction: Share of cells (by patient) for validation.
         test_fraction: Share of cells (by patient) for the test split.
-        seed: Seeds the split, the weights and the shuffling.
+        seed: Seeds the split (and the folds of cross-validation); also the weights,
+            the shuffling and the augmentation unless ``training_seed`` is set.
+        training_seed: Seeds only the weights, the shuffling and the augmentation, so
+            that several models can be trained on the same patients (seed-to-seed
+            spread, ensembles); None means ``seed``.
     """
 
     image_size: int = 64
@@ -90,6 +95,12 @@ class TrainingConfig:
     validation_fraction: float = 0.15
     test_fraction: float = 0.15
     seed: int = 42
+    training_seed: int | None = None
+
+    @property
+    def randomness_seed(self) -> int:
+        """The seed of everything random in training except the split."""
+        return self.seed if self.training_seed is None else self.training_seed
 
     def __post_init__(self) -> None:
         _check_positive(
@@ -150,9 +161,13 @@ def config_from_dict(values: dict[str, Any], source: str = "config") -> Training
             f"{source}: unknown setting(s) {unknown}. Accepted settings: {', '.join(fields)}."
         )
     converted: dict[str, Any] = {}
-    defaults = TrainingConfig()
+    hints = typing.get_type_hints(TrainingConfig)
     for name, value in values.items():
-        expected = type(getattr(defaults, name))
+        allowed = typing.get_args(hints[name]) or (hints[name],)
+        if value is None and type(None) in allowed:
+            converted[name] = None  # an optional setting left unset
+            continue
+        expected = next(kind for kind in allowed if kind is not type(None))
         converted[name] = _convert(name, value, expected, source)
     return TrainingConfig(**converted)
 

@@ -46,7 +46,7 @@ def build_model(config: TrainingConfig) -> keras.Model:
     x = layers.GlobalAveragePooling2D(name="global_pool")(x)
     x = layers.Dense(config.dense_units, activation="relu", name="dense")(x)
     if config.dropout_rate > 0:
-        x = layers.Dropout(config.dropout_rate, seed=config.seed, name="dropout")(x)
+        x = layers.Dropout(config.dropout_rate, seed=config.randomness_seed, name="dropout")(x)
     outputs = layers.Dense(len(CLASS_NAMES), activation="softmax", name="probabilities")(x)
     return keras.Model(inputs, outputs, name="malaria_cnn")
 

@@ -63,7 +63,7 @@ def make_dataset(
     dataset = dataset.cache()
     if training:
         dataset = dataset.shuffle(
-            len(path_strings), seed=config.seed, reshuffle_each_iteration=True
+            len(path_strings), seed=config.randomness_seed, reshuffle_each_iteration=True
         )
     dataset = dataset.batch(config.batch_size)
     if training and config.augment:
@@ -298,7 +298,7 @@ def _geometry_layers(config: TrainingConfig) -> list[keras.layers.Layer]:
                 (-config.zoom_range, config.zoom_range),
                 fill_mode="constant",
                 fill_value=0.0,
-                seed=config.seed,
+                seed=config.randomness_seed,
             )
         )
     if config.shift_range > 0:
@@ -308,7 +308,7 @@ def _geometry_layers(config: TrainingConfig) -> list[keras.layers.Layer]:
                 config.shift_range,
                 fill_mode="constant",
                 fill_value=0.0,
-                seed=config.seed + 1,
+                seed=config.randomness_seed + 1,
             )
         )
     return steps

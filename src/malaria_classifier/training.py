@@ -294,7 +294,7 @@ def _fit(
     verbose: int | str,
 ) -> None:
     """Run the remaining epochs under the strategy, with global batch and scaled rate."""
-    keras.utils.set_random_seed(config.seed)
+    keras.utils.set_random_seed(config.randomness_seed)
     scaled = scale_for_replicas(config, distribution.replicas)
     datasets = make_split_datasets(root, rows, scaled)
     if distribution.workers > 1:

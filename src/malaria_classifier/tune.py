@@ -144,7 +144,7 @@ class ReportToTrial(keras.callbacks.Callback):
 
 def train_trial(config: TrainingConfig, root: Path, rows: list[ManifestRow], trial: Any) -> float:
     """Train one trial's recipe; return its best validation AUC (test never loaded)."""
-    keras.utils.set_random_seed(config.seed)
+    keras.utils.set_random_seed(config.randomness_seed)
     datasets = make_split_datasets(root, rows, config)
     model = compile_model(build_model(config), config.learning_rate, config.label_smoothing)
     reporter = ReportToTrial(trial)
