@@ -2,7 +2,8 @@
 
 Usage:
     python bench/ensemble_cv.py runs/cv-e20 runs/cv-e20-s1 \
-        [--data ../shared/data/nih-cell-images] [--output runs/ensemble-cv.json]
+        [--data ../shared/data/nih-cell-images] [--output runs/ensemble-cv.json] \
+        [--scores runs/ensemble-cv-scores.csv]
 
 Each argument is a ``malaria cv`` folder trained with the same folds (same ``seed``),
 typically with different ``training_seed`` values. For every fold that all members have
@@ -11,13 +12,16 @@ finished, each member's model scores that fold's test patients exactly as
 P(Parasitized) is the sigmoid of the members' mean log-odds: the softmax of the mean
 logits, which is how an ensemble would ship as one model. The mean of the members'
 probabilities is reported beside it. Metrics are over cells; 95% CIs come from a
-bootstrap over patients (1,000 resamples). Refuses members whose folds hold different
+bootstrap over patients (1,000 resamples). ``--scores`` keeps every cell's scores (one
+row per fold-test cell: fold, path, patient, label, one column per member), e.g. to
+study the cells every model gets wrong. Refuses members whose folds hold different
 test patients, since their scores could not be paired.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 from pathlib import Path
 
@@ -40,8 +44,8 @@ def mean_log_odds(scores: list[np.ndarray]) -> np.ndarray:
     return 1 / (1 + np.exp(-log_odds))
 
 
-def score_fold(members: list[Path], fold: int, data: Path) -> dict:
-    """Every member's and the ensemble's metrics on one fold's test patients."""
+def score_fold(members: list[Path], fold: int, data: Path) -> tuple[dict, list[dict]]:
+    """Every member's and the ensemble's metrics on one fold's test patients, and the scores."""
     manifests = [read_manifest(fold_dir(member, fold) / "manifest.csv") for member in members]
     tests = [[row for row in rows if row.split == "test"] for rows in manifests]
     paths = [row.path for row in tests[0]]
@@ -61,13 +65,22 @@ def score_fold(members: list[Path], fold: int, data: Path) -> dict:
     named = {str(member): score for member, score in zip(members, scores, strict=True)}
     named["ensemble (mean logits)"] = mean_log_odds(scores)
     named["ensemble (mean probability)"] = np.mean(scores, axis=0)
-    return {
+    metrics = {
         name: {
             metric: summarize(y_true, score, groups, "test", 0.5)["metrics"][metric]
             for metric in REPORTED
         }
         for name, score in named.items()
     }
+    rows = [
+        {"fold": fold + 1, "path": row.path, "patient": row.patient, "label": row.label}
+        | {
+            str(member): f"{score[index]:.6f}"
+            for member, score in zip(members, scores, strict=True)
+        }
+        for index, row in enumerate(tests[0])
+    ]
+    return metrics, rows
 
 
 def main() -> None:
@@ -76,14 +89,17 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("../shared/data/nih-cell-images"))
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--output", type=Path, help="also write the results as JSON here")
+    parser.add_argument("--scores", type=Path, help="write every cell's scores as CSV here")
     args = parser.parse_args()
 
     results = {}
+    score_rows: list[dict] = []
     for fold in range(args.folds):
         if not all(is_fold_finished(member, fold) for member in args.members):
             print(f"fold {fold + 1}: not finished by every member; skipped")
             continue
-        results[fold + 1] = score_fold(args.members, fold, args.data)
+        results[fold + 1], rows = score_fold(args.members, fold, args.data)
+        score_rows += rows
         for name, metrics in results[fold + 1].items():
             figures = "  ".join(f"{m} {metrics[m]['value']:.4f}" for m in REPORTED)
             print(f"fold {fold + 1}  {name:<40} {figures}")
@@ -96,6 +112,11 @@ def main() -> None:
         print(f"mean over {len(results)} folds  {name:<32} {mean}   vs first member {paired}")
     if args.output:
         args.output.write_text(json.dumps(results, indent=2), encoding="utf-8")
+    if args.scores and score_rows:
+        with args.scores.open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(score_rows[0]))
+            writer.writeheader()
+            writer.writerows(score_rows)
 
 
 if __name__ == "__main__":
