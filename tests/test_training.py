@@ -151,3 +151,17 @@ def test_training_learns_the_synthetic_signal(synthetic_cells, tmp_path):
     history = json.loads((tmp_path / "learn" / "history.json").read_text())
     assert max(entry["accuracy"] for entry in history) > 0.8
     assert result.metrics["validation"]["metrics"]["roc_auc"]["value"] > 0.8
+
+
+def test_training_seed_trains_other_weights_on_the_same_patients(
+    finished_run, synthetic_cells, tmp_path
+):
+    """Seed spread and ensembles need a second model on exactly the same split."""
+    result = train_model(synthetic_cells, TINY.replace(training_seed=7), tmp_path / "s7", verbose=0)
+
+    same_split = read_manifest(finished_run.run_dir / "manifest.csv")
+    assert read_manifest(result.run_dir / "manifest.csv") == same_split
+    first = keras.saving.load_model(finished_run.model_path, compile=False)
+    second = keras.saving.load_model(result.model_path, compile=False)
+    kernel = first.get_layer("last_conv_conv").get_weights()[0]
+    assert not np.allclose(kernel, second.get_layer("last_conv_conv").get_weights()[0])
