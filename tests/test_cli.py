@@ -2,6 +2,7 @@
 
 import csv
 import json
+from types import SimpleNamespace
 
 import pytest
 from _synthetic import save_tiny_model, write_synthetic_dataset
@@ -290,3 +291,19 @@ def test_predict_runs_onnx_by_default_and_it_matches_keras(shared_data_dir, tmp_
 def test_predict_refuses_an_unknown_runtime_by_name(tmp_path):
     result = _run("predict", tmp_path, "--runtime", "torch")
     assert result.exit_code == 2 and "Unknown runtime 'torch'" in result.output
+
+
+def test_train_passes_the_training_seed_with_the_split_seed_unchanged(cells, tmp_path, monkeypatch):
+    import malaria_classifier.training
+
+    received = []
+
+    def fake_train_model(data, config, run_dir, resume, strategy):
+        received.append(config)
+        return SimpleNamespace(metrics={}, seconds=0.0)
+
+    monkeypatch.setattr(malaria_classifier.training, "train_model", fake_train_model)
+    result = _run("train", "--data", cells, "--output", tmp_path / "run", "--training-seed", "3")
+
+    assert result.exit_code == 0, result.output
+    assert (received[0].seed, received[0].training_seed) == (42, 3)

@@ -169,7 +169,13 @@ def train(
     batch_size: Annotated[int | None, typer.Option(help="Override: batch size.")] = None,
     learning_rate: Annotated[float | None, typer.Option(help="Override: Adam rate.")] = None,
     image_size: Annotated[int | None, typer.Option(help="Override: input side (px).")] = None,
-    seed: Annotated[int | None, typer.Option(help="Override: random seed.")] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Override: seed of the split (and of training).")
+    ] = None,
+    training_seed: Annotated[
+        int | None,
+        typer.Option(help="Override: seed of weights, shuffling, augmentation only (same split)."),
+    ] = None,
     strategy: Annotated[
         str,
         typer.Option(
@@ -187,7 +193,7 @@ def train(
     check_strategy(strategy)
     if resume and output is None:
         raise ValueError("--resume needs --output: the run folder to continue.")
-    overrides = (config, epochs, batch_size, learning_rate, image_size, seed)
+    overrides = (config, epochs, batch_size, learning_rate, image_size, seed, training_seed)
     if resume and any(value is not None for value in overrides):
         typer.echo(
             f"Note: --resume continues with {output}/config.yaml; other settings are ignored.",
@@ -201,6 +207,7 @@ def train(
         learning_rate=learning_rate,
         image_size=image_size,
         seed=seed,
+        training_seed=training_seed,
     )
     result = train_model(data, settings, run_dir, resume=resume, strategy=strategy)
     if not result.metrics:  # a non-chief worker of a multi-worker run
