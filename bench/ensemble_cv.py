@@ -26,6 +26,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from scipy.special import expit, logit
 
 from malaria_classifier.constants import CLASS_NAMES
 from malaria_classifier.cv import fold_dir, is_fold_finished
@@ -39,9 +40,7 @@ CLIP = 1e-7  # float32 probabilities saturate at 1.0; keep log-odds finite
 
 def mean_log_odds(scores: list[np.ndarray]) -> np.ndarray:
     """P(Parasitized) of the ensemble: sigmoid of the mean log-odds (= mean logits)."""
-    clipped = [np.clip(score, CLIP, 1 - CLIP) for score in scores]
-    log_odds = np.mean([np.log(score / (1 - score)) for score in clipped], axis=0)
-    return 1 / (1 + np.exp(-log_odds))
+    return expit(np.mean([logit(np.clip(score, CLIP, 1 - CLIP)) for score in scores], axis=0))
 
 
 def score_fold(members: list[Path], fold: int, data: Path) -> tuple[dict, list[dict]]:
@@ -65,13 +64,10 @@ def score_fold(members: list[Path], fold: int, data: Path) -> tuple[dict, list[d
     named = {str(member): score for member, score in zip(members, scores, strict=True)}
     named["ensemble (mean logits)"] = mean_log_odds(scores)
     named["ensemble (mean probability)"] = np.mean(scores, axis=0)
-    metrics = {
-        name: {
-            metric: summarize(y_true, score, groups, "test", 0.5)["metrics"][metric]
-            for metric in REPORTED
-        }
-        for name, score in named.items()
-    }
+    metrics = {}
+    for name, score in named.items():
+        summary = summarize(y_true, score, groups, "test", 0.5)["metrics"]  # one bootstrap
+        metrics[name] = {metric: summary[metric] for metric in REPORTED}
     rows = [
         {"fold": fold + 1, "path": row.path, "patient": row.patient, "label": row.label}
         | {
