@@ -6,7 +6,7 @@ Usage:
 
 ``--decode processes`` is what ``malaria predict`` does (files decoded in one worker
 process per core, started with the predictor and reused by every call, so starting
-them counts as start-up); ``threads`` is the API default.
+them counts as start-up); ``threads`` is the API default (its forward pass: ``auto``, i.e. onnx).
 
 Both are measured in the same run on the same files (file cache warmed first), so
 the ratio is comparable across machines. Start-up (importing TensorFlow, loading

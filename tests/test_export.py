@@ -26,7 +26,7 @@ TOLERANCE = 1e-4
 
 @pytest.fixture(scope="module")
 def keras_predictor():
-    return Predictor()
+    return Predictor(runtime="keras")
 
 
 @pytest.fixture(scope="module")

@@ -140,3 +140,26 @@ def test_malaria_predict_with_the_default_model_never_imports_tensorflow(tmp_pat
     assert "LOADED []" in done.stdout, done.stdout
     assert "(forward pass: onnx)" in done.stderr
     assert len(output.read_text().splitlines()) == 301
+
+
+def test_the_api_default_predictor_never_imports_tensorflow(tmp_path):
+    """``Predictor()`` serves like ``malaria predict``: an engineer's script starts fast."""
+    folder = tmp_path / "cells"
+    _cells(folder, 20)
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from malaria_classifier import Predictor
+        predictor = Predictor()
+        rows = list(predictor.predict_paths([{str(folder)!r}]))
+        assert len(rows) == 20 and all(row.label for row in rows), rows
+        loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "keras"))
+        print("RUNTIME", predictor.runtime, "LOADED", loaded)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert "RUNTIME onnx LOADED []" in done.stdout, done.stdout

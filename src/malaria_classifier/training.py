@@ -258,12 +258,14 @@ def train_model(
     finally:
         if not distribution.is_chief:
             shutil.rmtree(write_dir, ignore_errors=True)
+    # The serving copy first: the evaluation then scores with exactly what
+    # `malaria predict` runs, and the model is converted once, not twice.
+    _write_serving_copy(run_dir / MODEL_FILE)
     by_split = {split: [row for row in rows if row.split == split] for split in SPLITS}
     metrics = evaluate_run(run_dir, root, by_split)
     card = build_model_card(config, run_dir, root, rows, state, metrics, training_seconds)
     card["distribution"] = describe(distribution, config)
     write_json_atomically(card, run_dir / CARD_FILE)
-    _write_serving_copy(run_dir / MODEL_FILE)
     return TrainingResult(run_dir, run_dir / MODEL_FILE, metrics, training_seconds)
 
 
