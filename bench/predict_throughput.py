@@ -49,6 +49,35 @@ def pillow_decode_rate(files: list[Path]) -> float:
     return len(files) / (time.perf_counter() - started)
 
 
+def cpu_seconds() -> float | None:
+    """CPU time (user + system) of this process and its live decode workers so far.
+
+    CPU time per image is the steady figure on a VM that gives this process one core
+    for some stretches and two for others; psutil (the ``bench`` extra) reads the
+    workers', else None.
+    """
+    try:
+        import psutil
+    except ImportError:
+        return None
+    me = psutil.Process()
+    total = 0.0
+    for process in (me, *me.children(recursive=True)):
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
+
+
+def pillow_cpu_ms(files: list[Path]) -> float:
+    """CPU milliseconds per file of Pillow decoding (one thread)."""
+    started = time.process_time()
+    pillow_decode_rate(files)
+    return (time.process_time() - started) / len(files) * 1e3
+
+
 def forward_rate(predictor, batch: np.ndarray, repeats: int = 10) -> float:
     """Forward pass alone, batch of 256 decoded cells (no file reading or decoding)."""
     predictor._predict_batch(batch)
@@ -117,13 +146,19 @@ def main() -> None:
     # Alternate the measurements and take medians: this shared 2-core machine's
     # speed drifts by up to 2x from minute to minute.
     pillow_rates: list[float] = []
+    pillow_cpu: list[float] = []
     api_rates: dict[str, list[float]] = {name: [] for name in predictors}
+    api_cpu: dict[str, list[float]] = {name: [] for name in predictors}
     for _ in range(args.rounds):
         pillow_rates.append(pillow_decode_rate(files))
+        pillow_cpu.append(pillow_cpu_ms(files))
         for name, predictor in predictors.items():
+            cpu_before = cpu_seconds()
             started = time.perf_counter()
             rows = list(predictor.predict_paths(files))
             api_rates[name].append(len(rows) / (time.perf_counter() - started))
+            if cpu_before is not None:
+                api_cpu[name].append((cpu_seconds() - cpu_before) / len(rows) * 1e3)
     pillow_rate = statistics.median(pillow_rates)
 
     with tempfile.TemporaryDirectory() as folder:
@@ -151,15 +186,21 @@ def main() -> None:
     )
     print(f"images: {len(files)} PNG cells from {args.data}")
     print(
-        f"Pillow decode only (1 thread): median {pillow_rate:,.0f} img/s, rounds {[round(r) for r in pillow_rates]}"
+        f"Pillow decode only (1 thread): median {pillow_rate:,.0f} img/s, rounds {[round(r) for r in pillow_rates]}; "
+        f"CPU {statistics.median(pillow_cpu):.3f} ms an image"
     )
     for name in predictors:
         rate = statistics.median(api_rates[name])
+        cpu = (
+            f"; CPU {statistics.median(api_cpu[name]):.3f} ms an image (all processes)"
+            if api_cpu[name]
+            else ""
+        )
         print(
             f"[{name}] start-up (load model, convert, first batch) {startups[name]:.2f} s; "
             f"forward pass alone {forward_rates[name]:,.0f} img/s; "
             f"predict_paths median {rate:,.0f} img/s, rounds {[round(r) for r in api_rates[name]]}; "
-            f"ratio predict / Pillow decode {rate / pillow_rate:.2f}"
+            f"ratio predict / Pillow decode {rate / pillow_rate:.2f}{cpu}"
         )
     print(
         f"`malaria predict` CLI end to end incl. start-up: {cli_seconds:.2f} s for {cli_rows} images "

@@ -16,7 +16,14 @@ in alternation (medians of ``--epochs`` epochs each):
 4. ``fit`` with the real model under the ``mixed_bfloat16`` policy (this CPU has
    AVX512-BF16/AMX; on GPUs it would be ``mixed_float16``);
 5. ``fit`` with the real model compiled by XLA (``jit_compile=True``), which can fuse
-   batch norm and ReLU into the convolutions.
+   batch norm and ReLU into the convolutions;
+6. ``fit`` with the real model on batches augmented once and held in memory: the
+   model's own cost, without the input pipeline's work.
+
+Each also reports CPU milliseconds per image (all of the process's threads): on a VM
+that gives the process one core for some stretches and two for others, CPU time is
+the steady figure, and 3 minus 6 is what the input pipeline costs inside training.
+``--skip`` leaves out variants (e.g. ``--skip bfloat16,xla``).
 
 Target: 3 >= 0.8 x 2.
 """
@@ -57,17 +64,17 @@ def no_op_model(image_size: int, learning_rate: float) -> keras.Model:
     return compile_model(model, learning_rate)
 
 
-def pipeline_rate(dataset: tf.data.Dataset, count: int) -> float:
-    started = time.perf_counter()
+def timed(count: int, work, *args, **kwargs) -> tuple[float, float]:
+    """``work(*args, **kwargs)``'s rate in images/s and its CPU milliseconds per image."""
+    cpu_started, started = time.process_time(), time.perf_counter()
+    work(*args, **kwargs)
+    cpu = time.process_time() - cpu_started
+    return count / (time.perf_counter() - started), cpu / count * 1e3
+
+
+def iterate(dataset: tf.data.Dataset) -> None:
     for _ in dataset:
         pass
-    return count / (time.perf_counter() - started)
-
-
-def fit_rate(model: keras.Model, dataset: tf.data.Dataset, count: int) -> float:
-    started = time.perf_counter()
-    model.fit(dataset, epochs=1, verbose=0)
-    return count / (time.perf_counter() - started)
 
 
 def main() -> None:
@@ -77,6 +84,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=3072)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="intra/inter-op threads; 0 = TF")
+    parser.add_argument("--skip", default="", help="variants to leave out: bfloat16, xla")
     args = parser.parse_args()
     if args.threads:
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
@@ -89,36 +97,61 @@ def main() -> None:
         [args.data / row["path"] for row in rows], [row["label"] for row in rows], config, True
     )
     started = time.perf_counter()
-    pipeline_rate(dataset, len(rows))  # first pass decodes every file into the cache
+    iterate(dataset)  # first pass decodes every file into the cache
     print(f"first pass (decode {len(rows)} PNGs + cache): {time.perf_counter() - started:.1f} s")
+    # One epoch's batches, augmented once and kept: fitting on them costs the model alone.
+    pre_augmented = dataset.cache()
+    iterate(pre_augmented)
 
+    skip = set(filter(None, args.skip.split(",")))
     models = {
         "no-op model": no_op_model(config.image_size, config.learning_rate),
         "real model": compile_model(build_model(config), config.learning_rate),
     }
-    keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    models["real model, mixed_bfloat16"] = compile_model(build_model(config), config.learning_rate)
-    keras.mixed_precision.set_global_policy("float32")
-    models["real model, XLA"] = compile_model(build_model(config), config.learning_rate)
-    models["real model, XLA"].jit_compile = True
-    for model in models.values():
-        model.fit(dataset.take(2), epochs=1, verbose=0)  # trace the step functions
+    if "bfloat16" not in skip:
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+        models["real model, mixed_bfloat16"] = compile_model(
+            build_model(config), config.learning_rate
+        )
+        keras.mixed_precision.set_global_policy("float32")
+    if "xla" not in skip:
+        models["real model, XLA"] = compile_model(build_model(config), config.learning_rate)
+        models["real model, XLA"].jit_compile = True
+    models["real model, pre-augmented batches"] = compile_model(
+        build_model(config), config.learning_rate
+    )
+    inputs = {name: dataset for name in models}
+    inputs["real model, pre-augmented batches"] = pre_augmented
+    for name, model in models.items():
+        model.fit(inputs[name].take(2), epochs=1, verbose=0)  # trace the step functions
 
-    rates: dict[str, list[float]] = {"pipeline alone": [], **{name: [] for name in models}}
+    results: dict[str, list[tuple[float, float]]] = {"pipeline alone": []}
+    results.update({name: [] for name in models})
     for _ in range(args.epochs):
-        rates["pipeline alone"].append(pipeline_rate(dataset, len(rows)))
+        results["pipeline alone"].append(timed(len(rows), iterate, dataset))
         for name, model in models.items():
-            rates[name].append(fit_rate(model, dataset, len(rows)))
+            fit = timed(len(rows), model.fit, inputs[name], epochs=1, verbose=0)
+            results[name].append(fit)
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, TF {tf.__version__}")
     print(f"{len(rows)} training cells, batch {config.batch_size}, augmentation {config.augment}")
-    medians = {name: statistics.median(values) for name, values in rates.items()}
-    for name, values in rates.items():
-        print(f"{name:<28} median {medians[name]:7,.0f} img/s, epochs {[round(v) for v in values]}")
+    medians = {name: statistics.median(rate for rate, _ in runs) for name, runs in results.items()}
+    cpu = {name: statistics.median(ms for _, ms in runs) for name, runs in results.items()}
+    for name, runs in results.items():
+        print(
+            f"{name:<34} median {medians[name]:7,.0f} img/s, epochs "
+            f"{[round(rate) for rate, _ in runs]}; CPU {cpu[name]:.2f} ms an image"
+        )
     baseline = medians["no-op model"]
-    for name in ("real model", "real model, mixed_bfloat16", "real model, XLA"):
-        print(f"ratio {name} / no-op model: {medians[name] / baseline:.2f} (target >= 0.8)")
+    for name in models:
+        if name.startswith("real model") and "pre-augmented" not in name:
+            print(f"ratio {name} / no-op model: {medians[name] / baseline:.2f} (target >= 0.8)")
     print(f"ratio no-op model / pipeline alone: {baseline / medians['pipeline alone']:.2f}")
+    inside = cpu["real model"] - cpu["real model, pre-augmented batches"]
+    print(
+        f"input pipeline's CPU inside training: {inside:.2f} of {cpu['real model']:.2f} ms "
+        f"an image ({inside / cpu['real model']:.0%})"
+    )
 
 
 if __name__ == "__main__":

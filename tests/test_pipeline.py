@@ -1,5 +1,6 @@
 """The tf.data pipeline feeds the model the same pixels prediction sees."""
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -16,6 +17,7 @@ from malaria_classifier.pipeline import (
     make_dataset,
     one_hot,
     symmetry_permutations,
+    zoom_and_shift_transforms,
 )
 
 CONFIG = TrainingConfig(image_size=32, batch_size=5, conv_blocks=2, seed=7)
@@ -99,6 +101,53 @@ def test_black_background_stays_black_under_zoom_and_shift():
     images[:, 12:20, 12:20] = 255
     augmented = _augment_once(config, images)
     assert augmented.min() == 0 and (augmented[:, 0, 0] == 0).all()
+
+
+def test_one_resampling_matches_keras_zoom_then_translation():
+    """The composed transform is the geometry of RandomZoom then RandomTranslation.
+
+    On a linear ramp bilinear interpolation is exact, so resampling once or twice gives
+    the same pixels wherever neither step reads outside the picture.
+    """
+    size = 32
+    rows, columns = np.mgrid[:size, :size].astype(np.float32)
+    ramp = np.stack([rows / size, columns / size, (rows + 2 * columns) / (3 * size)], axis=-1)
+    images = np.stack([ramp, ramp[::-1], ramp[:, ::-1]])
+    zoom = np.array([0.9, 1.1, 0.95], np.float32)
+    shift = np.array([[1.5, -1.0], [-0.7, 2.2], [0.0, 0.4]], np.float32)  # (right, down)
+    zooming = keras.layers.RandomZoom(0.1, fill_mode="constant")
+    translating = keras.layers.RandomTranslation(0.1, 0.1, fill_mode="constant")
+    zoomed = zooming.transform_images(
+        images, {"height_zoom": zoom[:, None], "width_zoom": zoom[:, None]}, training=True
+    )
+    expected = translating.transform_images(zoomed, {"translations": shift}, training=True)
+
+    transforms = zoom_and_shift_transforms(tf.constant(zoom), tf.constant(shift), size)
+    once = tf.raw_ops.ImageProjectiveTransformV3(
+        images=images,
+        transforms=transforms,
+        output_shape=[size, size],
+        fill_value=0.0,
+        interpolation="BILINEAR",
+        fill_mode="CONSTANT",
+    )
+
+    inner = (slice(None), slice(5, size - 5), slice(5, size - 5))
+    np.testing.assert_allclose(np.asarray(once)[inner], np.asarray(expected)[inner], atol=1e-5)
+    assert np.abs(np.asarray(once)[inner] - images[inner]).max() > 0.01  # it did move
+
+
+def test_zoom_and_shift_draw_within_their_ranges():
+    config = NO_COLOUR_OR_GEOMETRY.replace(zoom_range=0.2, shift_range=0.1)
+    images = np.zeros((64, 32, 32, 3), dtype=np.uint8)
+    images[:, 8:24, 8:24] = 255  # a 16-px square, centred
+    augmented = _augment_once(config, images)
+    bright = augmented.max(axis=-1) > 127
+    sides = bright.any(axis=1).sum(axis=1)
+    centres = np.array([np.flatnonzero(row).mean() for row in bright.any(axis=1)])
+    # Zoom 0.8-1.2 makes the square 13-20 px wide; a shift of up to 3.2 px moves its centre.
+    assert sides.min() >= 12 and sides.max() <= 21 and len(set(sides)) > 2
+    assert np.abs(centres - 15.5).max() <= 3.2 / 0.8 + 1 and np.abs(centres - 15.5).max() > 1
 
 
 def test_iter_images_reports_bad_files_in_place(records, tmp_path):

@@ -12,7 +12,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import keras
 import numpy as np
 import tensorflow as tf
 
@@ -96,13 +95,11 @@ def make_batch_augmenter(config: TrainingConfig):
     Each image gets its own random draw (the shrink size and blur width are drawn per
     batch, which images get them per image).
     """
-    geometry = _geometry_layers(config)
 
     def augment(images: tf.Tensor, targets: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         # Symmetries only move pixels: on uint8 they move a quarter of the bytes.
         x = tf.cast(_random_symmetry(tf.convert_to_tensor(images)), tf.float32) / 255.0
-        for layer in geometry:
-            x = layer(x, training=True)
+        x = _random_zoom_and_shift(x, config)
         x = _random_background(x, config.background_probability)
         x = _random_colour(x, config)
         x = _random_low_resolution(x, config)
@@ -290,25 +287,55 @@ def _random_colour(x: tf.Tensor, config: TrainingConfig) -> tf.Tensor:
     return tf.clip_by_value(x, 0.0, 1.0)
 
 
-def _geometry_layers(config: TrainingConfig) -> list[keras.layers.Layer]:
-    steps: list[keras.layers.Layer] = []
-    if config.zoom_range > 0:
-        steps.append(
-            keras.layers.RandomZoom(
-                (-config.zoom_range, config.zoom_range),
-                fill_mode="constant",
-                fill_value=0.0,
-                seed=config.randomness_seed,
-            )
-        )
-    if config.shift_range > 0:
-        steps.append(
-            keras.layers.RandomTranslation(
-                config.shift_range,
-                config.shift_range,
-                fill_mode="constant",
-                fill_value=0.0,
-                seed=config.randomness_seed + 1,
-            )
-        )
-    return steps
+def zoom_and_shift_transforms(zoom: tf.Tensor, shift: tf.Tensor, size: int) -> tf.Tensor:
+    """Per-image projective transforms ``(batch, 8)``: zoom about the centre, then shift.
+
+    The same geometry as Keras's ``RandomZoom`` followed by ``RandomTranslation``
+    (each output pixel ``p`` reads the input at ``zoom * (p - shift) + (1 - zoom) * c``,
+    with ``c`` the image centre), composed into one matrix so the batch is resampled
+    once instead of twice: the two layers took 70% of the augmentation's CPU time.
+
+    Args:
+        zoom: ``(batch,)`` factors; above 1 shows more of the picture (zooms out).
+        shift: ``(batch, 2)`` shifts in pixels, ``(right, down)``.
+        size: The side of the square images.
+    """
+    centre = (size - 1) / 2.0
+    offset = centre * (1.0 - zoom)
+    zeros = tf.zeros_like(zoom)
+    return tf.stack(
+        [
+            zoom,
+            zeros,
+            offset - zoom * shift[:, 0],
+            zeros,
+            zoom,
+            offset - zoom * shift[:, 1],
+            zeros,
+            zeros,
+        ],
+        axis=1,
+    )
+
+
+def _random_zoom_and_shift(x: tf.Tensor, config: TrainingConfig) -> tf.Tensor:
+    """Zoom by up to ``zoom_range`` and shift by up to ``shift_range`` of the side, per image.
+
+    Uniform draws (zoom in ``1 +- zoom_range``, each shift in ``+- shift_range`` times
+    the side), bilinear, filled with black: the distributions of the Keras layers used
+    before, resampled once (:func:`zoom_and_shift_transforms`).
+    """
+    if config.zoom_range <= 0 and config.shift_range <= 0:
+        return x
+    size = int(x.shape[1])
+    batch = tf.shape(x)[0]
+    zoom = tf.random.uniform([batch], 1.0 - config.zoom_range, 1.0 + config.zoom_range)
+    shift = tf.random.uniform([batch, 2], -config.shift_range, config.shift_range) * size
+    return tf.raw_ops.ImageProjectiveTransformV3(
+        images=x,
+        transforms=zoom_and_shift_transforms(zoom, shift, size),
+        output_shape=[size, size],
+        fill_value=0.0,
+        interpolation="BILINEAR",
+        fill_mode="CONSTANT",
+    )
