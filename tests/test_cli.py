@@ -307,3 +307,44 @@ def test_train_passes_the_training_seed_with_the_split_seed_unchanged(cells, tmp
 
     assert result.exit_code == 0, result.output
     assert (received[0].seed, received[0].training_seed) == (42, 3)
+
+
+def test_tune_passes_seeds_per_trial_and_refuses_zero(cells, tmp_path, monkeypatch):
+    import malaria_classifier.tune
+
+    received = {}
+
+    def fake_tune(data, trials, output_dir, **settings):
+        received.update(settings, trials=trials)
+        return SimpleNamespace(
+            best_trial=0, best_value=0.99, finished_trials=trials, best_config_path="best.yaml"
+        )
+
+    monkeypatch.setattr(malaria_classifier.tune, "tune", fake_tune)
+    result = _run(
+        "tune",
+        "--data",
+        cells,
+        "--trials",
+        "3",
+        "--seeds-per-trial",
+        "2",
+        "--output",
+        tmp_path / "tune",
+    )
+
+    assert result.exit_code == 0, result.output
+    assert (received["trials"], received["seeds_per_trial"]) == (3, 2)
+    monkeypatch.undo()
+    refused = _run(
+        "tune",
+        "--data",
+        cells,
+        "--trials",
+        "1",
+        "--seeds-per-trial",
+        "0",
+        "--output",
+        tmp_path / "tune0",
+    )
+    assert refused.exit_code == 2 and "--seeds-per-trial must be at least 1" in refused.output

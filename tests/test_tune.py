@@ -1,18 +1,21 @@
 """Hyper-parameter search: trial recipes, validation-only objective, resume, outputs."""
 
 import csv
+import json
 
 import optuna
 import pytest
 from _synthetic import write_synthetic_dataset
 
 import malaria_classifier.training as training_module
+import malaria_classifier.tune as tune_module
 from malaria_classifier.config import TrainingConfig, load_config
 from malaria_classifier.splits import read_manifest
 from malaria_classifier.tune import (
     AUGMENTATION_AT_STRENGTH_ONE,
     SearchSpace,
     scaled_augmentation,
+    seed_configs,
     suggest_config,
     tune,
 )
@@ -103,3 +106,51 @@ def test_search_uses_validation_patients_only_resumes_and_writes_a_usable_config
 def test_zero_trials_is_refused(tmp_path):
     with pytest.raises(ValueError, match="--trials must be at least 1"):
         tune(tmp_path, 0, tmp_path / "tune")
+
+
+def test_seed_configs_change_only_the_training_seed():
+    configs = seed_configs(BASE, 3)
+    assert configs[0] == BASE
+    assert [config.randomness_seed for config in configs] == [42, 43, 44]
+    assert {config.seed for config in configs} == {BASE.seed}  # same split, same patients
+    assert all(config.replace(training_seed=None) == BASE for config in configs)
+
+
+def test_several_seeds_per_trial_score_their_mean_and_a_study_keeps_its_count(
+    tmp_path, monkeypatch
+):
+    data = write_synthetic_dataset(tmp_path / "cells", patients=8, cells_per_class=4, size=20)
+    trainings = []
+    real_train_trial = tune_module.train_trial
+
+    def recording_train_trial(config, root, rows, trial, report=True):
+        value = real_train_trial(config, root, rows, trial, report=report)
+        trainings.append((trial.number, config.randomness_seed, report, value))
+        return value
+
+    monkeypatch.setattr(tune_module, "train_trial", recording_train_trial)
+    output = tmp_path / "tune"
+    result = tune(data, 1, output, base=BASE, space=TINY_SPACE, progress=False, seeds_per_trial=2)
+
+    # Two trainings of the one trial, seeds 42 and 43, only the first one prunable.
+    assert [(number, seed, report) for number, seed, report, _ in trainings] == [
+        (0, 42, True),
+        (0, 43, False),
+    ]
+    values = [value for *_, value in trainings]
+    assert result.best_value == pytest.approx(sum(values) / 2)
+    best = json.loads((output / "best_trial.json").read_text())
+    assert best["seeds_per_trial"] == 2 and best["value_by_seed"] == pytest.approx(values)
+    with open(output / "trials.csv", newline="") as handle:
+        [row] = list(csv.DictReader(handle))
+    assert [float(value) for value in row["validation_auc_by_seed"].split()] == pytest.approx(
+        values, abs=1e-6
+    )
+
+    with pytest.raises(ValueError, match="scores each trial on 2 training seed"):
+        tune(data, 2, output, base=BASE, space=TINY_SPACE, progress=False)
+
+
+def test_zero_seeds_per_trial_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="--seeds-per-trial must be at least 1"):
+        tune(tmp_path, 1, tmp_path / "tune", seeds_per_trial=0)

@@ -269,6 +269,13 @@ def tune_command(
     ] = None,
     max_epochs: Annotated[int, typer.Option(help="Epoch budget of one trial.")] = 20,
     study_name: Annotated[str, typer.Option(help="Study name within the storage.")] = "malaria",
+    seeds_per_trial: Annotated[
+        int,
+        typer.Option(
+            help="Train each trial's recipe with this many training seeds and score the mean "
+            "(N times slower; resolves differences smaller than one seed's noise)."
+        ),
+    ] = 1,
 ) -> None:
     """Search the training recipe with Optuna, scored on validation patients only.
 
@@ -292,6 +299,7 @@ def tune_command(
         timeout=timeout,
         space=SearchSpace(max_epochs=max_epochs),
         progress=True,
+        seeds_per_trial=seeds_per_trial,
     )
     typer.echo(
         f"Best trial {result.best_trial}: validation AUC {result.best_value:.4f} "

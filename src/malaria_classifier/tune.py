@@ -38,6 +38,7 @@ from malaria_classifier.splits import (
 from malaria_classifier.training import cosine_learning_rate, make_split_datasets
 
 BEST_CONFIG_FILE = "best_config.yaml"
+SEED_VALUES = "validation_auc_by_seed"  # trial attribute: each seed's best AUC
 FIGURES_DIR = "figures"
 # Augmentation at strength 1.0: the robustness recipe of docs/benchmarks.md section 9.
 # A trial's strength scales every range and probability (probabilities capped at 1).
@@ -123,31 +124,76 @@ def scaled_augmentation(strength: float) -> dict[str, float]:
     }
 
 
-class ReportToTrial(keras.callbacks.Callback):
-    """Report validation AUC to Optuna after each epoch; stop the trial if pruned."""
+class BestValidationAuc(keras.callbacks.Callback):
+    """Keep the best validation AUC over the epochs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.best = -math.inf
+        self.last = math.nan
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+        self.last = float((logs or {}).get("val_auc", math.nan))
+        if math.isfinite(self.last):
+            self.best = max(self.best, self.last)
+
+
+class ReportToTrial(BestValidationAuc):
+    """Also report validation AUC to Optuna after each epoch; stop the trial if pruned."""
 
     def __init__(self, trial: Any) -> None:
         super().__init__()
         self.trial = trial
-        self.best = -math.inf
 
     def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
         import optuna
 
-        value = float((logs or {}).get("val_auc", math.nan))
-        if math.isfinite(value):
-            self.best = max(self.best, value)
-        self.trial.report(value, step=epoch + 1)
+        super().on_epoch_end(epoch, logs)
+        self.trial.report(self.last, step=epoch + 1)
         if self.trial.should_prune():
-            raise optuna.TrialPruned(f"validation AUC {value:.4f} at epoch {epoch + 1}")
+            raise optuna.TrialPruned(f"validation AUC {self.last:.4f} at epoch {epoch + 1}")
 
 
-def train_trial(config: TrainingConfig, root: Path, rows: list[ManifestRow], trial: Any) -> float:
-    """Train one trial's recipe; return its best validation AUC (test never loaded)."""
+def seed_configs(config: TrainingConfig, seeds: int) -> list[TrainingConfig]:
+    """The recipe once per training seed: the config's own, then the next ``seeds - 1``.
+
+    Only weights, shuffling and augmentation change (``training_seed``); the split
+    stays the one of ``config.seed``, so every run is scored on the same patients.
+    """
+    first = config.randomness_seed
+    return [config] + [config.replace(training_seed=first + k) for k in range(1, seeds)]
+
+
+def score_trial(
+    config: TrainingConfig, root: Path, rows: list[ManifestRow], trial: Any, seeds: int = 1
+) -> float:
+    """Train a trial's recipe with ``seeds`` training seeds; return the mean best AUC.
+
+    One training cannot tell recipes apart whose difference is smaller than the
+    spread between seeds (docs/benchmarks.md 9.9: up to 0.003 AUC on the same
+    patients), so the objective can average several. The first seed's epochs are
+    reported to the pruner; a trial it prunes trains no further seeds. Each seed's
+    best AUC is kept in the trial's ``validation_auc_by_seed`` attribute.
+    """
+    values: list[float] = []
+    for index, seed_config in enumerate(seed_configs(config, seeds)):
+        values.append(train_trial(seed_config, root, rows, trial, report=index == 0))
+        trial.set_user_attr(SEED_VALUES, values)
+    return sum(values) / len(values)
+
+
+def train_trial(
+    config: TrainingConfig, root: Path, rows: list[ManifestRow], trial: Any, report: bool = True
+) -> float:
+    """Train one trial's recipe; return its best validation AUC (test never loaded).
+
+    With ``report`` False the epochs are not reported to Optuna (a trial reports each
+    epoch once), so this training cannot be pruned.
+    """
     keras.utils.set_random_seed(config.randomness_seed)
     datasets = make_split_datasets(root, rows, config)
     model = compile_model(build_model(config), config.learning_rate, config.label_smoothing)
-    reporter = ReportToTrial(trial)
+    reporter = ReportToTrial(trial) if report else BestValidationAuc()
     try:
         model.fit(
             datasets["train"],
@@ -191,6 +237,7 @@ def tune(
     timeout: float | None = None,
     space: SearchSpace | None = None,
     progress: bool = True,
+    seeds_per_trial: int = 1,
 ) -> TuningResult:
     """Run (or continue) a search until ``trials`` trials have finished.
 
@@ -209,28 +256,37 @@ def tune(
         timeout: Stop starting new trials after this many seconds (None: no limit).
         space: The search space; :class:`SearchSpace` defaults if None.
         progress: Print a line per finished trial.
+        seeds_per_trial: Train each recipe with this many training seeds (same
+            patients) and score the mean of their best validation AUCs: slower by that
+            factor, but able to tell apart recipes that one seed's noise would hide.
+            A study keeps the number it started with.
 
     Returns:
         A :class:`TuningResult`.
 
     Raises:
-        ValueError: If ``trials`` is below 1, or no trial has completed (e.g. every
-            trial failed or was pruned): the message says what to change.
+        ValueError: If ``trials`` or ``seeds_per_trial`` is below 1, a resumed study
+            was scored with another ``seeds_per_trial``, or no trial has completed
+            (e.g. every trial failed or was pruned): the message says what to change.
     """
     if trials < 1:
         raise ValueError(f"--trials must be at least 1, got {trials}.")
+    if seeds_per_trial < 1:
+        raise ValueError(f"--seeds-per-trial must be at least 1, got {seeds_per_trial}.")
     base = base or TrainingConfig()
     space = space or SearchSpace()
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     study = open_study(storage or f"sqlite:///{output_dir / 'study.db'}", study_name, base.seed)
+    _check_seeds_per_trial(study, seeds_per_trial)
     done = _finished(study)
     if done < trials:
         root, rows = _validation_split(data_dir, base, output_dir, progress)
         started = time.monotonic()
 
         def objective(trial: Any) -> float:
-            return train_trial(suggest_config(trial, base, space), root, rows, trial)
+            config = suggest_config(trial, base, space)
+            return score_trial(config, root, rows, trial, seeds_per_trial)
 
         study.optimize(
             objective,
@@ -240,6 +296,23 @@ def tune(
             gc_after_trial=True,
         )
     return write_outputs(study, base, space, output_dir)
+
+
+def _check_seeds_per_trial(study: Any, seeds_per_trial: int) -> None:
+    """Record the study's seeds per trial, or refuse to mix objectives in one study."""
+    recorded = study.user_attrs.get("seeds_per_trial")
+    if recorded is None:
+        if study.get_trials(deepcopy=False):  # a study from before the setting: one seed
+            recorded = 1
+        else:
+            study.set_user_attr("seeds_per_trial", seeds_per_trial)
+            return
+    if recorded != seeds_per_trial:
+        raise ValueError(
+            f"Study {study.study_name!r} scores each trial on {recorded} training seed(s), "
+            f"not {seeds_per_trial}: their values cannot be compared. Pass "
+            f"--seeds-per-trial {recorded} to continue it, or a new --study-name or --output."
+        )
 
 
 def open_study(storage: str, study_name: str, seed: int) -> Any:
@@ -342,8 +415,11 @@ def write_outputs(
     write_json_atomically(
         {
             "trial": best.number,
-            "objective": "best validation-patient ROC AUC over epochs (Keras AUC)",
+            "objective": "best validation-patient ROC AUC over epochs (Keras AUC), "
+            "mean over the training seeds",
+            "seeds_per_trial": study.user_attrs.get("seeds_per_trial", 1),
             "value": best.value,
+            "value_by_seed": best.user_attrs.get(SEED_VALUES, [best.value]),
             "params": best.params,
             "finished_trials": _finished(study),
             "search_space": asdict(space),
@@ -356,13 +432,15 @@ def write_outputs(
 
 
 def write_trials_csv(study: Any, path: Path) -> None:
-    """One row per trial: number, state, value, last epoch reported, parameters."""
+    """One row per trial: number, state, value (and per seed), last epoch, parameters."""
     trials = study.get_trials(deepcopy=False)
     names = sorted({name for trial in trials for name in trial.params})
     temporary = path.with_name(path.name + ".tmp")
     with open(temporary, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["number", "state", "value", "last_epoch", "seconds", *names])
+        writer.writerow(
+            ["number", "state", "value", "validation_auc_by_seed", "last_epoch", "seconds", *names]
+        )
         for trial in trials:
             seconds = (
                 (trial.datetime_complete - trial.datetime_start).total_seconds()
@@ -374,6 +452,7 @@ def write_trials_csv(study: Any, path: Path) -> None:
                     trial.number,
                     trial.state.name,
                     "" if trial.value is None else trial.value,
+                    " ".join(f"{value:.6f}" for value in trial.user_attrs.get(SEED_VALUES, [])),
                     max(trial.intermediate_values, default=""),
                     seconds,
                     *(trial.params.get(name, "") for name in names),
