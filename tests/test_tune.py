@@ -147,6 +147,10 @@ def test_several_seeds_per_trial_score_their_mean_and_a_study_keeps_its_count(
         values, abs=1e-6
     )
 
+    # One completed trial: no parameter-importance figure (it would rank nothing).
+    assert not (output / "figures" / "param_importances.json").exists()
+    assert (output / "figures" / "optimization_history.json").is_file()
+
     with pytest.raises(ValueError, match="scores each trial on 2 training seed"):
         tune(data, 2, output, base=BASE, space=TINY_SPACE, progress=False)
 

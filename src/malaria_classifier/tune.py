@@ -485,6 +485,12 @@ def save_figures(study: Any, folder: Path) -> list[Path]:
         "parallel_coordinate": visualization.plot_parallel_coordinate,
         "slice": visualization.plot_slice,
     }
+    import optuna
+
+    completed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if len(completed) < 2:  # Optuna would draw every parameter as equally important
+        del makers["param_importances"]
+        print("Figure param_importances skipped: needs two completed trials.", file=sys.stderr)
     written: list[Path] = []
     for name, make in makers.items():
         try:
