@@ -158,3 +158,15 @@ def test_several_seeds_per_trial_score_their_mean_and_a_study_keeps_its_count(
 def test_zero_seeds_per_trial_is_refused(tmp_path):
     with pytest.raises(ValueError, match="--seeds-per-trial must be at least 1"):
         tune(tmp_path, 1, tmp_path / "tune", seeds_per_trial=0)
+
+
+def test_progress_line_shows_each_seed_of_a_trial(capsys):
+    study = optuna.create_study(direction="maximize")
+    trial = study.ask()
+    trial.set_user_attr("validation_auc_by_seed", [0.98, 0.97])
+    study.tell(trial, 0.975)
+
+    tune_module._progress_printer(3, 0.0)(study, study.trials[0])
+
+    line = capsys.readouterr().err
+    assert "validation AUC 0.9750 (mean of seeds: 0.9800, 0.9700); 1/3 finished" in line

@@ -378,6 +378,9 @@ def _progress_printer(trials: int, started: float):
             what = f"pruned after epoch {max(trial.intermediate_values, default=0)}"
         elif trial.state == optuna.trial.TrialState.COMPLETE:
             what = f"validation AUC {trial.value:.4f}"
+            by_seed = trial.user_attrs.get(SEED_VALUES, [])
+            if len(by_seed) > 1:
+                what += f" (mean of seeds: {', '.join(f'{value:.4f}' for value in by_seed)})"
         else:
             what = f"{trial.state.name.lower()}"
         best = _best_or_none(study)
