@@ -170,8 +170,8 @@ def score_trial(
     """Train a trial's recipe with ``seeds`` training seeds; return the mean best AUC.
 
     One training cannot tell recipes apart whose difference is smaller than the
-    spread between seeds (docs/benchmarks.md 9.9: up to 0.003 AUC on the same
-    patients), so the objective can average several. The first seed's epochs are
+    spread between seeds (docs/benchmarks.md 9.2 and 9.9: 0.002-0.005 AUC on the
+    same patients), so the objective can average several. The first seed's epochs are
     reported to the pruner; a trial it prunes trains no further seeds. Each seed's
     best AUC is kept in the trial's ``validation_auc_by_seed`` attribute.
     """
