@@ -39,6 +39,7 @@ from malaria_classifier.training import cosine_learning_rate, make_split_dataset
 
 BEST_CONFIG_FILE = "best_config.yaml"
 SEED_VALUES = "validation_auc_by_seed"  # trial attribute: each seed's best AUC
+SEEDS_PER_TRIAL = "seeds_per_trial"  # study attribute: the seeds every trial is scored on
 FIGURES_DIR = "figures"
 # Augmentation at strength 1.0: the robustness recipe of docs/benchmarks.md section 9.
 # A trial's strength scales every range and probability (probabilities capped at 1).
@@ -300,12 +301,12 @@ def tune(
 
 def _check_seeds_per_trial(study: Any, seeds_per_trial: int) -> None:
     """Record the study's seeds per trial, or refuse to mix objectives in one study."""
-    recorded = study.user_attrs.get("seeds_per_trial")
+    recorded = study.user_attrs.get(SEEDS_PER_TRIAL)
     if recorded is None:
         if study.get_trials(deepcopy=False):  # a study from before the setting: one seed
             recorded = 1
         else:
-            study.set_user_attr("seeds_per_trial", seeds_per_trial)
+            study.set_user_attr(SEEDS_PER_TRIAL, seeds_per_trial)
             return
     if recorded != seeds_per_trial:
         raise ValueError(
@@ -420,7 +421,7 @@ def write_outputs(
             "trial": best.number,
             "objective": "best validation-patient ROC AUC over epochs (Keras AUC), "
             "mean over the training seeds",
-            "seeds_per_trial": study.user_attrs.get("seeds_per_trial", 1),
+            "seeds_per_trial": study.user_attrs.get(SEEDS_PER_TRIAL, 1),
             "value": best.value,
             "value_by_seed": best.user_attrs.get(SEED_VALUES, [best.value]),
             "params": best.params,
