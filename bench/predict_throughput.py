@@ -3,6 +3,7 @@
 Usage:
     python bench/predict_throughput.py [--data ../shared/data/nih-cell-images] [--images 5000] [--rounds 3]
         [--runtimes keras,onnx,tflite] [--decode threads,processes] [--profile 1000]
+        [--models MODEL.keras,OTHER.keras]
 
 ``--decode processes`` is what ``malaria predict`` does (files decoded in one worker
 process per core, started with the predictor and reused by every call, so starting
@@ -10,7 +11,9 @@ them counts as start-up); ``threads`` is the API default (its forward pass: ``au
 
 Both are measured in the same run on the same files (file cache warmed first), so
 the ratio is comparable across machines. Start-up (importing TensorFlow, loading
-the model) is measured separately and excluded from the throughput.
+the model) is measured separately and excluded from the throughput. ``--models``
+measures several models (e.g. the bundled default before and after a retraining)
+in the same alternating rounds; the CLI line always uses the bundled default.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import argparse
 import cProfile
 import csv
 import io
+import itertools
 import os
 import platform
 import pstats
@@ -119,7 +123,11 @@ def main() -> None:
         help="where files are decoded: threads (API default), processes (malaria predict)",
     )
     parser.add_argument("--profile", type=int, default=0, help="cProfile this many files")
+    parser.add_argument(
+        "--models", default="", help="comma-separated .keras files (default: the bundled model)"
+    )
     args = parser.parse_args()
+    models = [Path(path) for path in args.models.split(",") if path] or [None]
     files = pick_files(args.data, args.images)
     for path in files:  # warm the OS file cache so both sides read from memory
         path.read_bytes()
@@ -128,13 +136,16 @@ def main() -> None:
     from malaria_classifier.prediction import Predictor
 
     predictors, startups = {}, {}
-    for runtime in args.runtimes.split(","):
-        for decode in args.decode.split(","):
-            name = f"{runtime}, decode in {decode}"
-            started = time.perf_counter()
-            predictors[name] = Predictor(runtime=runtime, decode_processes=decode == "processes")
-            list(predictors[name].predict_paths(files[:64]))  # trace / allocate once
-            startups[name] = time.perf_counter() - started
+    for model, runtime, decode in itertools.product(
+        models, args.runtimes.split(","), args.decode.split(",")
+    ):
+        name = f"{runtime}, decode in {decode}"
+        if model is not None:
+            name = f"{model}: {name}"
+        started = time.perf_counter()
+        predictors[name] = Predictor(model, runtime=runtime, decode_processes=decode == "processes")
+        list(predictors[name].predict_paths(files[:64]))  # trace / allocate once
+        startups[name] = time.perf_counter() - started
     batch = np.stack([load_for_model(path, 64) for path in files[:256]])
     forward_rates = {name: forward_rate(p, batch) for name, p in predictors.items()}
 

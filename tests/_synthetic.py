@@ -42,6 +42,23 @@ def write_synthetic_dataset(
     return root
 
 
+def on_smear(images: np.ndarray, padding_rows: int = 2, seed: int = 1) -> np.ndarray:
+    """Model inputs ``(n, h, w, 3)`` with their black background turned into a light smear.
+
+    The top and bottom ``padding_rows`` stay black, as the padding of a wide crop that
+    kept its smear and that ``background.isolate_cell`` did not cut out.
+    """
+    rng = np.random.default_rng(seed)
+    smeared = images.copy()
+    black = images.max(axis=-1) < 30
+    noise = rng.normal(0.0, 4.0, images.shape)
+    smear = np.clip(np.rint(np.array([205.0, 185.0, 192.0]) + noise), 0, 255).astype(np.uint8)
+    smeared[black] = smear[black]
+    smeared[:, :padding_rows] = 0
+    smeared[:, -padding_rows:] = 0
+    return smeared
+
+
 def save_tiny_model(path: Path, image_size: int = 32, colour_normalization: str = "fixed") -> Path:
     """An untrained, very small model saved like `malaria train` saves its best model.
 

@@ -21,13 +21,13 @@ DEFAULTS = {
     "conv_blocks": 4,
     "convs_per_block": 1,
     "dense_units": 64,
-    "colour_normalization": "fixed",
+    "colour_normalization": "per_cell",
     "dropout_rate": 0.3,
     "batch_size": 64,
     "learning_rate": 0.001,
     "label_smoothing": 0.0,
-    "epochs": 30,
-    "early_stopping_patience": 8,
+    "epochs": 20,
+    "early_stopping_patience": 20,
     "augment": True,
     "zoom_range": 0.1,
     "shift_range": 0.05,
@@ -36,9 +36,9 @@ DEFAULTS = {
     "saturation_range": 0.15,
     "hue_delta": 0.02,
     "channel_gain_range": 0.0,
-    "low_resolution_probability": 0.0,
+    "low_resolution_probability": 0.25,
     "low_resolution_min_side": 12,
-    "blur_probability": 0.0,
+    "blur_probability": 0.15,
     "blur_max_sigma": 1.5,
     "background_probability": 0.0,
     "validation_fraction": 0.15,
@@ -246,7 +246,7 @@ def test_replace_validates_again():
     config = TrainingConfig()
 
     assert config.replace(epochs=3).epochs == 3
-    assert config.epochs == 30
+    assert config.epochs == 20
     with pytest.raises(ValueError, match="learning_rate must be in"):
         config.replace(learning_rate=0.0)
 

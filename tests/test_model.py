@@ -5,6 +5,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
+from _synthetic import on_smear
 
 from malaria_classifier.config import TrainingConfig
 from malaria_classifier.model import CellStandardization, build_model, load_model
@@ -52,6 +53,48 @@ def test_a_different_stain_tint_reaches_the_network_almost_unchanged():
     assert standardized_change < 0.1 * fixed_change
 
 
+def _standardize_over(images: np.ndarray, cell: np.ndarray) -> np.ndarray:
+    """Per-image, per-channel standardization over ``cell`` pixels; 0 elsewhere (reference)."""
+    out = np.zeros(images.shape, dtype=np.float64)
+    for index, (image, mask) in enumerate(zip(images.astype(np.float64), cell, strict=True)):
+        values = image[mask]
+        std = np.maximum(values.std(axis=0), 4.0)
+        out[index][mask] = (values - values.mean(axis=0)) / std
+    return out
+
+
+def test_a_light_smear_around_the_cell_is_background_like_the_black_mask():
+    images = _cells()
+    smeared = on_smear(images)
+    cell = images.max(axis=-1) >= 30
+
+    standardized = _standardize(smeared)
+
+    np.testing.assert_allclose(standardized, _standardize(images), atol=1e-4)
+    assert np.all(standardized[~cell] == 0.0)
+
+
+def test_a_cell_that_touches_its_box_keeps_the_black_mask():
+    # NIH crops are cut to the cell's box, so the cell meets the box's edge; the black
+    # corners must stay the only background (no NIH crop comes near the smear rule).
+    rows, columns = np.mgrid[:32, :32]
+    disc = (rows - 15.5) ** 2 + (columns - 15.5) ** 2 < 16.5**2
+    images = np.where(disc[None, :, :, None], _cells(size=32)[:, 16:17, 16:17], 0).astype(np.uint8)
+    cell = images.max(axis=-1) >= 30
+
+    np.testing.assert_allclose(_standardize(images), _standardize_over(images, cell), atol=1e-4)
+
+
+def test_a_black_background_lifted_to_dark_grey_is_no_smear():
+    # Brightness jitter in training lifts the black mask to a uniform dark grey (30-50):
+    # the model learned those with the grey counted as cell, so they must stay so.
+    images = _cells()
+    images[images.max(axis=-1) < 30] = (36, 35, 35)
+    lifted = images.max(axis=-1) >= 30
+
+    np.testing.assert_allclose(_standardize(images), _standardize_over(images, lifted), atol=1e-4)
+
+
 def test_a_flat_image_is_not_blown_up_into_noise():
     flat = np.full((1, 16, 16, 3), 200, dtype=np.uint8)
     flat[0, 0, 0] = 204
@@ -70,8 +113,8 @@ def test_per_cell_model_round_trips_through_a_safe_mode_save(tmp_path):
     np.testing.assert_allclose(loaded.predict(images, verbose=0), model.predict(images, verbose=0))
 
 
-def test_fixed_normalization_is_the_default_and_maps_pixels_to_minus_one_one():
-    model = build_model(TrainingConfig(image_size=32, conv_blocks=3))
+def test_fixed_normalization_maps_pixels_to_minus_one_one():
+    model = build_model(TrainingConfig(image_size=32, conv_blocks=3, colour_normalization="fixed"))
     normalize = keras.Model(model.input, model.get_layer("normalize").output)
     out = normalize.predict(np.array([[[[0, 255, 0]] * 32] * 32], dtype=np.uint8), verbose=0)
     assert out.min() == pytest.approx(-1.0) and out.max() == pytest.approx(1.0)

@@ -21,6 +21,11 @@ COLOUR_NORMALIZATIONS: tuple[str, ...] = ("fixed", "per_cell")
 class TrainingConfig:
     """Everything that decides what ``malaria train`` produces.
 
+    The defaults are the bundled model's recipe: per-cell stain standardization with
+    low-resolution and blur augmentation, which tied the plain recipe in paired
+    patient-level cross-validation and is far less thrown by smaller or paler cells
+    from other laboratories (docs/benchmarks.md §9.7b, §9.10).
+
     Attributes:
         image_size: Side of the square model input, in pixels.
         base_filters: Filters of the first convolution block; each block doubles them.
@@ -72,13 +77,13 @@ class TrainingConfig:
     conv_blocks: int = 4
     convs_per_block: int = 1
     dense_units: int = 64
-    colour_normalization: str = "fixed"
+    colour_normalization: str = "per_cell"
     dropout_rate: float = 0.3
     batch_size: int = 64
     learning_rate: float = 0.001
     label_smoothing: float = 0.0
-    epochs: int = 30
-    early_stopping_patience: int = 8
+    epochs: int = 20
+    early_stopping_patience: int = 20
     augment: bool = True
     zoom_range: float = 0.1
     shift_range: float = 0.05
@@ -87,9 +92,9 @@ class TrainingConfig:
     saturation_range: float = 0.15
     hue_delta: float = 0.02
     channel_gain_range: float = 0.0
-    low_resolution_probability: float = 0.0
+    low_resolution_probability: float = 0.25
     low_resolution_min_side: int = 12
-    blur_probability: float = 0.0
+    blur_probability: float = 0.15
     blur_max_sigma: float = 1.5
     background_probability: float = 0.0
     validation_fraction: float = 0.15

@@ -31,7 +31,9 @@ from malaria_classifier.model_card import write_json_atomically
 
 ONNX_SUFFIX = ".serving.onnx"
 INFO_SUFFIX = ".serving.json"
-FORMAT_VERSION = 1
+# 2: CellStandardization learned to treat a light smear around the cell as background;
+# a copy converted before that would disagree with the .keras model on such crops.
+FORMAT_VERSION = 2
 
 LOGGER = logging.getLogger(__name__)
 
