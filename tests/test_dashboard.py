@@ -136,7 +136,14 @@ def test_classify_pending_gives_one_result_per_file_and_survives_bad_files(conte
     assert results[1]["label"] == "" and "corrupt.png" in results[1]["error"]
     for result in (results[0], results[2]):
         assert result["label"] in ("Parasitized", "Uninfected")
-        assert 0.5 <= result["confidence"] <= 1.0
+        # The probability of the chosen label: under 0.5 only for a cell between 0.5
+        # and an operating threshold that is not 0.5 (such a cell is Uncertain).
+        chosen = (
+            result["probability"]
+            if result["label"] == "Parasitized"
+            else 1.0 - result["probability"]
+        )
+        assert result["confidence"] == pytest.approx(chosen)
         assert result["image"].startswith("data:image/png;base64,")
         assert result["heat_map"] is None
 
