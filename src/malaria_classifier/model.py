@@ -101,39 +101,46 @@ class CellStandardization(layers.Layer):
         self.min_smear_level = float(min_smear_level)
 
     def call(self, inputs):
-        pixels = keras.ops.cast(inputs, "float32")
-        lit = keras.ops.max(pixels, axis=-1, keepdims=True) >= self.dark_level
+        # Channels first inside the layer: each image's per-channel statistics then
+        # broadcast over whole contiguous planes instead of runs of three values, which
+        # made ONNX Runtime spend more time here than in all the convolutions (§8.2h
+        # of docs/benchmarks.md). The output goes back to channels last.
+        pixels = keras.ops.transpose(keras.ops.cast(inputs, "float32"), (0, 3, 1, 2))
+        lit = keras.ops.max(pixels, axis=1, keepdims=True) >= self.dark_level
         near_colour, _ = self.smear(pixels, lit)
         cell = keras.ops.cast(
             keras.ops.logical_and(lit, keras.ops.logical_not(near_colour)), "float32"
         )
-        count = keras.ops.maximum(keras.ops.sum(cell, axis=(1, 2), keepdims=True), 1.0)
-        mean = keras.ops.sum(pixels * cell, axis=(1, 2), keepdims=True) / count
-        variance = keras.ops.sum(keras.ops.square(pixels - mean) * cell, axis=(1, 2), keepdims=True)
-        std = keras.ops.maximum(keras.ops.sqrt(variance / count), self.min_std)
-        return (pixels - mean) / std * cell
+        count = keras.ops.maximum(keras.ops.sum(cell, axis=(2, 3), keepdims=True), 1.0)
+        mean = keras.ops.sum(pixels * cell, axis=(2, 3), keepdims=True) / count
+        centred = pixels - mean
+        variance = keras.ops.sum(keras.ops.square(centred) * cell, axis=(2, 3), keepdims=True)
+        scale = 1.0 / keras.ops.maximum(keras.ops.sqrt(variance / count), self.min_std)
+        return keras.ops.transpose(centred * (scale * cell), (0, 2, 3, 1))
 
     def smear(self, pixels, lit):
-        """Pixels ``(n, h, w, 1)`` of a smear background, and each image's ring agreement.
+        """Smear pixels ``(n, 1, h, w)`` and each image's ring agreement ``(n, 1, 1, 1)``.
 
-        The ring is the outer edge of the content box (rows and columns that are not
-        all black, i.e. inside the padding); its colour is the mean of its non-black
-        pixels. Where fewer than ``min_smear_agreement`` of the ring's pixels lie
-        within ``smear_tolerance`` of that colour, or the colour is darker than
-        ``min_smear_level``, no pixel is smear (and the agreement returned is 0).
+        ``pixels`` is channels first ``(n, 3, h, w)`` float, ``lit`` its non-black
+        pixels ``(n, 1, h, w)``. The ring is the outer edge of the content box (rows
+        and columns that are not all black, i.e. inside the padding); its colour is
+        the mean of its non-black pixels. Where fewer than ``min_smear_agreement`` of
+        the ring's pixels lie within ``smear_tolerance`` of that colour, or the colour
+        is darker than ``min_smear_level``, no pixel is smear (and the agreement
+        returned is 0).
         """
         lit_float = keras.ops.cast(lit, "float32")
         ring = _content_box_ring(lit_float)
         ring_lit = ring * lit_float
-        colour = keras.ops.sum(pixels * ring_lit, axis=(1, 2), keepdims=True) / keras.ops.maximum(
-            keras.ops.sum(ring_lit, axis=(1, 2), keepdims=True), 1.0
+        colour = keras.ops.sum(pixels * ring_lit, axis=(2, 3), keepdims=True) / keras.ops.maximum(
+            keras.ops.sum(ring_lit, axis=(2, 3), keepdims=True), 1.0
         )
-        distance = keras.ops.max(keras.ops.abs(pixels - colour), axis=-1, keepdims=True)
+        distance = keras.ops.max(keras.ops.abs(pixels - colour), axis=1, keepdims=True)
         near = keras.ops.cast(distance <= self.smear_tolerance, "float32")
-        agreement = keras.ops.sum(near * ring_lit, axis=(1, 2), keepdims=True) / keras.ops.maximum(
-            keras.ops.sum(ring, axis=(1, 2), keepdims=True), 1.0
+        agreement = keras.ops.sum(near * ring_lit, axis=(2, 3), keepdims=True) / keras.ops.maximum(
+            keras.ops.sum(ring, axis=(2, 3), keepdims=True), 1.0
         )
-        light = keras.ops.max(colour, axis=-1, keepdims=True) >= self.min_smear_level
+        light = keras.ops.max(colour, axis=1, keepdims=True) >= self.min_smear_level
         is_smear = keras.ops.logical_and(agreement >= self.min_smear_agreement, light)
         return (
             keras.ops.logical_and(near > 0.5, is_smear),
@@ -155,13 +162,14 @@ class CellStandardization(layers.Layer):
 
 
 def _content_box_ring(lit):
-    """1.0 on the outer edge of each image's content box, ``(n, h, w, 1)`` float.
+    """1.0 on the outer edge of each image's content box, ``(n, 1, h, w)`` float.
 
-    The content box spans the rows and columns with any non-black pixel; an image
-    with none gets an empty ring.
+    ``lit`` is ``(n, 1, h, w)``, 1.0 where a pixel is not black. The content box spans
+    the rows and columns with any non-black pixel; an image with none gets an empty
+    ring.
     """
-    rows = keras.ops.max(lit, axis=(2, 3))  # (n, h): 1 where the row has content
-    columns = keras.ops.max(lit, axis=(1, 3))  # (n, w)
+    rows = keras.ops.max(lit, axis=(1, 3))  # (n, h): 1 where the row has content
+    columns = keras.ops.max(lit, axis=(1, 2))  # (n, w)
     height, width = rows.shape[1], columns.shape[1]
     row_index = keras.ops.arange(height, dtype="float32")[None, :]
     column_index = keras.ops.arange(width, dtype="float32")[None, :]
@@ -170,8 +178,8 @@ def _content_box_ring(lit):
     bottom = keras.ops.max(row_index - (1.0 - rows) * height, axis=1)
     left = keras.ops.min(column_index + (1.0 - columns) * width, axis=1)
     right = keras.ops.max(column_index - (1.0 - columns) * width, axis=1)
-    row_grid = row_index[:, :, None, None]
-    column_grid = column_index[:, None, :, None]
+    row_grid = row_index[:, None, :, None]
+    column_grid = column_index[:, None, None, :]
 
     def per_image(values):
         return values[:, None, None, None]
