@@ -65,9 +65,11 @@ class CellStandardization(layers.Layer):
     its smear and that ``background.isolate_cell`` could not cut out, also the smear:
     the colour of the content box's outer ring when it is light and most of that ring
     agrees with it (the rule of the Not-a-cell check, ``ood.py``, with the ring's
-    mean for its median). Without that, the smear would enter the statistics and the cell would be
-    standardized against it (validation stress test: AUC 0.67 on such crops). An NIH
-    crop touches its box at a few points only, so for it the mask is the black one.
+    mean for its median). Counted as cell, the smear skewed the statistics: AUC
+    0.67-0.72 on such crops in the validation stress test, 0.81-0.82 without it
+    (docs/benchmarks.md section 9.10). An NIH crop touches its box at a few points
+    only (ring agreement at most 0.41 over the whole set), so for it, and for every
+    image the shipped model was trained on, the mask is the black one.
 
     Args:
         dark_level: Pixels whose brightest channel is below this (0-255) are
