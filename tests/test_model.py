@@ -76,10 +76,14 @@ def test_a_light_smear_around_the_cell_is_background_like_the_black_mask():
 
 def test_a_cell_that_touches_its_box_keeps_the_black_mask():
     # NIH crops are cut to the cell's box, so the cell meets the box's edge; the black
-    # corners must stay the only background (no NIH crop comes near the smear rule).
+    # corners must stay the only background. This uniform cell covers ~60% of its box's
+    # edge, more than any NIH crop (at most 41%).
     rows, columns = np.mgrid[:32, :32]
-    disc = (rows - 15.5) ** 2 + (columns - 15.5) ** 2 < 16.5**2
-    images = np.where(disc[None, :, :, None], _cells(size=32)[:, 16:17, 16:17], 0).astype(np.uint8)
+    disc = (rows - 15.5) ** 2 + (columns - 15.5) ** 2 < 18.0**2
+    noise = np.random.default_rng(3).normal(0.0, 3.0, (4, 32, 32, 3))
+    pink = np.clip(np.rint(np.array([205.0, 150.0, 165.0]) + noise), 0, 255)
+    images = np.where(disc[None, :, :, None], pink, 0).astype(np.uint8)
+    images[:, 12:17, 13:18] = (90, 40, 120)  # a parasite, so the cell has a spread
     cell = images.max(axis=-1) >= 30
 
     np.testing.assert_allclose(_standardize(images), _standardize_over(images, cell), atol=1e-4)
