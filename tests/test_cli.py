@@ -9,6 +9,7 @@ from _synthetic import save_tiny_model, write_synthetic_dataset
 from typer.testing import CliRunner
 
 from malaria_classifier.cli import app
+from malaria_classifier.serving import read_serving_copy
 
 runner = CliRunner()
 
@@ -197,8 +198,10 @@ def test_calibrate_then_predict_with_decisions_and_a_patient_summary(tmp_path):
     run_dir = tmp_path / "run"
     _write_manifest(data, run_dir)
     model = save_tiny_model(run_dir / "model.keras")
+    assert read_serving_copy(model) is None  # as for a run trained by an older version
     result = _run("calibrate", "--data", data, "--run", run_dir, "--no-ood-variants")
     assert result.exit_code == 0, result.output
+    assert read_serving_copy(model) is not None  # predict can start without TensorFlow
     assert json.loads((run_dir / "ood.json").read_text())["fitted_on"]["variants"].startswith(
         "none"
     )

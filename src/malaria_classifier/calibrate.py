@@ -56,6 +56,7 @@ from malaria_classifier.ood import (
     image_statistics,
     save_ood_check,
 )
+from malaria_classifier.serving import read_serving_copy, write_serving_copy
 from malaria_classifier.splits import read_manifest
 from malaria_classifier.stress import LAB_VARIANTS_SUMMARY, draw_lab_variant
 from malaria_classifier.verdict import VerdictRule, choose_verdict_rule, verdict_for
@@ -362,6 +363,10 @@ def calibrate_model(
 ) -> dict[str, Any]:
     """Fit the trust layer for ``model_path`` and store it beside the model.
 
+    A model whose serving copy is missing or stale (converted by an older version of
+    this package, or before the ``.keras`` file changed) gets a fresh one too, so
+    ``malaria predict`` on it starts without TensorFlow again.
+
     Example:
         >>> calibrate_model("runs/r1/model.keras", "runs/r1", "cell_images")  # doctest: +SKIP
 
@@ -385,6 +390,8 @@ def calibrate_model(
         model_path, Path(run_dir), Path(data_dir), ood_variants=ood_variants
     )
     fitted = fit_trust_layer(model, scores, min_specificity)
+    if read_serving_copy(model_path) is None:
+        write_serving_copy(model, model_path)
     rule, choice, verdict_rule = fitted["rule"], fitted["threshold_choice"], fitted["verdict_rule"]
     save_ood_check(rule.ood, model_path.parent / OOD_FILE)
     other_labs_path = model_path.parent / OOD_OTHER_LABS_FILE
