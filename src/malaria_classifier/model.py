@@ -109,7 +109,7 @@ class CellStandardization(layers.Layer):
         # of docs/benchmarks.md). The output goes back to channels last.
         pixels = keras.ops.transpose(keras.ops.cast(inputs, "float32"), (0, 3, 1, 2))
         lit = keras.ops.max(pixels, axis=1, keepdims=True) >= self.dark_level
-        near_colour, _ = self.smear(pixels, lit)
+        near_colour = self.smear(pixels, lit)
         cell = keras.ops.cast(
             keras.ops.logical_and(lit, keras.ops.logical_not(near_colour)), "float32"
         )
@@ -121,15 +121,14 @@ class CellStandardization(layers.Layer):
         return keras.ops.transpose(centred * (scale * cell), (0, 2, 3, 1))
 
     def smear(self, pixels, lit):
-        """Smear pixels ``(n, 1, h, w)`` and each image's ring agreement ``(n, 1, 1, 1)``.
+        """Smear pixels ``(n, 1, h, w)``: background besides the black.
 
         ``pixels`` is channels first ``(n, 3, h, w)`` float, ``lit`` its non-black
         pixels ``(n, 1, h, w)``. The ring is the outer edge of the content box (rows
         and columns that are not all black, i.e. inside the padding); its colour is
         the mean of its non-black pixels. Where fewer than ``min_smear_agreement`` of
         the ring's pixels lie within ``smear_tolerance`` of that colour, or the colour
-        is darker than ``min_smear_level``, no pixel is smear (and the agreement
-        returned is 0).
+        is darker than ``min_smear_level``, no pixel is smear.
         """
         lit_float = keras.ops.cast(lit, "float32")
         ring = _content_box_ring(lit_float)
@@ -144,10 +143,7 @@ class CellStandardization(layers.Layer):
         )
         light = keras.ops.max(colour, axis=1, keepdims=True) >= self.min_smear_level
         is_smear = keras.ops.logical_and(agreement >= self.min_smear_agreement, light)
-        return (
-            keras.ops.logical_and(near > 0.5, is_smear),
-            agreement * keras.ops.cast(light, "float32"),
-        )
+        return keras.ops.logical_and(near > 0.5, is_smear)
 
     def compute_output_shape(self, input_shape):
         return input_shape
