@@ -15,11 +15,12 @@ import logging
 import multiprocessing
 import os
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from itertools import islice
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -104,6 +105,18 @@ class DecodePool:
                 self._executor.submit(_worker_ready)
         return self
 
+    def prepare(self, task: Callable[..., Any], *task_arguments: Any) -> None:
+        """Run ``task(*task_arguments)`` once per worker, in the background, and return.
+
+        For work every later chunk needs, e.g. loading a model, so that it overlaps
+        the caller's own start-up. Best effort: the pool gives each task to whichever
+        worker is free, so a worker may get none (it then does the work at its first
+        chunk) or two.
+        """
+        self.start()
+        for _ in range(self.processes):
+            self._executor.submit(task, *task_arguments)
+
     def close(self) -> None:
         """Stop the workers (queued work is cancelled); the pool can be started again."""
         if self._executor is not None:
@@ -125,17 +138,41 @@ class DecodePool:
     ) -> Iterator[LoadResult]:
         """Yield ``(image, None)`` or ``(None, error)`` per path, in order, decoding ahead.
 
-        Paths are sent in chunks (one round trip per ``chunk_size`` files) and at most
-        ``lookahead_chunks`` chunks are in flight, so memory stays flat however many
-        paths there are. If a worker process dies (e.g. killed for memory by a hostile
-        file), the chunks it held and everything after them are decoded in this
-        process instead: the stream goes on and no file is lost.
-
         Args:
             paths: Files to decode, consumed lazily.
             image_size: Side of the square model input.
             chunk_size: Files per task sent to a worker.
             lookahead_chunks: Chunks decoded ahead of the consumer.
+        """
+        for results in self.map_chunks(
+            load_chunk, paths, image_size, chunk_size=chunk_size, lookahead_chunks=lookahead_chunks
+        ):
+            yield from results
+
+    def map_chunks(
+        self,
+        task: Callable[..., Any],
+        paths: Iterable[str | Path],
+        *task_arguments: Any,
+        chunk_size: int = 64,
+        lookahead_chunks: int = 8,
+    ) -> Iterator[Any]:
+        """Yield ``task(chunk, *task_arguments)`` for consecutive chunks of ``paths``, in order.
+
+        Paths are sent in chunks (one round trip per ``chunk_size`` files) and at most
+        ``lookahead_chunks`` chunks are in flight, so memory stays flat however many
+        paths there are. If a worker process dies (e.g. killed for memory by a hostile
+        file), the chunks it held and everything after them run in this process
+        instead: the stream goes on and no file is lost. ``task`` must be a module-level
+        function (it is pickled by name) that reports a bad file in its result rather
+        than raising.
+
+        Args:
+            task: What a worker does with a chunk: ``task(list_of_paths, *task_arguments)``.
+            paths: Files, consumed lazily.
+            task_arguments: Passed to every call of ``task`` after the chunk.
+            chunk_size: Files per task sent to a worker.
+            lookahead_chunks: Chunks computed ahead of the consumer.
         """
         self.start()
         executor = self._executor
@@ -149,7 +186,7 @@ class DecodePool:
                     if not chunk:
                         break
                     try:
-                        pending.append((chunk, executor.submit(load_chunk, chunk, image_size)))
+                        pending.append((chunk, executor.submit(task, chunk, *task_arguments)))
                     except BrokenProcessPool:
                         broken = self._mark_broken(broken)
                         pending.append((chunk, _failed_future()))
@@ -157,13 +194,14 @@ class DecodePool:
                     break
                 chunk, future = pending.popleft()
                 try:
-                    yield from future.result()
+                    result = future.result()
                 except BrokenProcessPool:
                     broken = self._mark_broken(broken)
-                    yield from load_chunk(chunk, image_size)
+                    result = task(chunk, *task_arguments)
+                yield result
             if broken:
                 while chunk := list(islice(path_iterator, chunk_size)):
-                    yield from load_chunk(chunk, image_size)
+                    yield task(chunk, *task_arguments)
         finally:
             # A consumer that stops early leaves no queued work behind for the next job.
             for _, future in pending:
