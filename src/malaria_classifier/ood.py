@@ -92,11 +92,13 @@ def image_statistics(batch: np.ndarray) -> np.ndarray:
     batch = np.asarray(batch, dtype=np.uint8)
     n, height, width, _ = batch.shape
     # One float copy; colour sums are one batched matrix product. (numpy reductions
-    # over a last axis of length 3 are slow, so channels are combined elementwise.)
+    # over a last axis of length 3 are slow, so channels are combined elementwise; the
+    # brightest and darkest channel on the uint8 pixels, 5x faster than on floats.)
     pixels = batch.astype(np.float32)
     red, green, blue = pixels[..., 0], pixels[..., 1], pixels[..., 2]
-    brightest = np.maximum(np.maximum(red, green), blue)
-    darkest = np.minimum(np.minimum(red, green), blue)
+    channels = batch[..., 0], batch[..., 1], batch[..., 2]
+    brightest = np.maximum(np.maximum(*channels[:2]), channels[2]).astype(np.float32)
+    darkest = np.minimum(np.minimum(*channels[:2]), channels[2]).astype(np.float32)
     black = brightest < DARK_LEVEL
     box = _content_box(black)
     border_colour, border_agreement = border_colours(batch, box)
@@ -123,7 +125,7 @@ def image_statistics(batch: np.ndarray) -> np.ndarray:
             colour[:, 1],
             colour[:, 2],
             saturation,
-            _foreground_texture((red + green + blue) / 3.0, foreground),
+            _foreground_texture(_channel_sum(channels) / 3.0, foreground),
             _largest_blob_fraction(foreground, safe_count),
             _edge_sharpness(distance, dark, box, safe_count),
             _thickness(foreground | holes),
@@ -135,6 +137,14 @@ def image_statistics(batch: np.ndarray) -> np.ndarray:
     empty = count == 0
     statistics[empty] = [1.0, 1.0, 1.0] + [0.0] * (len(STATISTIC_NAMES) - 3)
     return statistics.reshape(n, len(STATISTIC_NAMES))
+
+
+def _channel_sum(channels: tuple[np.ndarray, ...]) -> np.ndarray:
+    """Sum of the uint8 channels as float32: exact, so equal to summing them as floats."""
+    total = channels[0].astype(np.uint16)
+    total += channels[1]
+    total += channels[2]
+    return total.astype(np.float32)
 
 
 def _edge_background_fraction(dark: np.ndarray) -> np.ndarray:
@@ -362,11 +372,13 @@ def _largest_blob_fraction(foreground: np.ndarray, count: np.ndarray) -> np.ndar
     if blobs == 0:
         return np.zeros(len(foreground))
     sizes = np.bincount(labels.ravel(), minlength=blobs + 1)
-    owner = np.zeros(blobs + 1, dtype=np.int64)
-    image_of_pixel = np.broadcast_to(np.arange(len(foreground))[:, None, None], labels.shape)
-    owner[labels.ravel()] = image_of_pixel.ravel()
+    # Labels are numbered in raster order and never span two images, so the labels of
+    # image i run up to the largest label of images 0..i: which image owns a blob is a
+    # binary search, not a pass over every pixel.
+    last_label = np.maximum.accumulate(labels.reshape(len(foreground), -1).max(axis=1))
+    owner = np.searchsorted(last_label, np.arange(1, blobs + 1))
     largest = np.zeros(len(foreground))
-    np.maximum.at(largest, owner[1:], sizes[1:])
+    np.maximum.at(largest, owner, sizes[1:])
     return largest / count
 
 
