@@ -8,6 +8,7 @@ from malaria_classifier.stress import (
     MIN_CELL_CONTRAST,
     PURPLE_STAIN_MEAN,
     add_context,
+    add_neighbours,
     background_mask,
     blur,
     draw_lab_variant,
@@ -57,6 +58,27 @@ def test_context_crop_is_a_larger_rectangle_without_black(cell):
     framed = add_context(cell, np.random.default_rng(0), width_factor=1.5, height_factor=1.2)
     assert framed.shape == (72, 75, 3)
     assert not background_mask(framed).any()
+
+
+def test_neighbours_are_cut_by_the_crop_edge_and_keep_clear_of_the_cell(cell):
+    rng = np.random.default_rng(3)
+    framed = add_neighbours(cell, rng, count=3)
+
+    assert framed.shape == (78, 80, 3)  # 1.3 x 1.6 the cell's box
+    assert not background_mask(framed).any()
+    plain = add_neighbours(cell, np.random.default_rng(3), count=0)
+    changed = np.abs(framed.astype(int) - plain).max(axis=2) > 0
+    assert changed.any()  # neighbours were painted ...
+    edge = np.zeros(changed.shape, bool)
+    edge[[0, -1]] = edge[:, [0, -1]] = True
+    assert (changed & edge).any()  # ... reaching the crop's edge ...
+    top, left = (78 - 60) // 2, (80 - 50) // 2
+    cell_box = np.zeros(changed.shape, bool)
+    cell_box[top - 1 : top + 61, left - 2 : left + 52] = True
+    near_cell = cell_box & ~background_mask(
+        np.pad(cell, ((top, 18 - top), (left, 30 - left), (0, 0)))
+    )
+    assert not (changed & near_cell).any()  # ... and never over the cell
 
 
 def test_blur_softens_edges(cell):

@@ -137,6 +137,97 @@ def add_context(
     return canvas
 
 
+def add_neighbours(
+    image: np.ndarray,
+    rng: np.random.Generator,
+    count: int = 3,
+    colour: tuple[int, int, int] = SMEAR_COLOUR,
+) -> np.ndarray:
+    """A detector's rectangular crop: the cell on smear, parts of neighbouring cells at its edges.
+
+    A box drawn around one cell of a thin smear also catches the edges of the cells
+    around it. Here up to ``count`` neighbours, each cut by the crop's edge and at
+    least 2 px from the cell, are plain red cells: a disc of about the cell's size in
+    the cell's own mean colour with a paler centre (most neighbours are uninfected,
+    and a copy of the cell itself would carry its parasite into the crop). The crop
+    is 1.6 x 1.3 the cell's box, the cell near its middle.
+    """
+    filled = fill_background(image, rng, colour)
+    cell = ~background_mask(image)
+    height, width = image.shape[:2]
+    canvas_height, canvas_width = round(height * 1.3), round(width * 1.6)
+    canvas = fill_background(np.zeros((canvas_height, canvas_width, 3), np.uint8), rng, colour)
+    top = (canvas_height - height) // 2 + int(rng.integers(-1, 2))
+    left = (canvas_width - width) // 2 + int(rng.integers(-2, 3))
+    canvas[top : top + height, left : left + width] = filled
+    if not cell.any():
+        return canvas
+    occupied = np.zeros((canvas_height, canvas_width), bool)
+    occupied[top : top + height, left : left + width] = cell
+    keep_clear = _grow(occupied, 2)
+    radius = float(np.sqrt(cell.sum() / np.pi))
+    tone = image[cell].astype(np.float32).mean(axis=0)
+    rows, columns = np.mgrid[0:canvas_height, 0:canvas_width]
+    for _ in range(count):
+        for _attempt in range(20):
+            neighbour = radius * rng.uniform(0.85, 1.1)
+            centre = _edge_centre(canvas_height, canvas_width, neighbour, rng)
+            distance = np.hypot(rows - centre[0], columns - centre[1])
+            disc = distance < neighbour + 0.5
+            if not (disc & keep_clear).any():
+                _paint_plain_cell(canvas, distance, neighbour, tone, colour, rng)
+                keep_clear |= _grow(disc, 2)
+                break
+    return canvas
+
+
+def _edge_centre(
+    height: int, width: int, radius: float, rng: np.random.Generator
+) -> tuple[float, float]:
+    """A centre just inside or outside one edge, so 20-60% of the disc's width is in the crop."""
+    depth = radius * (1.0 - 2.0 * rng.uniform(0.2, 0.6))  # centre's distance outside the edge
+    side = int(rng.integers(0, 4))
+    along = rng.uniform(0.0, width if side < 2 else height)
+    if side == 0:
+        return -depth, along
+    if side == 1:
+        return height - 1 + depth, along
+    if side == 2:
+        return along, -depth
+    return along, width - 1 + depth
+
+
+def _paint_plain_cell(
+    canvas: np.ndarray,
+    distance: np.ndarray,
+    radius: float,
+    tone: np.ndarray,
+    smear: tuple[int, int, int],
+    rng: np.random.Generator,
+) -> None:
+    """Blend an uninfected-looking cell (soft edge, pale centre) into ``canvas`` in place."""
+    coverage = np.clip(radius + 0.5 - distance, 0.0, 1.0)[..., None]
+    pallor = 0.35 * np.clip(1.0 - distance / (0.45 * radius), 0.0, 1.0)[..., None]
+    shade = tone * rng.uniform(0.97, 1.03, 3)
+    body = shade * (1.0 - pallor) + np.asarray(smear, np.float32) * pallor
+    body = body + rng.normal(0.0, 3.0, canvas.shape)
+    blended = canvas.astype(np.float32) * (1.0 - coverage) + body * coverage
+    canvas[...] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+
+
+def _grow(mask: np.ndarray, pixels: int) -> np.ndarray:
+    """``mask`` dilated by ``pixels`` (a square neighbourhood)."""
+    grown = mask.copy()
+    for _ in range(pixels):
+        step = grown.copy()
+        step[1:] |= grown[:-1]
+        step[:-1] |= grown[1:]
+        step[:, 1:] |= grown[:, :-1]
+        step[:, :-1] |= grown[:, 1:]
+        grown = step
+    return grown
+
+
 def _keep_background(original: np.ndarray, changed: np.ndarray) -> np.ndarray:
     result = changed.copy()
     result[background_mask(original)] = 0
@@ -172,6 +263,9 @@ def stress_variants() -> dict[str, Variant]:
         "vivax_like (context + hue -0.03)": lambda image, rng: add_context(
             shift_hue(image, -0.03), rng
         ),
+        # Last, so the variants before it keep their seeds (bench/stress_test.py seeds
+        # each by its position).
+        "rectangle with neighbouring cells": add_neighbours,
     }
 
 
