@@ -115,6 +115,31 @@ def test_a_field_of_many_cells_is_left_alone_for_the_not_a_cell_check():
     assert isolate_cell(image) is image
 
 
+NEIGHBOUR_LAYOUTS = {
+    # Two neighbours, one cut by the left edge and one by the top right corner: together
+    # more than half the cell's area (a field, by the inside-the-picture count).
+    "two neighbours": [[-55, 5, 27, 115], [120, -55, 230, 18]],
+    # One neighbour whose part inside the box is bigger than the cell, as an enlarged,
+    # infected vivax neighbour can be.
+    "a bigger neighbour": [[-120, -60, 38, 170]],
+}
+
+
+@pytest.mark.parametrize("layout", NEIGHBOUR_LAYOUTS)
+def test_neighbours_cut_by_the_box_edge_are_dropped_and_the_middle_cell_kept(layout):
+    picture = Image.fromarray(cell_on(SMEAR))
+    for box in NEIGHBOUR_LAYOUTS[layout]:
+        ImageDraw.Draw(picture).ellipse(box, fill=PINK)
+    image = np.asarray(picture).copy()
+
+    isolated = isolate_cell(image)
+
+    assert isolated is not image
+    assert 79 <= isolated.shape[0] <= 83 and 59 <= isolated.shape[1] <= 63  # the ellipse
+    parasite = np.abs(isolated.astype(int) - PURPLE).max(axis=2) < 20
+    assert parasite.sum() > 50
+
+
 def test_a_clump_of_overlapping_cells_is_not_round_and_is_left_alone():
     clump = Image.new("RGB", (220, 160), SMEAR)
     draw = ImageDraw.Draw(clump)

@@ -38,9 +38,14 @@ TOLERANCE = 18.0
 # The cell must cover at least this share of the picture; below it, what stands out
 # from the smear is debris or nothing, and the picture is left alone.
 MIN_CELL_SHARE = 0.05
-# Other objects (neighbouring cells cut by the crop) may cover at most this multiple of
-# the cell's area; more means a field of cells, not a crop of one.
+# Other objects inside the picture may cover at most this multiple of the cell's area;
+# more means a field of cells, not a crop of one. (Neighbours cut by the crop's edge do
+# not count: see _choose_cell.)
 MAX_OTHER_OBJECTS = 0.5
+# A cell clear of the picture's edge is preferred to a bigger neighbour cut by the edge
+# (an infected neighbour can be twice the cell's size) when it is at least this share of
+# the largest object.
+MIN_SHARE_OF_LARGEST = 0.25
 # The largest disc that fits inside the object must cover at least this share of it. A
 # red cell is round or oval (NIH cells cut out on a smear: 0.59 and up for 95% of them,
 # median 0.78); a clump of overlapping cells in a field of view is not (median 0.36), and
@@ -105,11 +110,11 @@ def isolate_cell(image: np.ndarray) -> np.ndarray:
     if count == 0:
         return image
     areas = np.bincount(labels.ravel())[1:]
-    largest = int(areas.argmax())
+    largest, others = _choose_cell(labels, areas)
     cell_area = areas[largest]
     if cell_area < MIN_CELL_SHARE * labels.size:
         return image
-    if areas.sum() - cell_area > MAX_OTHER_OBJECTS * cell_area:
+    if others > MAX_OTHER_OBJECTS * cell_area:
         return image
     # Everything below works on the cell's box plus one pixel of background (clipped at
     # the picture's edge): the same results as on the whole picture (the nearest
@@ -126,6 +131,32 @@ def isolate_cell(image: np.ndarray) -> np.ndarray:
     top, left = window[0].start + rows[0], window[1].start + columns[0]
     picture = image[top : top + cell.shape[0], left : left + cell.shape[1]]
     return np.where(cell[:, :, None], picture, 0).astype(np.uint8)
+
+
+def _choose_cell(labels: np.ndarray, areas: np.ndarray) -> tuple[int, int]:
+    """Which object is the cell (index into ``areas``), and the area of the other objects.
+
+    A box drawn around one cell of a smear also catches the edges of its neighbours:
+    objects that touch the picture's edge. They are not counted as other objects, and
+    the cell is the largest object clear of the edge when that one is big enough to be
+    it (``MIN_CELL_SHARE`` of the picture and ``MIN_SHARE_OF_LARGEST`` of the largest
+    object, so a parasite's dot inside a pale-centred cell is never taken for it);
+    only in a tight crop, where the cell itself reaches the edge, is it the largest
+    object of all (and then every other object counts, as before). A field of whole
+    cells still has other objects inside the picture, so it is still left alone.
+    """
+    on_edge = np.zeros(len(areas) + 1, dtype=bool)
+    for edge in (labels[0], labels[-1], labels[:, 0], labels[:, -1]):
+        on_edge[edge] = True
+    on_edge = on_edge[1:]
+    inside = np.where(on_edge, 0, areas)
+    if inside.max(initial=0) >= max(
+        MIN_CELL_SHARE * labels.size, MIN_SHARE_OF_LARGEST * areas.max()
+    ):
+        cell = int(inside.argmax())
+        return cell, int(inside.sum() - inside[cell])
+    cell = int(areas.argmax())
+    return cell, int(areas.sum() - areas[cell])
 
 
 def _differs_from(image: np.ndarray, colour: np.ndarray) -> np.ndarray:
