@@ -384,3 +384,17 @@ def test_thickness_equals_the_chamfer_transform_it_replaced(shape):
         ) ** 2 <= radius[:, None, None] ** 2
         for mask in (solid, discs, solid & discs):
             np.testing.assert_array_equal(_thickness(mask), _stacked_chamfer_thickness(mask))
+
+
+def test_every_signal_is_described_in_plain_words_once():
+    from malaria_classifier.ood import SIGNAL_MEANINGS, SIGNAL_NAMES, describe_signals
+
+    assert set(SIGNAL_MEANINGS) == set(SIGNAL_NAMES)
+    text = describe_signals("foreground_red, foreground_blue, largest_blob_fraction")
+    assert text == (
+        "colour, being several separate objects "
+        "(foreground_red, foreground_blue, largest_blob_fraction)"
+    )
+    many = describe_signals(", ".join(SIGNAL_NAMES))
+    assert many.startswith("the amount of background around it, ") and " and 10 more (" in many
+    assert many.endswith(f"({', '.join(SIGNAL_NAMES)})")

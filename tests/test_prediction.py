@@ -255,3 +255,8 @@ def test_bundled_model_says_not_a_cell_for_blank_and_text_images():
     rows = Predictor().predict_images(images)
     assert [row.decision for row in rows] == ["Not a cell"] * 3
     assert all(row.reason.startswith("unlike the training cells") for row in rows)
+    for row in rows:  # plain words first, signal names only in the brackets, then what to do
+        words, names = row.reason.removeprefix("unlike the training cells in ").split(" (", 1)
+        assert words and "_" not in words
+        assert names.split(")")[0].replace("_", "").replace(", ", "").isalpha()
+        assert row.reason.endswith("Send one stained red blood cell per image, cropped close")

@@ -24,7 +24,7 @@ import numpy as np
 
 from malaria_classifier.calibration import apply_temperature, logits_from_probabilities
 from malaria_classifier.constants import CLASS_NAMES, POSITIVE_CLASS, POSITIVE_INDEX
-from malaria_classifier.ood import NOT_A_CELL_FILES, OodCheck, load_ood_check
+from malaria_classifier.ood import NOT_A_CELL_FILES, OodCheck, describe_signals, load_ood_check
 
 PARASITIZED = POSITIVE_CLASS
 UNINFECTED = CLASS_NAMES[1 - POSITIVE_INDEX]
@@ -75,7 +75,10 @@ class DecisionRule:
             ood_reason = ood_reasons[index] if ood_reasons else ""
             if ood_reason:
                 decisions.append(NOT_A_CELL)
-                reasons.append(f"unlike the training cells in: {ood_reason}")
+                reasons.append(
+                    f"unlike the training cells in {describe_signals(ood_reason)}. "
+                    f"Send one stained red blood cell per image, cropped close"
+                )
             elif distance[index] < self.uncertain_margin:
                 decisions.append(UNCERTAIN)
                 reasons.append("probability close to the decision threshold")

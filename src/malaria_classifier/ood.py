@@ -70,6 +70,26 @@ STATISTIC_NAMES: tuple[str, ...] = (
 FEATURE_SIGNALS: tuple[str, ...] = ("feature_distance", "energy")
 SIGNAL_NAMES: tuple[str, ...] = STATISTIC_NAMES + FEATURE_SIGNALS
 
+# What each signal means, in words for the person who sent the image (the dashboard and
+# the API show them; the signal names follow in brackets for engineers).
+SIGNAL_MEANINGS: dict[str, str] = {
+    "dark_fraction": "the amount of background around it",
+    "border_dark_fraction": "the background at the picture's edge",
+    "content_dark_fraction": "the background inside the picture",
+    "enclosed_dark_fraction": "black gaps between objects (a mosaic of crops?)",
+    "foreground_red": "colour",
+    "foreground_green": "colour",
+    "foreground_blue": "colour",
+    "foreground_saturation": "colour strength",
+    "foreground_texture": "texture",
+    "largest_blob_fraction": "being several separate objects",
+    "relative_edge_sharpness": "outline sharpness (focus)",
+    "thickness": "shape (not one compact, round object)",
+    "box_edge_dark_fraction": "running on past the picture's edge",
+    "feature_distance": "what the model sees in it",
+    "energy": "the model's response to it",
+}
+
 # Signals where only one side is suspicious: being *closer* to training cells or
 # more confident (lower energy) than they are is never a reason to reject.
 ONE_SIDED_HIGH: frozenset[str] = frozenset({"feature_distance", "energy"})
@@ -491,6 +511,24 @@ def fit_feature_density(features: np.ndarray, labels: np.ndarray) -> FeatureDens
     ridge = 1e-3 * float(np.trace(covariance)) / len(covariance) + 1e-9
     precision = np.linalg.inv(covariance + ridge * np.eye(len(covariance)))
     return FeatureDensity(means=means, precision=precision)
+
+
+def describe_signals(signals: str, most: int = 3) -> str:
+    """Plain words for a comma-separated list of tripped signals (``OodCheck.reasons``).
+
+    At most ``most`` descriptions (a blank image trips a dozen), then every signal
+    name in brackets, for the engineer.
+
+    Example:
+        >>> describe_signals("thickness, foreground_red")
+        'shape (not one compact, round object), colour (thickness, foreground_red)'
+    """
+    names = [name.strip() for name in signals.split(",") if name.strip()]
+    meanings = list(dict.fromkeys(SIGNAL_MEANINGS.get(name, name) for name in names))
+    words = ", ".join(meanings[:most])
+    if len(meanings) > most:
+        words += f" and {len(meanings) - most} more"
+    return f"{words} ({', '.join(names)})"
 
 
 def combine_signals(
