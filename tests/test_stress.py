@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 from _synthetic import draw_cell
+from scipy import ndimage
 
 from malaria_classifier.stress import (
     MIN_CELL_CONTRAST,
@@ -61,24 +62,30 @@ def test_context_crop_is_a_larger_rectangle_without_black(cell):
 
 
 def test_neighbours_are_cut_by_the_crop_edge_and_keep_clear_of_the_cell(cell):
-    rng = np.random.default_rng(3)
-    framed = add_neighbours(cell, rng, count=3)
+    framed = add_neighbours(cell, np.random.default_rng(3), count=3)
+    plain = add_neighbours(cell, np.random.default_rng(3), count=0)  # same draws, no neighbour
 
     assert framed.shape == (78, 80, 3)  # 1.3 x 1.6 the cell's box
     assert not background_mask(framed).any()
-    plain = add_neighbours(cell, np.random.default_rng(3), count=0)
     changed = np.abs(framed.astype(int) - plain).max(axis=2) > 0
     assert changed.any()  # neighbours were painted ...
     edge = np.zeros(changed.shape, bool)
     edge[[0, -1]] = edge[:, [0, -1]] = True
     assert (changed & edge).any()  # ... reaching the crop's edge ...
-    top, left = (78 - 60) // 2, (80 - 50) // 2
-    cell_box = np.zeros(changed.shape, bool)
-    cell_box[top - 1 : top + 61, left - 2 : left + 52] = True
-    near_cell = cell_box & ~background_mask(
-        np.pad(cell, ((top, 18 - top), (left, 30 - left), (0, 0)))
-    )
-    assert not (changed & near_cell).any()  # ... and never over the cell
+    # ... and never within 2 px of the cell, wherever near the middle it was put.
+    inside = ~background_mask(cell)
+    placed = [
+        (top, left)
+        for top in range(8, 11)
+        for left in range(13, 18)
+        if (plain[top : top + 60, left : left + 50][inside] == cell[inside]).all()
+    ]
+    assert len(placed) == 1
+    top, left = placed[0]
+    near_cell = np.zeros(changed.shape, bool)
+    near_cell[top : top + 60, left : left + 50] = inside
+    near_cell = ndimage.binary_dilation(near_cell, iterations=2)
+    assert not (changed & near_cell).any()
 
 
 def test_blur_softens_edges(cell):

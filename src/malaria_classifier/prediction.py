@@ -135,8 +135,8 @@ def score_files(
 
     Only the scores travel back (about 0.3 KB an image instead of its 12 KB of
     pixels), and each worker is one busy process per core with no thread beside it:
-    1.17-1.33 CPU-ms an image against 1.41-1.53 with the forward pass and statistics
-    in the main process (docs/benchmarks.md section 8.2i).
+    1.18 CPU-ms an image against 1.38-1.45 with the forward pass and statistics in
+    the main process (docs/benchmarks.md section 8.2i).
     """
     results = load_chunk(paths, image_size)
     errors = [error for _, error in results]
@@ -227,7 +227,8 @@ class Predictor:
             ``Predictor.runtime`` says which ran.
         decode_processes: Decode jobs of ``PROCESS_DECODE_MIN_FILES`` files or more
             in worker processes (one per core), which do not compete with the model
-            for Python's global lock (``malaria predict`` does). The workers start
+            for Python's global lock (``malaria predict`` does); with a serving copy
+            each worker also scores its own files, so only scores come back. The workers start
             with the predictor and serve every later call; ``close()`` (or a ``with``
             block) stops them. Off by default in the API: like every library that
             starts processes, it needs the calling script's code behind
