@@ -66,6 +66,19 @@ def test_predict_exits_non_zero_when_nothing_could_be_predicted(tiny_model, tmp_
     assert "0 predicted, 2 failed" in result.output
 
 
+def test_predict_starts_decode_workers_for_folders_only(cells, tiny_model, monkeypatch):
+    from malaria_classifier.decoding import DecodePool
+
+    started = []
+    monkeypatch.setattr(DecodePool, "start", lambda pool: started.append(pool) or pool)
+    one_file = next((cells / "Parasitized").glob("*.png"))
+
+    assert _run("predict", one_file, "--model", tiny_model).exit_code == 0
+    assert not started  # a few named files: no worker processes to start and wait for
+    assert _run("predict", cells, "--model", tiny_model).exit_code == 0
+    assert started  # a folder may hold thousands
+
+
 def test_predict_rejects_unknown_format(tiny_model, cells):
     result = _run("predict", cells, "--model", tiny_model, "--format", "xml")
     assert result.exit_code == 2 and "--format must be csv or json" in result.output
