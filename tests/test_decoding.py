@@ -11,6 +11,7 @@ import pytest
 from _synthetic import save_tiny_model
 from conftest import write_png
 
+from malaria_classifier import prediction
 from malaria_classifier.decoding import DecodePool
 from malaria_classifier.images import load_for_model
 from malaria_classifier.model_card import default_model_path
@@ -161,9 +162,12 @@ def test_workers_score_the_bundled_model_like_the_main_process(tmp_path):
     assert {row.decision for row in rows[:100]} >= {"Not a cell"}  # the check ran
 
 
-def test_a_killed_scoring_worker_loses_no_file(tmp_path, caplog):
+def test_a_killed_scoring_worker_loses_no_file(tmp_path, caplog, monkeypatch):
     paths = _job_with_bad_files(tmp_path)
     expected = list(Predictor(decode_processes=False).predict_paths(paths))
+    # Small chunks, so most of the job is still to be sent when the workers die (with
+    # the look-ahead window of 8 chunks, 64 files at most are in flight).
+    monkeypatch.setattr(prediction, "WORKER_CHUNK_FILES", 8)
 
     with Predictor(decode_processes=True, batch_size=32) as predictor:
         stream = predictor.predict_paths(paths)

@@ -264,7 +264,7 @@ class Predictor:
             raise
         self.test_time_views = test_time_views
         self.decode_processes = decode_processes
-        if self._decode_pool is not None and self._serving_source is not None:
+        if self._serving_source is not None:
             # The workers load the model while this process finishes starting up.
             self._decode_pool.prepare(worker_forward, self._serving_source)
 
@@ -295,11 +295,12 @@ class Predictor:
         self._serving_source: ServingSource | None = None
         if serving is not None:  # no TensorFlow needed (serving.py)
             self._forward = serving_forward(serving, self._with_features, threads)
-            self._serving_source = ServingSource(
-                str(self.model_path),
-                hashlib.sha256(serving.onnx_bytes).hexdigest(),
-                self._with_features,
-            )
+            if self._decode_pool is not None:  # the workers will score with the same copy
+                self._serving_source = ServingSource(
+                    str(self.model_path),
+                    hashlib.sha256(serving.onnx_bytes).hexdigest(),
+                    self._with_features,
+                )
             self.runtime, self.image_size = "onnx", serving.image_size
             self._final_layer: FinalLayer | None = serving.final_layer
             return
