@@ -347,6 +347,12 @@ def test_page_and_assets_are_served(app):
     assert layout.status_code == 200 and ids.UPLOAD in layout.get_data(as_text=True)
 
 
+def _blank_png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (255, 255, 255)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def test_api_predict_returns_the_fields_of_malaria_predict(app):
     client = app.server.test_client()
     response = client.post(
@@ -356,14 +362,19 @@ def test_api_predict_returns_the_fields_of_malaria_predict(app):
                 (io.BytesIO(cell_png(True, 20)), "cell.png"),
                 (io.BytesIO(b"garbage"), "broken.png"),
                 (io.BytesIO(b"text"), "readme.txt"),
+                (io.BytesIO(_blank_png()), "blank.png"),
             ]
         },
         content_type="multipart/form-data",
     )
     assert response.status_code == 200
     rows = response.get_json()
-    assert [set(row) for row in rows] == [set(OUTPUT_COLUMNS)] * 3
+    assert [set(row) for row in rows] == [set(OUTPUT_COLUMNS)] * 4
+    assert rows[3]["decision"] == "Not a cell"
+    assert "Send one stained red blood cell" in rows[3]["reason"]
     assert rows[0]["path"] == "cell.png" and rows[0]["label"] in ("Parasitized", "Uninfected")
+    # A reason exactly when the answer is withheld (Uncertain, Not a cell).
+    assert bool(rows[0]["reason"]) == (rows[0]["decision"] in ("Uncertain", "Not a cell"))
     assert rows[1]["label"] == "" and "broken.png" in rows[1]["error"]
     assert "unsupported file kind" in rows[2]["error"]
 

@@ -91,7 +91,8 @@ def test_write_rows_csv_has_the_documented_columns(tiny_predictor, mixed_folder)
     counts = write_rows(tiny_predictor.predict_paths([mixed_folder]), buffer, "csv")
     lines = list(csv.reader(io.StringIO(buffer.getvalue())))
     assert tuple(lines[0]) == OUTPUT_COLUMNS
-    assert OUTPUT_COLUMNS == ("path", "label", "probability", "confidence", "error", "decision")
+    assert OUTPUT_COLUMNS[:6] == ("path", "label", "probability", "confidence", "error", "decision")
+    assert OUTPUT_COLUMNS[6:] == ("reason",)
     assert counts == {"predicted": 6, "failed": 2}
     assert len(lines) == 9
     decisions = {line[0].rsplit("/", 1)[-1]: line[5] for line in lines[1:]}

@@ -380,10 +380,11 @@ def predict(
         ),
     ] = "strict",
 ) -> None:
-    """One row per image: path,label,probability,confidence,error,decision.
+    """One row per image: path,label,probability,confidence,error,decision,reason.
 
     probability is the calibrated P(Parasitized); confidence is the probability of the
-    chosen label; decision is Parasitized, Uninfected, Uncertain or Not a cell.
+    chosen label; decision is Parasitized, Uninfected, Uncertain or Not a cell; reason
+    says why a cell is Uncertain or Not a cell.
     Exits non-zero only when no image could be predicted.
     """
     from malaria_classifier.model_card import default_model_path

@@ -1,10 +1,11 @@
 """Score image files with a trained model: the :class:`Predictor` API and CSV/JSON output.
 
-Rows have the columns ``path,label,probability,confidence,error,decision``:
+Rows have the columns ``path,label,probability,confidence,error,decision,reason``:
 ``probability`` is always P(Parasitized), calibrated when the model has a calibration
 (``malaria calibrate``); ``confidence`` is the probability of the chosen label;
 ``decision`` is Parasitized, Uninfected, Uncertain or Not a cell (see
-:mod:`malaria_classifier.decision`). A bad file gets a row with an empty label and
+:mod:`malaria_classifier.decision`), and ``reason`` says why a cell is Uncertain or Not a
+cell (empty for a clear call). A bad file gets a row with an empty label and
 decision and a clear error, and the rest go on.
 """
 
@@ -60,6 +61,7 @@ OUTPUT_COLUMNS: tuple[str, ...] = (
     "confidence",
     "error",
     "decision",
+    "reason",
 )
 
 
@@ -548,4 +550,5 @@ def _csv_values(row: PredictionRow) -> list[str]:
         number(row.confidence),
         row.error,
         row.decision,
+        row.reason,
     ]
