@@ -12,7 +12,6 @@ decision and a clear error, and the rest go on.
 from __future__ import annotations
 
 import csv
-import hashlib
 import itertools
 import json
 import os
@@ -120,7 +119,7 @@ def worker_forward(source: ServingSource) -> ScoringForward:
     forward = _WORKER_FORWARDS.get(source)
     if forward is None:
         serving = read_serving_copy(source.model_path)
-        if serving is None or hashlib.sha256(serving.onnx_bytes).hexdigest() != source.onnx_sha256:
+        if serving is None or serving.onnx_sha256 != source.onnx_sha256:
             raise ValueError(
                 f"The serving copy of {source.model_path} changed while predicting "
                 f"(retrained or re-calibrated?). Run the prediction again."
@@ -300,7 +299,7 @@ class Predictor:
             if self._decode_pool is not None:  # the workers will score with the same copy
                 self._serving_source = ServingSource(
                     str(self.model_path),
-                    hashlib.sha256(serving.onnx_bytes).hexdigest(),
+                    serving.onnx_sha256,
                     self._with_features,
                 )
             self.runtime, self.image_size = "onnx", serving.image_size

@@ -47,12 +47,14 @@ class ServingCopy:
         image_size: Side of the square uint8 input.
         final_kernel: The softmax layer's kernel ``(features, classes)``.
         final_bias: Its bias ``(classes,)``.
+        onnx_sha256: SHA-256 of ``onnx_bytes`` (checked when read): which copy this is.
     """
 
     onnx_bytes: bytes
     image_size: int
     final_kernel: np.ndarray
     final_bias: np.ndarray
+    onnx_sha256: str = ""
 
     @property
     def final_layer(self) -> tuple[np.ndarray, np.ndarray]:
@@ -114,10 +116,11 @@ def read_serving_copy(model_path: str | Path) -> ServingCopy | None:
     try:
         info = json.loads(info_path.read_text(encoding="utf-8"))
         onnx_bytes = onnx_path.read_bytes()
+        onnx_sha256 = hashlib.sha256(onnx_bytes).hexdigest()
         fresh = (
             info.get("format_version") == FORMAT_VERSION
             and info.get("source_model_sha256") == file_sha256(model_path)
-            and info.get("onnx_sha256") == hashlib.sha256(onnx_bytes).hexdigest()
+            and info.get("onnx_sha256") == onnx_sha256
         )
         if not fresh:
             LOGGER.info(
@@ -129,6 +132,7 @@ def read_serving_copy(model_path: str | Path) -> ServingCopy | None:
             image_size=int(info["image_size"]),
             final_kernel=np.asarray(info["final_kernel"], dtype=np.float64),
             final_bias=np.asarray(info["final_bias"], dtype=np.float64),
+            onnx_sha256=onnx_sha256,
         )
     except (OSError, ValueError, KeyError, TypeError) as error:
         LOGGER.info("Ignoring the serving copy of %s (%s).", model_path, error)
