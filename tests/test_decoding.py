@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import platform
+import resource
 import signal
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import pytest
@@ -125,6 +128,39 @@ def test_after_a_worker_dies_the_next_job_gets_a_fresh_pool(tmp_path, caplog):
 
         assert _worker_pids()  # a new worker decoded the second job
     assert [error for _, error in again] == [None] * len(paths)
+
+
+def page_faults_per_round(chunk: list[str], arrays: int = 6, megabytes: int = 8) -> list[int]:
+    """Page faults of each round of allocating, filling and freeing ``arrays`` buffers.
+
+    Runs in a worker process (one round per item of ``chunk``): the pattern of a
+    chunk's temporaries, whose pages glibc's defaults hand back to the OS each time.
+    """
+    faults = []
+    for _ in chunk:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        buffers = [np.ones(megabytes << 20, dtype=np.uint8) for _ in range(arrays)]
+        del buffers
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return faults
+
+
+@pytest.mark.skipif(
+    platform.libc_ver()[0] != "glibc", reason="the malloc settings are glibc's (mallopt)"
+)
+def test_decode_workers_reuse_freed_memory_instead_of_faulting_it_in_again():
+    rounds = ["round"] * 5
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=context) as plain_process:
+        default = plain_process.submit(page_faults_per_round, rounds).result()
+    if sum(default[1:]) < default[0]:
+        pytest.skip(f"this C library keeps freed memory by default ({default} page faults)")
+
+    with DecodePool(processes=1) as pool:
+        (in_worker,) = pool.map_chunks(page_faults_per_round, rounds, chunk_size=len(rounds))
+
+    # The first round maps the pages; later rounds reuse them.
+    assert sum(in_worker[1:]) < in_worker[0] / 10, (default, in_worker)
 
 
 def test_a_predictor_stops_its_decode_workers_when_closed(tmp_path):

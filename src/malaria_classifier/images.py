@@ -86,8 +86,6 @@ def load_rgb_image(
 def _read_file_bytes(path: Path, max_file_bytes: int) -> bytes:
     """Read a whole regular file, refusing folders, devices and oversized files first."""
     source = str(path)
-    if path.is_dir():
-        raise ImageLoadError(source, "is a folder, not an image file", "Pass image files.")
     try:
         with open(path, "rb") as handle:
             status = os.fstat(handle.fileno())
@@ -102,7 +100,11 @@ def _read_file_bytes(path: Path, max_file_bytes: int) -> bytes:
             data = handle.read(max_file_bytes + 1)
     except FileNotFoundError:
         raise ImageLoadError(source, "does not exist", "Check the path.") from None
+    except IsADirectoryError:
+        raise _folder_error(source) from None
     except PermissionError:
+        if path.is_dir():  # how Windows refuses to open a folder
+            raise _folder_error(source) from None
         raise ImageLoadError(
             source, "cannot be read (permission denied)", "Fix the file permissions."
         ) from None
@@ -111,6 +113,10 @@ def _read_file_bytes(path: Path, max_file_bytes: int) -> bytes:
     if not data:
         raise ImageLoadError(source, "is empty (0 bytes)", "Re-export or re-copy the image.")
     return data
+
+
+def _folder_error(source: str) -> ImageLoadError:
+    return ImageLoadError(source, "is a folder, not an image file", "Pass image files.")
 
 
 def decode_image_bytes(
@@ -346,16 +352,22 @@ def _fit_square(
         if isolated is not pixels:
             image = isolated
     if isinstance(image, np.ndarray):
-        image = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8))
-    width, height = image.size
+        height, width = image.shape[:2]
+    else:
+        width, height = image.size
     scale = size / max(height, width)
     new_width = max(1, round(width * scale))
     new_height = max(1, round(height * scale))
     if (new_width, new_height) != (width, height):
+        if isinstance(image, np.ndarray):
+            image = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8))
         image = image.resize((new_width, new_height), Image.Resampling.BILINEAR)
-    canvas = Image.new("RGB", (size, size), (0, 0, 0))
-    canvas.paste(image, ((size - new_width) // 2, (size - new_height) // 2))
-    return np.asarray(canvas, dtype=np.uint8).copy()
+    # Padded with black into a new array: the same pixels as pasting onto a black
+    # Pillow canvas, without the canvas and its two copies.
+    fitted = np.zeros((size, size, 3), dtype=np.uint8)
+    top, left = (size - new_height) // 2, (size - new_width) // 2
+    fitted[top : top + new_height, left : left + new_width] = np.asarray(image)
+    return fitted
 
 
 def load_for_model(
