@@ -26,6 +26,7 @@ DEFAULTS = {
     "batch_size": 64,
     "learning_rate": 0.001,
     "label_smoothing": 0.0,
+    "loss_drop_fraction": 0.0,
     "epochs": 20,
     "early_stopping_patience": 20,
     "augment": True,

@@ -8,7 +8,13 @@ import pytest
 from _synthetic import on_smear
 
 from malaria_classifier.config import TrainingConfig
-from malaria_classifier.model import CellStandardization, build_model, load_model
+from malaria_classifier.model import (
+    CellStandardization,
+    TruncatedCrossentropy,
+    build_model,
+    compile_model,
+    load_model,
+)
 
 
 def _cells(count: int = 4, size: int = 32, seed: int = 0) -> np.ndarray:
@@ -127,3 +133,56 @@ def test_fixed_normalization_maps_pixels_to_minus_one_one():
 def test_unknown_colour_normalization_is_refused_with_the_choices():
     with pytest.raises(ValueError, match="fixed, per_cell"):
         TrainingConfig(colour_normalization="histogram")
+
+
+def _one_hot_and_predictions() -> tuple[np.ndarray, np.ndarray]:
+    labels = np.array([[0, 1], [0, 1], [1, 0], [1, 0]], dtype="float32")
+    predictions = np.array([[0.1, 0.9], [0.8, 0.2], [0.7, 0.3], [0.4, 0.6]], dtype="float32")
+    return labels, predictions
+
+
+def test_truncated_crossentropy_leaves_out_the_worst_fitting_cell():
+    labels, predictions = _one_hot_and_predictions()
+    per_cell = -np.log([0.9, 0.2, 0.7, 0.4])  # the second cell fits worst
+
+    loss = TruncatedCrossentropy(drop_fraction=0.25)(labels, predictions)
+
+    np.testing.assert_allclose(float(loss), per_cell[[0, 2, 3]].mean(), rtol=1e-6)
+
+
+def test_truncated_crossentropy_drops_nothing_below_one_whole_cell():
+    labels, predictions = _one_hot_and_predictions()
+    plain = keras.losses.CategoricalCrossentropy()(labels, predictions)
+
+    truncated = TruncatedCrossentropy(drop_fraction=0.2)(labels, predictions)  # 0.8 cells
+
+    np.testing.assert_allclose(float(truncated), float(plain), rtol=1e-6)
+
+
+def test_the_dropped_cell_gives_no_gradient():
+    import tensorflow as tf
+
+    labels, predictions = _one_hot_and_predictions()
+    variable = tf.Variable(predictions)
+    with tf.GradientTape() as tape:
+        loss = TruncatedCrossentropy(drop_fraction=0.25)(labels, variable)
+    gradient = tape.gradient(loss, variable).numpy()
+
+    assert not gradient[1].any()
+    assert np.abs(gradient[[0, 2, 3]]).sum(axis=1).min() > 0
+
+
+def test_a_checkpoint_with_the_truncated_loss_resumes_with_it(tmp_path):
+    config = TrainingConfig(image_size=16, base_filters=4, conv_blocks=1, dense_units=4)
+    model = compile_model(build_model(config), 0.001, label_smoothing=0.05, loss_drop_fraction=0.1)
+    model.save(tmp_path / "checkpoint.keras")
+
+    restored = keras.saving.load_model(tmp_path / "checkpoint.keras", compile=True, safe_mode=True)
+
+    assert isinstance(restored.loss, TruncatedCrossentropy)
+    assert (restored.loss.drop_fraction, restored.loss.label_smoothing) == (0.1, 0.05)
+
+
+def test_loss_drop_fraction_outside_its_range_is_refused():
+    with pytest.raises(ValueError, match="loss_drop_fraction must be in"):
+        TrainingConfig(loss_drop_fraction=0.5)

@@ -208,18 +208,77 @@ def _conv_bn_relu(x: keras.KerasTensor, filters: int, name: str) -> keras.KerasT
 
 
 def compile_model(
-    model: keras.Model, learning_rate: float, label_smoothing: float = 0.0
+    model: keras.Model,
+    learning_rate: float,
+    label_smoothing: float = 0.0,
+    loss_drop_fraction: float = 0.0,
 ) -> keras.Model:
-    """Attach Adam and categorical cross-entropy (labels are one-hot over CLASS_NAMES)."""
+    """Attach Adam and categorical cross-entropy (labels are one-hot over CLASS_NAMES).
+
+    With ``loss_drop_fraction`` the cross-entropy leaves out each batch's worst-fitting
+    cells (:class:`TruncatedCrossentropy`).
+    """
+    if loss_drop_fraction > 0:
+        loss = TruncatedCrossentropy(loss_drop_fraction, label_smoothing=label_smoothing)
+    else:
+        loss = keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
-        loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
+        loss=loss,
         metrics=[
             keras.metrics.CategoricalAccuracy(name="accuracy"),
             keras.metrics.AUC(name="auc"),
         ],
     )
     return model
+
+
+@keras.saving.register_keras_serializable(package="malaria_classifier")
+class TruncatedCrossentropy(keras.losses.Loss):
+    """Categorical cross-entropy without the largest losses of each batch.
+
+    A mislabelled cell keeps a large loss however well the model learns the real
+    classes, and its gradient pulls the model towards the wrong label. Leaving out the
+    ``floor(drop_fraction * batch)`` largest per-cell losses of each batch (no gradient
+    flows through which ones) removes most of that pull once the model has learned the
+    classes, and costs nothing when a batch holds no such cell but one hard cell. The
+    mean is taken over the cells kept.
+
+    Args:
+        drop_fraction: Share of each batch left out, in [0, 0.5).
+        label_smoothing: As in ``keras.losses.CategoricalCrossentropy``.
+    """
+
+    def __init__(
+        self,
+        drop_fraction: float,
+        label_smoothing: float = 0.0,
+        name: str = "truncated_crossentropy",
+        **kwargs,
+    ) -> None:
+        super().__init__(name=name, **kwargs)
+        self.drop_fraction = float(drop_fraction)
+        self.label_smoothing = float(label_smoothing)
+
+    def call(self, y_true, y_pred):
+        losses = keras.losses.categorical_crossentropy(
+            y_true, y_pred, label_smoothing=self.label_smoothing
+        )
+        count = keras.ops.cast(keras.ops.shape(losses)[0], losses.dtype)
+        dropped = keras.ops.floor(self.drop_fraction * count)
+        # Rank 0 is the largest loss; argsort gives no gradient, so only the kept
+        # cells' losses are trained on.
+        rank = keras.ops.cast(keras.ops.argsort(keras.ops.argsort(-losses)), losses.dtype)
+        keep = keras.ops.cast(rank >= dropped, losses.dtype)
+        # The batch mean Keras takes next then equals the mean over the kept cells.
+        return losses * keep * (count / keras.ops.maximum(count - dropped, 1.0))
+
+    def get_config(self) -> dict:
+        return {
+            **super().get_config(),
+            "drop_fraction": self.drop_fraction,
+            "label_smoothing": self.label_smoothing,
+        }
 
 
 def count_weight_bytes(model: keras.Model) -> int:

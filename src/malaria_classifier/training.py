@@ -337,7 +337,12 @@ def _model_for_run(config: TrainingConfig, run_dir: Path, state: dict[str, Any])
     if state["epoch"] > 0 and checkpoint.is_file():
         print(f"Resuming from epoch {state['epoch']} ({checkpoint}).", file=sys.stderr)
         return keras.saving.load_model(checkpoint, compile=True, safe_mode=True)
-    return compile_model(build_model(config), config.learning_rate, config.label_smoothing)
+    return compile_model(
+        build_model(config),
+        config.learning_rate,
+        config.label_smoothing,
+        config.loss_drop_fraction,
+    )
 
 
 def evaluate_run(

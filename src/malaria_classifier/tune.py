@@ -193,7 +193,9 @@ def train_trial(
     """
     keras.utils.set_random_seed(config.randomness_seed)
     datasets = make_split_datasets(root, rows, config)
-    model = compile_model(build_model(config), config.learning_rate, config.label_smoothing)
+    model = compile_model(
+        build_model(config), config.learning_rate, config.label_smoothing, config.loss_drop_fraction
+    )
     reporter = ReportToTrial(trial) if report else BestValidationAuc()
     try:
         model.fit(
