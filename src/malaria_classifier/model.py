@@ -241,8 +241,9 @@ class TruncatedCrossentropy(keras.losses.Loss):
     classes, and its gradient pulls the model towards the wrong label. Leaving out the
     ``floor(drop_fraction * batch)`` largest per-cell losses of each batch (no gradient
     flows through which ones) removes most of that pull once the model has learned the
-    classes, and costs nothing when a batch holds no such cell but one hard cell. The
-    mean is taken over the cells kept.
+    classes; in a batch without a mislabelled cell it leaves out one hard, correctly
+    labelled cell instead. The mean is taken over the cells kept, for training and for
+    the validation loss that picks the best epoch alike.
 
     Args:
         drop_fraction: Share of each batch left out, in [0, 0.5).
