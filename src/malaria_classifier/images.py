@@ -360,7 +360,8 @@ def _fit_square(
     new_height = max(1, round(height * scale))
     if (new_width, new_height) != (width, height):
         if isinstance(image, np.ndarray):
-            image = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8))
+            pixels = np.ascontiguousarray(image, dtype=np.uint8)
+            image = Image.frombytes("RGB", (width, height), pixels)  # fromarray, less Python
         image = image.resize((new_width, new_height), Image.Resampling.BILINEAR)
     # Padded with black into a new array: the same pixels as pasting onto a black
     # Pillow canvas, without the canvas and its two copies.

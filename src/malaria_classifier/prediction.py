@@ -15,6 +15,7 @@ import csv
 import itertools
 import json
 import os
+import stat
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -179,17 +180,25 @@ def expand_inputs(inputs: Iterable[str | Path]) -> Iterator[tuple[str, str | Non
     """
     for item in inputs:
         path = Path(item)
-        if path.is_dir():
+        try:
+            is_folder = stat.S_ISDIR(os.stat(path).st_mode)  # one system call a file
+        except (FileNotFoundError, NotADirectoryError):
+            if path.is_symlink():  # a broken link: reading it names the problem
+                yield str(path), None
+            else:
+                yield str(path), f"{path}: does not exist. Check the path."
+            continue
+        except OSError:  # e.g. permission denied: reading it names the problem
+            is_folder = False
+        if is_folder:
             for current, dirs, files in os.walk(path, followlinks=False):
                 dirs.sort()
                 for name in sorted(files):
                     candidate = Path(current) / name
                     if is_image_file(candidate):
                         yield str(candidate), None
-        elif path.exists() or path.is_symlink():
-            yield str(path), None
         else:
-            yield str(path), f"{path}: does not exist. Check the path."
+            yield str(path), None
 
 
 def label_for(probability: float, threshold: float = DEFAULT_THRESHOLD) -> str:
