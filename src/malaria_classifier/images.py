@@ -361,7 +361,7 @@ def _fit_square(
     if (new_width, new_height) != (width, height):
         if isinstance(image, np.ndarray):
             pixels = np.ascontiguousarray(image, dtype=np.uint8)
-            image = Image.frombytes("RGB", (width, height), pixels)  # fromarray, less Python
+            image = Image.frombytes("RGB", (width, height), pixels)  # = fromarray, cheaper
         image = image.resize((new_width, new_height), Image.Resampling.BILINEAR)
     # Padded with black into a new array: the same pixels as pasting onto a black
     # Pillow canvas, without the canvas and its two copies.

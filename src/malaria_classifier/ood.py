@@ -371,7 +371,7 @@ def _thickness(solid: np.ndarray) -> np.ndarray:
 
 
 def _label_pictures(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    """``ndimage.label`` of each picture of ``mask`` ``(n, h, w)``, 4-connected, numbered on.
+    """4-connected regions of each picture of ``mask`` ``(n, h, w)``, numbered across the batch.
 
     The pictures are stacked into one 2-D array with a blank row after each, so no
     region spans two of them: the same labels, in the same raster order, as a 3-D
