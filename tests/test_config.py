@@ -20,6 +20,7 @@ DEFAULTS = {
     "base_filters": 16,
     "conv_blocks": 4,
     "convs_per_block": 1,
+    "residual_separable_blocks": 0,
     "dense_units": 64,
     "colour_normalization": "per_cell",
     "dropout_rate": 0.3,

@@ -186,3 +186,36 @@ def test_a_checkpoint_with_the_truncated_loss_resumes_with_it(tmp_path):
 def test_loss_drop_fraction_outside_its_range_is_refused():
     with pytest.raises(ValueError, match="loss_drop_fraction must be in"):
         TrainingConfig(loss_drop_fraction=0.5)
+
+
+def test_residual_separable_blocks_add_depth_to_the_last_blocks_only():
+    config = TrainingConfig(image_size=32, conv_blocks=3, residual_separable_blocks=2)
+    model = build_model(config)
+    depthwise = [
+        layer.name for layer in model.layers if isinstance(layer, keras.layers.DepthwiseConv2D)
+    ]
+    assert depthwise == ["block2_residual_depthwise", "last_conv_depthwise"]
+    # Grad-CAM's feature layer is the last block's final output, after the residual.
+    assert isinstance(model.get_layer("last_conv"), keras.layers.ReLU)
+    assert model.get_layer("block3_conv1").output.shape == model.get_layer("last_conv").output.shape
+    plain = build_model(config.replace(residual_separable_blocks=0))
+    added = model.count_params() - plain.count_params()
+    # depthwise 3x3 + pointwise + batch norm (4 per channel) for 32 and 64 filters
+    assert added == sum(9 * f + f * f + 4 * f for f in (32, 64))
+
+
+def test_a_residual_layer_that_outputs_zero_leaves_the_block_unchanged():
+    config = TrainingConfig(image_size=32, conv_blocks=3, residual_separable_blocks=1)
+    model = build_model(config)
+    pointwise = model.get_layer("last_conv_pointwise")
+    pointwise.set_weights([np.zeros_like(weight) for weight in pointwise.get_weights()])
+    block_output = keras.Model(
+        model.input, [model.get_layer("block3_conv1").output, model.get_layer("last_conv").output]
+    )
+    before_residual, after_residual = block_output.predict(_cells(size=32), verbose=0)
+    np.testing.assert_allclose(after_residual, np.maximum(before_residual, 0.0), atol=1e-6)
+
+
+def test_residual_separable_blocks_beyond_the_blocks_are_refused():
+    with pytest.raises(ValueError, match="residual_separable_blocks must be between 0 and"):
+        TrainingConfig(conv_blocks=3, residual_separable_blocks=4)
