@@ -36,6 +36,7 @@ import math
 import multiprocessing
 import os
 import platform
+import queue
 import statistics
 import sys
 import time
@@ -355,7 +356,7 @@ def worker(cells: str, jobs, results, deadline: float, cache_dir: str, epochs: i
     while time.time() < deadline:
         try:
             candidate, fold, seed = jobs.get(timeout=2)
-        except Exception:  # queue.Empty: nothing left to do
+        except queue.Empty:  # nothing left to do
             return
         try:
             results.put(train_and_score(data, candidate, fold, seed, epochs))
@@ -449,7 +450,7 @@ def run(args: argparse.Namespace) -> None:
         while len(rows) < len(job_list) and any(process.is_alive() for process in processes):
             try:
                 row = results.get(timeout=5)
-            except Exception:  # queue.Empty: keep waiting while workers live
+            except queue.Empty:  # keep waiting while workers live
                 continue
             rows.append(row)
             log.write(json.dumps(row) + "\n")

@@ -39,6 +39,7 @@ def test_a_trial_recipe_takes_every_searched_setting():
         "base_filters": 12,
         "conv_blocks": 5,
         "convs_per_block": 2,
+        "residual_separable_blocks": 1,
         "dense_units": 32,
         "colour_normalization": "per_cell",
         "batch_size": 128,

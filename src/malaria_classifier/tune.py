@@ -67,6 +67,8 @@ class SearchSpace:
         conv_blocks: Smallest and largest depth (capped so the input is at least
             ``2**blocks`` px).
         convs_per_block: Smallest and largest number of convolutions per block.
+        residual_separable_blocks: Smallest and largest number of last blocks given a
+            depthwise-separable residual layer (capped at the trial's depth).
         dense_units: Widths of the dense layer to try.
         colour_normalizations: Input scalings to try (see ``TrainingConfig``).
         batch_sizes: Batch sizes to try.
@@ -82,6 +84,7 @@ class SearchSpace:
     base_filters: tuple[int, ...] = (8, 12, 16, 24)
     conv_blocks: tuple[int, int] = (3, 5)
     convs_per_block: tuple[int, int] = (1, 2)
+    residual_separable_blocks: tuple[int, int] = (0, 2)
     dense_units: tuple[int, ...] = (32, 64, 128)
     colour_normalizations: tuple[str, ...] = ("fixed", "per_cell")
     batch_sizes: tuple[int, ...] = (32, 64, 128)
@@ -97,11 +100,17 @@ def suggest_config(trial: Any, base: TrainingConfig, space: SearchSpace) -> Trai
     image_size = trial.suggest_categorical("image_size", list(space.image_sizes))
     deepest = min(space.conv_blocks[1], int(math.log2(image_size)))
     strength = trial.suggest_float("augmentation_strength", *space.augmentation_strength)
+    conv_blocks = trial.suggest_int("conv_blocks", space.conv_blocks[0], deepest)
     changes: dict[str, Any] = {
         "image_size": image_size,
         "base_filters": trial.suggest_categorical("base_filters", list(space.base_filters)),
-        "conv_blocks": trial.suggest_int("conv_blocks", space.conv_blocks[0], deepest),
+        "conv_blocks": conv_blocks,
         "convs_per_block": trial.suggest_int("convs_per_block", *space.convs_per_block),
+        "residual_separable_blocks": trial.suggest_int(
+            "residual_separable_blocks",
+            min(space.residual_separable_blocks[0], conv_blocks),
+            min(space.residual_separable_blocks[1], conv_blocks),
+        ),
         "dense_units": trial.suggest_categorical("dense_units", list(space.dense_units)),
         "colour_normalization": trial.suggest_categorical(
             "colour_normalization", list(space.colour_normalizations)
