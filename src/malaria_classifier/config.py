@@ -34,7 +34,8 @@ class TrainingConfig:
         residual_separable_blocks: How many of the last blocks end with a
             depthwise-separable convolution added back onto its input (a residual
             connection) before their pooling: depth where the feature maps are small,
-            for about a fifth of the cost of another full convolution (0 turns it off).
+            for about a quarter of the CPU time of another full convolution there
+            (docs/benchmarks.md section 9.14; 0 turns it off).
         dense_units: Width of the fully connected layer before the softmax.
         colour_normalization: How the model scales its uint8 input. ``"fixed"`` maps
             0..255 to -1..1 for every image; ``"per_cell"`` standardizes each image's

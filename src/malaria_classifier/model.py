@@ -22,8 +22,8 @@ def build_model(config: TrainingConfig) -> keras.Model:
     Each block is ``convs_per_block`` x (conv3x3 -> batch norm -> ReLU), in the last
     ``residual_separable_blocks`` blocks followed by a depthwise-separable residual
     layer, then 2x2 max pooling, doubling the filters; global average pooling then a
-    dense layer, dropout and a 2-way softmax (index 1 = Parasitized). With the defaults it has ~107k
-    weights (~0.43 MB), small enough to train on two CPU cores in minutes.
+    dense layer, dropout and a 2-way softmax (index 1 = Parasitized). With the defaults
+    it has ~107k weights (~0.43 MB), small enough to train on two CPU cores in minutes.
 
     Example:
         >>> model = build_model(TrainingConfig(image_size=64))
