@@ -20,10 +20,12 @@ validation loss. What differs from ``malaria cv``: the augmentation is a port of
 ``pipeline.make_batch_augmenter`` to ``keras.ops`` that runs on the GPU (same steps
 and ranges; the shrink-and-enlarge draws its size from eight sides instead of all),
 and cells are decoded once here (``load_for_model``, as training does) and sent as
-lossless WebP of their upper 7 bits. Figures from it rank recipes against the default trained the same
-way; they are not ``malaria cv`` results.
+lossless WebP of their upper 7 bits. Figures from it rank recipes against the default
+trained the same way; they are not ``malaria cv`` results.
 
-Test folds are only scored, never used to pick anything inside a run.
+Test folds are only scored, never used to pick anything inside a run. On an H200 with 12
+workers, the first 240-340 s went to every worker compiling at once and later trainings
+took 40-140 s each (docs/benchmarks.md section 9.13): try fewer workers first.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ CANDIDATES: dict[str, dict] = {
 
 
 def pack(cv_run: Path, data_root: Path, output: Path) -> None:
-    """Decode every cell of a cross-validation run once and store it as lossless WebP."""
+    """Decode every cell of a cross-validation run once; store them as WebP with the folds."""
     from PIL import Image
 
     from malaria_classifier.config import load_config
@@ -126,6 +128,7 @@ def decode_webp(data: bytes) -> np.ndarray:
 
 
 def unpack(cells: Path) -> dict:
+    """The packed cells as one uint8 array, with labels, per-fold splits and the config."""
     stored = np.load(cells)
     webp, offsets = stored["webp"].tobytes(), stored["offsets"]
     images = np.stack(
