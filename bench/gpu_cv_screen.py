@@ -89,7 +89,6 @@ def pack(cv_run: Path, data_root: Path, output: Path) -> None:
         [[SPLIT_CODES[rows[i]["split"]] for rows in by_fold] for i in range(len(paths))], np.int8
     )
     labels = np.array([row["label"] == "Parasitized" for row in by_fold[0]], np.int8)
-    patients = np.array([row["patient"] for row in by_fold[0]])
     blobs, offsets = [], [0]
     for number, path in enumerate(paths, 1):
         # The lowest bit is dropped (at most 1 of 255, far below the stain jitter of
@@ -108,9 +107,7 @@ def pack(cv_run: Path, data_root: Path, output: Path) -> None:
         webp=np.frombuffer(b"".join(blobs), np.uint8),
         offsets=np.array(offsets, np.int64),
         labels=labels,
-        patients=patients,
         splits=splits,
-        image_size=np.array(config.image_size),
         config=np.array(json.dumps(config.to_dict())),
     )
     print(f"{output}: {len(paths)} cells, {len(fold_dirs)} folds, {output.stat().st_size:,} bytes")
@@ -155,7 +152,10 @@ def make_augment_layer(config, seed: int):
         [[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], np.float32
     )
     yiq_to_rgb = np.linalg.inv(rgb_to_yiq).astype(np.float32)
-    low_sides = sorted({int(v) for v in np.linspace(config.low_resolution_min_side, 60, 8)})
+    largest_side = min(60, config.image_size)
+    low_sides = sorted(
+        {int(v) for v in np.linspace(config.low_resolution_min_side, largest_side, 8)}
+    )
 
     class Augment(keras.layers.Layer):
         def __init__(self):
@@ -463,8 +463,9 @@ def run(args: argparse.Namespace) -> None:
             log.write(json.dumps(row) + "\n")
             log.flush()
             print(f"[{time.time() - started:5.0f} s] {len(rows)}/{len(job_list)} {row}", flush=True)
-    while not results.empty():
-        rows.append(results.get())
+        while not results.empty():  # results that came in as the last worker ended
+            rows.append(results.get())
+            log.write(json.dumps(rows[-1]) + "\n")
     for process in processes:
         process.join(timeout=60)
     summary = summarize(rows)
