@@ -11,7 +11,13 @@ from typer.testing import CliRunner
 
 from malaria_classifier.cli import app
 from malaria_classifier.config import TrainingConfig
-from malaria_classifier.cv import cross_validate, fold_dir, summarize_folds
+from malaria_classifier.cv import (
+    cross_validate,
+    fold_dir,
+    format_table,
+    most_errors,
+    summarize_folds,
+)
 from malaria_classifier.data import check_dataset
 from malaria_classifier.evaluation import METRIC_NAMES
 from malaria_classifier.splits import assign_folds, check_no_leakage, fold_manifest
@@ -97,6 +103,21 @@ def test_cross_validation_runs_every_fold_resumes_and_summarizes(report, tmp_pat
     saved = json.loads((run_dir / "cv_results.json").read_text())
     assert saved["mean"]["accuracy"] == pytest.approx(result.mean["accuracy"])
 
+    # Per patient, out of fold: every patient once, in the fold that tested it.
+    with open(run_dir / "cv_per_patient.csv", newline="") as handle:
+        patients = list(csv.DictReader(handle))
+    assert sorted(row["patient"] for row in patients) == sorted(
+        {record.patient for record in report.records}
+    )
+    for fold in (1, 2):
+        rows = [row for row in patients if row["fold"] == str(fold)]
+        assert sum(int(row["cells"]) for row in rows) == result.folds[fold - 1]["cells"]
+        wrong = sum(int(row["errors"]) for row in rows)  # read back from the CSV: text
+        assert 1 - wrong / result.folds[fold - 1]["cells"] == pytest.approx(
+            result.folds[fold - 1]["accuracy"]
+        )
+    assert result.folds_without_patient_table == []
+
     # Resume: finished folds are not retrained; a fold without metrics is completed.
     finished_model = fold_dir(run_dir, 0) / "model.keras"
     stamp = finished_model.stat().st_mtime_ns
@@ -117,3 +138,37 @@ def test_cross_validation_runs_every_fold_resumes_and_summarizes(report, tmp_pat
     assert output.exit_code == 0, output.output
     assert "finished earlier" in output.output
     assert "mean" in output.output and "roc_auc" in output.output
+    assert "cv_per_patient.csv" in output.output
+
+    # A fold trained by an older version has no table: said, and the rest still listed.
+    (fold_dir(run_dir, 1) / "evaluation" / "per_patient.csv").unlink()
+    older = cross_validate(report.root, TINY, run_dir, folds=2, verbose=0, progress=False)
+    assert older.folds_without_patient_table == [2]
+    assert {row["fold"] for row in older.patients} == {1}
+    assert "Folds without a per-patient table (trained by an older version): 2" in format_table(
+        older
+    )
+
+    # A table without the errors column (an older `malaria evaluate`'s) still counts.
+    table = fold_dir(run_dir, 0) / "evaluation" / "per_patient.csv"
+    with open(table, newline="") as handle:
+        full = list(csv.DictReader(handle))
+    with open(table, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=[name for name in full[0] if name != "errors"])
+        writer.writeheader()
+        writer.writerows({n: v for n, v in row.items() if n != "errors"} for row in full)
+    oldest = cross_validate(report.root, TINY, run_dir, folds=2, verbose=0, progress=False)
+    assert [row["errors"] for row in oldest.patients] == [int(row["errors"]) for row in full]
+
+
+def test_most_errors_names_the_worst_patients_with_their_fold():
+    patients = [
+        {"fold": 1, "patient": "P1", "cells": 50, "errors": 2},
+        {"fold": 2, "patient": "P77", "cells": 482, "errors": 107},
+        {"fold": 2, "patient": "P9", "cells": 391, "errors": 22},
+        {"fold": 3, "patient": "C5", "cells": 40, "errors": 0},
+    ]
+    assert most_errors(patients, count=2) == (
+        "P77 (fold 2): 107 of 482 cells, P9 (fold 2): 22 of 391 cells"
+    )
+    assert most_errors(patients, count=9).count("(fold") == 3  # no patient without errors

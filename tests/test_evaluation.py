@@ -82,6 +82,7 @@ def test_per_patient_table_counts_each_patient():
     rows = per_patient_table(Y_TRUE, Y_SCORE, ["A", "A", "A", "B", "B", "B"])
     assert [row.patient for row in rows] == ["A", "B"]
     assert (rows[0].cells, rows[0].parasitized_cells, rows[0].predicted_parasitized) == (3, 2, 1)
+    assert [row.errors for row in rows] == [1, 1]
     assert rows[0].accuracy == pytest.approx(2 / 3)
     assert rows[1].accuracy == pytest.approx(2 / 3)
 

@@ -54,6 +54,7 @@ def test_run_folder_holds_everything_needed_to_reproduce(finished_run):
         "data_report.json",
         "evaluation/confusion_matrix.png",
         "evaluation/roc_curve.json",
+        "evaluation/per_patient.csv",
         "checkpoint/last.keras",
         "model.serving.onnx",
         "model.serving.json",

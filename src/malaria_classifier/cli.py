@@ -236,7 +236,7 @@ def cross_validation(
     folds are skipped, an interrupted fold continues from its last epoch.
     """
     from malaria_classifier.config import load_config
-    from malaria_classifier.cv import RESULTS_CSV, cross_validate, format_table
+    from malaria_classifier.cv import PATIENTS_CSV, RESULTS_CSV, cross_validate, format_table
 
     run_dir = output or Path("runs") / datetime.now().strftime("cv-%Y%m%d-%H%M%S")
     settings = load_config(config, epochs=epochs)
@@ -247,6 +247,7 @@ def cross_validation(
     )
     typer.echo(format_table(result))
     typer.echo(f"Results: {run_dir / RESULTS_CSV} (and .json)")
+    typer.echo(f"Per patient (each tested once, in its fold): {run_dir / PATIENTS_CSV}")
 
 
 @app.command("tune")

@@ -17,7 +17,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ import numpy as np
 
 from malaria_classifier.config import TrainingConfig, load_config, save_config
 from malaria_classifier.data import check_dataset
+from malaria_classifier.evaluate import PATIENT_TABLE
 from malaria_classifier.evaluation import METRIC_NAMES
 from malaria_classifier.model_card import write_json_atomically
 from malaria_classifier.splits import assign_folds, fold_manifest
@@ -33,18 +34,30 @@ from malaria_classifier.training import train_model
 PLAN_FILE = "cv_plan.json"
 RESULTS_CSV = "cv_results.csv"
 RESULTS_JSON = "cv_results.json"
+PATIENTS_CSV = "cv_per_patient.csv"
 METRICS_FILE = "metrics.json"
+# Where ``training.evaluate_run`` leaves each fold's per-patient table of its test patients.
+FOLD_PATIENT_TABLE = Path("evaluation") / PATIENT_TABLE
 
 
 @dataclass
 class CrossValidationResult:
-    """Per-fold test metrics and their mean and standard deviation."""
+    """Per-fold test metrics, their mean and standard deviation, per-patient rows.
+
+    ``patients`` has one row per test patient of every fold (``fold`` added to the
+    columns of :class:`malaria_classifier.evaluation.PatientRow`): each patient is
+    tested once, so these are the out-of-fold results patient by patient. Folds
+    trained before per-patient tables were written are listed in
+    ``folds_without_patient_table``.
+    """
 
     run_dir: Path
     folds: list[dict[str, Any]]
     mean: dict[str, float]
     sd: dict[str, float]
     seconds: float
+    patients: list[dict[str, Any]] = field(default_factory=list)
+    folds_without_patient_table: list[int] = field(default_factory=list)
 
 
 def fold_dir(run_dir: Path, fold: int) -> Path:
@@ -122,9 +135,61 @@ def cross_validate(
         )
     fold_rows = [_fold_row(run_dir, fold) for fold in range(folds)]
     mean, sd = summarize_folds(fold_rows)
-    result = CrossValidationResult(run_dir, fold_rows, mean, sd, time.monotonic() - started)
+    patients, without_table = collect_patient_rows(run_dir, folds)
+    result = CrossValidationResult(
+        run_dir, fold_rows, mean, sd, time.monotonic() - started, patients, without_table
+    )
     write_results(result)
     return result
+
+
+def collect_patient_rows(run_dir: Path, folds: int) -> tuple[list[dict[str, Any]], list[int]]:
+    """Every fold's per-patient table of its test patients, with the fold number.
+
+    Returns:
+        The rows (fold order, then patient order) and the folds (numbered from 1)
+        whose run folder has no table.
+    """
+    rows: list[dict[str, Any]] = []
+    missing = []
+    for fold in range(folds):
+        path = fold_dir(run_dir, fold) / FOLD_PATIENT_TABLE
+        if not path.is_file():
+            missing.append(fold + 1)
+            continue
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows.extend(_patient_row(fold + 1, row) for row in csv.DictReader(handle))
+    return rows, missing
+
+
+def _patient_row(fold: int, row: dict[str, str]) -> dict[str, Any]:
+    """One table row with numbers as numbers; ``errors`` from the accuracy if absent.
+
+    Tables written before the ``errors`` column existed (``malaria evaluate``'s, say,
+    copied into a fold) still count: their accuracy is an exact share of the cells.
+    """
+    cells = int(row["cells"])
+    accuracy = float(row["accuracy"])
+    errors = int(row["errors"]) if row.get("errors") else round(cells * (1.0 - accuracy))
+    return {
+        "fold": fold,
+        "patient": row["patient"],
+        "cells": cells,
+        "parasitized_cells": int(row["parasitized_cells"]),
+        "predicted_parasitized": int(row["predicted_parasitized"]),
+        "errors": errors,
+        "accuracy": accuracy,
+    }
+
+
+def most_errors(patients: list[dict[str, Any]], count: int = 3) -> str:
+    """The patients with the most wrong cells, e.g. ``P77 (fold 2): 107 of 482 cells``."""
+    ranked = sorted(patients, key=lambda row: -row["errors"])[:count]
+    return ", ".join(
+        f"{row['patient']} (fold {row['fold']}): {row['errors']} of {row['cells']} cells"
+        for row in ranked
+        if row["errors"] > 0
+    )
 
 
 def _open_plan(run_dir: Path, config: TrainingConfig, folds: int) -> TrainingConfig:
@@ -180,6 +245,13 @@ def write_results(result: CrossValidationResult) -> None:
         for label, values in (("mean", result.mean), ("sd", result.sd)):
             writer.writerow([label, "", "", *(values[name] for name in METRIC_NAMES)])
     temporary.replace(result.run_dir / RESULTS_CSV)
+    if result.patients:
+        temporary = result.run_dir / (PATIENTS_CSV + ".tmp")
+        with open(temporary, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(result.patients[0]))
+            writer.writeheader()
+            writer.writerows(result.patients)
+        temporary.replace(result.run_dir / PATIENTS_CSV)
     write_json_atomically(
         {
             "unit": "cell metrics on each fold's test patients, threshold 0.5; "
@@ -189,6 +261,7 @@ def write_results(result: CrossValidationResult) -> None:
             "mean": result.mean,
             "sd": result.sd,
             "seconds_this_session": round(result.seconds, 1),
+            "folds_without_patient_table": result.folds_without_patient_table,
         },
         result.run_dir / RESULTS_JSON,
     )
@@ -211,6 +284,13 @@ def format_table(result: CrossValidationResult) -> str:
             f"{result.mean[name]:.4f}±{result.sd[name]:.4f}".rjust(13) for name in METRIC_NAMES
         )
     )
+    errors = sum(row["errors"] for row in result.patients)
+    if errors:
+        # A fold far below the others is often one patient (label noise, a bad slide).
+        lines.append(f"Most wrong cells ({errors} in all): {most_errors(result.patients)}")
+    if result.folds_without_patient_table:
+        folds = ", ".join(str(fold) for fold in result.folds_without_patient_table)
+        lines.append(f"Folds without a per-patient table (trained by an older version): {folds}")
     return "\n".join(lines)
 
 

@@ -10,7 +10,7 @@ cells are scored. Training or validation patients are only scored when asked for
 from __future__ import annotations
 
 import csv
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +18,13 @@ import numpy as np
 
 from malaria_classifier.constants import CLASS_NAMES
 from malaria_classifier.data import ImageRecord, discover_images
-from malaria_classifier.evaluation import per_patient_table, roc_points, summarize
+from malaria_classifier.evaluation import PatientRow, per_patient_table, roc_points, summarize
 from malaria_classifier.model_card import write_json_atomically
 from malaria_classifier.plots import save_figures
 from malaria_classifier.prediction import Predictor
 from malaria_classifier.splits import SPLITS
+
+PATIENT_TABLE = "per_patient.csv"
 
 
 def select_records(
@@ -91,8 +93,9 @@ def evaluate_model(
     report["model"] = str(predictor.model_path)
     report["unreadable"] = [{"path": p.path, "error": p.error} for p in predictions if p.error]
     write_json_atomically(report, output_dir / "metrics.json")
-    _write_patient_table(
-        per_patient_table(y_true, y_score, groups, predictor.threshold), output_dir
+    write_patient_table(
+        per_patient_table(y_true, y_score, groups, predictor.threshold),
+        output_dir / PATIENT_TABLE,
     )
     save_figures(
         output_dir,
@@ -104,9 +107,11 @@ def evaluate_model(
     return report
 
 
-def _write_patient_table(rows: list, output_dir: Path) -> None:
-    path = output_dir / "per_patient.csv"
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(asdict(rows[0])))
+def write_patient_table(rows: list[PatientRow], path: Path) -> None:
+    """Write the per-patient table as CSV (under a temporary name, then renamed)."""
+    temporary = path.with_name(f".{path.name}.partial")
+    with open(temporary, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=[field.name for field in fields(PatientRow)])
         writer.writeheader()
         writer.writerows(asdict(row) for row in rows)
+    temporary.replace(path)

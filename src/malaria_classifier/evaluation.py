@@ -146,6 +146,7 @@ class PatientRow:
     cells: int
     parasitized_cells: int
     predicted_parasitized: int
+    errors: int
     accuracy: float
 
 
@@ -159,13 +160,15 @@ def per_patient_table(
     rows = []
     for patient in sorted(set(groups.tolist())):
         mask = groups == patient
+        right = y_true[mask] == y_pred[mask]
         rows.append(
             PatientRow(
                 patient=str(patient),
                 cells=int(mask.sum()),
                 parasitized_cells=int(y_true[mask].sum()),
                 predicted_parasitized=int(y_pred[mask].sum()),
-                accuracy=float((y_true[mask] == y_pred[mask]).mean()),
+                errors=int((~right).sum()),
+                accuracy=float(right.mean()),
             )
         )
     return rows

@@ -39,7 +39,7 @@ from malaria_classifier.distribute import (
     make_distribution,
     scale_for_replicas,
 )
-from malaria_classifier.evaluation import roc_points, summarize
+from malaria_classifier.evaluation import per_patient_table, roc_points, summarize
 from malaria_classifier.model import build_model, compile_model, count_weight_bytes, load_model
 from malaria_classifier.model_card import CARD_FILE, MODEL_FILE, write_json_atomically
 from malaria_classifier.pipeline import make_dataset
@@ -348,7 +348,12 @@ def _model_for_run(config: TrainingConfig, run_dir: Path, state: dict[str, Any])
 def evaluate_run(
     run_dir: Path, root: Path, by_split: dict[str, list[ManifestRow]]
 ) -> dict[str, Any]:
-    """Score the best model on validation and test patients; save test figures."""
+    """Score the best model on validation and test patients; save test figures.
+
+    The test patients' figures and per-patient table go to ``RUN/evaluation/``: a
+    cross-validation collects the tables of its folds from there.
+    """
+    from malaria_classifier.evaluate import PATIENT_TABLE, write_patient_table
     from malaria_classifier.plots import save_figures
     from malaria_classifier.prediction import Predictor
 
@@ -370,6 +375,10 @@ def evaluate_run(
                 roc_points(y_true, y_score),
                 metrics[split]["metrics"]["roc_auc"]["value"],
                 split,
+            )
+            write_patient_table(
+                per_patient_table(y_true, y_score, groups, predictor.threshold),
+                output_dir / PATIENT_TABLE,
             )
     write_json_atomically(metrics, run_dir / "metrics.json")
     return metrics
