@@ -25,7 +25,7 @@ import numpy as np
 
 from malaria_classifier.config import TrainingConfig, load_config, save_config
 from malaria_classifier.data import check_dataset
-from malaria_classifier.evaluate import PATIENT_TABLE
+from malaria_classifier.evaluate import PATIENT_TABLE, write_rows_csv
 from malaria_classifier.evaluation import METRIC_NAMES
 from malaria_classifier.model_card import write_json_atomically
 from malaria_classifier.splits import assign_folds, fold_manifest
@@ -246,12 +246,8 @@ def write_results(result: CrossValidationResult) -> None:
             writer.writerow([label, "", "", *(values[name] for name in METRIC_NAMES)])
     temporary.replace(result.run_dir / RESULTS_CSV)
     if result.patients:
-        temporary = result.run_dir / (PATIENTS_CSV + ".tmp")
-        with open(temporary, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(result.patients[0]))
-            writer.writeheader()
-            writer.writerows(result.patients)
-        temporary.replace(result.run_dir / PATIENTS_CSV)
+        columns = list(result.patients[0])
+        write_rows_csv(result.patients, columns, result.run_dir / PATIENTS_CSV)
     write_json_atomically(
         {
             "unit": "cell metrics on each fold's test patients, threshold 0.5; "

@@ -108,10 +108,16 @@ def evaluate_model(
 
 
 def write_patient_table(rows: list[PatientRow], path: Path) -> None:
-    """Write the per-patient table as CSV (under a temporary name, then renamed)."""
+    """Write the per-patient table as CSV (see :func:`write_rows_csv`)."""
+    columns = [field.name for field in fields(PatientRow)]
+    write_rows_csv([asdict(row) for row in rows], columns, path)
+
+
+def write_rows_csv(rows: list[dict[str, Any]], columns: list[str], path: Path) -> None:
+    """Write rows as CSV under a temporary name, then rename: a crash leaves no half file."""
     temporary = path.with_name(f".{path.name}.partial")
     with open(temporary, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=[field.name for field in fields(PatientRow)])
+        writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
-        writer.writerows(asdict(row) for row in rows)
+        writer.writerows(rows)
     temporary.replace(path)
