@@ -20,7 +20,12 @@ from malaria_classifier.cv import (
 )
 from malaria_classifier.data import check_dataset
 from malaria_classifier.evaluation import METRIC_NAMES
-from malaria_classifier.splits import assign_folds, check_no_leakage, fold_manifest
+from malaria_classifier.splits import (
+    assign_folds,
+    check_no_leakage,
+    fold_manifest,
+    read_manifest,
+)
 
 TINY = TrainingConfig(
     image_size=16,
@@ -172,3 +177,50 @@ def test_most_errors_names_the_worst_patients_with_their_fold():
         "P77 (fold 2): 107 of 482 cells, P9 (fold 2): 22 of 391 cells"
     )
     assert most_errors(patients, count=9).count("(fold") == 3  # no patient without errors
+
+
+def test_each_fold_leaves_out_only_its_own_listed_training_cells(report, tmp_path):
+    """Nested lists: fold k's list (flags from models that never saw fold k) is fold k's alone."""
+    fold_of_record = assign_folds(report.records, report.hashes, 2, TINY.seed)
+    manifests = [
+        fold_manifest(
+            report.records, report.hashes, fold_of_record, fold, report.root, 0.25, TINY.seed
+        )
+        for fold in (0, 1)
+    ]
+    train_rows = [[row for row in rows if row.split == "train"] for rows in manifests]
+    own_test_cell = next(row for row in manifests[0] if row.split == "test")
+    # Fold 1's list: one of its training cells (by hash) and one of its own test cells
+    # (by path), which must stay in; fold 2's list: two of its training cells.
+    listed = {
+        1: {train_rows[0][0].sha256, own_test_cell.path},
+        2: {train_rows[1][0].path, train_rows[1][1].sha256},
+    }
+    run_dir = tmp_path / "cv"
+    cross_validate(
+        report.root, TINY, run_dir, folds=2, verbose=0, progress=False, exclude_cells=listed
+    )
+
+    for fold, expected in ((0, train_rows[0][:1]), (1, train_rows[1][:2])):
+        assert read_manifest(fold_dir(run_dir, fold) / "manifest.csv") == manifests[fold]
+        assert read_manifest(fold_dir(run_dir, fold) / "left_out_of_training.csv") == expected
+
+    with pytest.raises(ValueError, match="another --exclude-cells list"):
+        cross_validate(report.root, TINY, run_dir, folds=2, verbose=0, progress=False)
+    with pytest.raises(ValueError, match=r"names fold\(s\) \[3\], but there are only 2 folds"):
+        cross_validate(
+            report.root, TINY, tmp_path / "other", folds=2, verbose=0, exclude_cells={3: {"x"}}
+        )
+
+
+def test_train_refuses_a_list_made_per_fold(report, tmp_path):
+    listed = tmp_path / "flags.csv"
+    listed.write_text("fold,sha256\n1,abc\n", encoding="utf-8")
+    arguments = ["train", "--data", report.root, "--output", tmp_path / "run"]
+    output = CliRunner().invoke(
+        app, [str(value) for value in [*arguments, "--exclude-cells", listed]]
+    )
+    assert output.exit_code != 0
+    assert "gives cells per cross-validation fold (column fold)" in output.output
+    assert "Traceback" not in output.output
+    assert not (tmp_path / "run").exists()

@@ -18,6 +18,8 @@ from malaria_classifier.splits import (
     ManifestRow,
     build_manifest,
     check_no_leakage,
+    leave_out_of_training,
+    read_cell_list,
     read_manifest,
     split_by_patient,
     split_summary,
@@ -388,3 +390,69 @@ def test_split_summary_counts_cells_classes_and_patients():
         "validation": {"Uninfected": 2, "Parasitized": 1, "cells": 3, "patients": 2},
         "test": {"Uninfected": 0, "Parasitized": 0, "cells": 0, "patients": 0},
     }
+
+
+# --- cell lists: leaving cells out of training ------------------------------------------
+
+
+def write_csv(path: Path, header: list[str], lines: list[list[str]]) -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(lines)
+    return path
+
+
+def test_cell_list_by_sha256_applies_to_every_fold(tmp_path):
+    listed = write_csv(tmp_path / "cells.csv", ["sha256", "note"], [["h1", "x"], ["h2", ""]])
+
+    assert read_cell_list(listed) == {None: {"h1", "h2"}}
+
+
+def test_cell_list_by_path_and_fold_gives_each_fold_its_cells(tmp_path):
+    listed = write_csv(
+        tmp_path / "cells.csv",
+        ["fold", "path"],
+        [["1", "Parasitized/a.png"], ["2", "Uninfected/b.png"], ["", "Uninfected/c.png"]],
+    )
+
+    assert read_cell_list(listed) == {
+        1: {"Parasitized/a.png"},
+        2: {"Uninfected/b.png"},
+        None: {"Uninfected/c.png"},
+    }
+
+
+@pytest.mark.parametrize(
+    ("header", "lines", "message"),
+    [
+        (["name"], [["a.png"]], r"has columns \['name'\], but needs a sha256 or a path column"),
+        (["fold", "sha256"], [["0", "h1"]], r"line 2: fold must be a fold number .* got '0'"),
+        (["fold", "sha256"], [["one", "h1"]], r"line 2: fold must be .* got 'one'"),
+    ],
+)
+def test_bad_cell_lists_are_refused_naming_file_and_line(tmp_path, header, lines, message):
+    listed = write_csv(tmp_path / "cells.csv", header, lines)
+
+    with pytest.raises(ValueError, match=message) as raised:
+        read_cell_list(listed)
+    assert str(listed) in str(raised.value)
+
+
+def test_missing_cell_list_says_what_file_is_expected(tmp_path):
+    with pytest.raises(ValueError, match="does not exist. Give a CSV with a sha256 or path"):
+        read_cell_list(tmp_path / "absent.csv")
+
+
+def test_only_training_cells_are_left_out_and_the_rest_is_counted():
+    rows = [
+        row("Parasitized/a.png", "Parasitized", "P1", "train", "h1"),
+        row("Uninfected/b.png", "Uninfected", "P1", "train", "h2"),
+        row("Parasitized/c.png", "Parasitized", "P2", "validation", "h3"),
+        row("Uninfected/d.png", "Uninfected", "C1", "test", "h4"),
+    ]
+
+    left_out, counts = leave_out_of_training(rows, {"h1", "Uninfected/b.png", "h3", "h4", "h9"})
+
+    assert left_out == rows[:2]
+    assert counts == {"left_out": 2, "not_training": 2, "not_found": 1}

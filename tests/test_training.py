@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from _synthetic import write_synthetic_dataset
 
+from malaria_classifier import training
 from malaria_classifier.config import TrainingConfig, load_config
 from malaria_classifier.serving import read_serving_copy
 from malaria_classifier.splits import check_no_leakage, read_manifest
@@ -166,3 +167,58 @@ def test_training_seed_trains_other_weights_on_the_same_patients(
     second = keras.saving.load_model(result.model_path, compile=False)
     kernel = first.get_layer("last_conv_conv").get_weights()[0]
     assert not np.allclose(kernel, second.get_layer("last_conv_conv").get_weights()[0])
+
+
+def test_listed_training_cells_are_left_out_of_training_and_resume_keeps_them(
+    finished_run, synthetic_cells, tmp_path, monkeypatch
+):
+    """Suspected label errors are not trained on; validation and test cells always stay."""
+    split = read_manifest(finished_run.run_dir / "manifest.csv")  # same data and seed
+    train_rows = [row for row in split if row.split == "train"]
+    test_row = next(row for row in split if row.split == "test")
+    listed = {row.sha256 for row in train_rows[:3]} | {test_row.path}
+    seen_by_training = []
+    real_datasets = training.make_split_datasets
+
+    def spy(root, rows, config):
+        seen_by_training.append({row.path for row in rows})
+        return real_datasets(root, rows, config)
+
+    monkeypatch.setattr(training, "make_split_datasets", spy)
+    original = RunCheckpoint.on_epoch_end
+
+    def crash_after_first_epoch(self, epoch, logs=None):
+        original(self, epoch, logs)
+        if epoch == 0:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunCheckpoint, "on_epoch_end", crash_after_first_epoch)
+    run_dir = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train_model(synthetic_cells, TINY, run_dir, verbose=0, exclude_cells=listed)
+    monkeypatch.setattr(RunCheckpoint, "on_epoch_end", original)
+    result = train_model(synthetic_cells, TINY, run_dir, resume=True, verbose=0)
+
+    left_out = read_manifest(run_dir / "left_out_of_training.csv")
+    assert left_out == train_rows[:3]
+    assert len(seen_by_training) == 2  # the first run and the resumed one
+    for paths in seen_by_training:
+        assert not paths & {row.path for row in left_out}
+        assert test_row.path in paths and {row.path for row in train_rows[3:]} <= paths
+    assert read_manifest(run_dir / "manifest.csv") == split  # the split itself is unchanged
+    card = json.loads((run_dir / "model_card.json").read_text())
+    assert card["training"]["cells_left_out"] == 3
+    assert result.metrics["test"]["cells"] == sum(row.split == "test" for row in split)
+
+
+def test_a_list_that_empties_a_class_of_training_is_refused(
+    finished_run, synthetic_cells, tmp_path
+):
+    split = read_manifest(finished_run.run_dir / "manifest.csv")
+    every_parasitized = {
+        row.sha256 for row in split if row.split == "train" and row.label == "Parasitized"
+    }
+    with pytest.raises(ValueError, match="leaves no Parasitized cell in the training split"):
+        train_model(
+            synthetic_cells, TINY, tmp_path / "r", verbose=0, exclude_cells=every_parasitized
+        )

@@ -184,10 +184,20 @@ def train(
             "replica and scale with the number of replicas."
         ),
     ] = "none",
+    exclude_cells: Annotated[
+        Path | None,
+        typer.Option(
+            "--exclude-cells",
+            help="CSV of training cells to leave out (column sha256 or path, as in "
+            "manifest.csv), e.g. suspected label errors. Validation and test cells are "
+            "never left out.",
+        ),
+    ] = None,
 ) -> None:
     """Train a CNN with a patient-level split; writes a complete run folder."""
     from malaria_classifier.config import load_config
     from malaria_classifier.distribute import check_strategy
+    from malaria_classifier.splits import read_cell_list
     from malaria_classifier.training import train_model
 
     check_strategy(strategy)
@@ -209,7 +219,19 @@ def train(
         seed=seed,
         training_seed=training_seed,
     )
-    result = train_model(data, settings, run_dir, resume=resume, strategy=strategy)
+    cells: set[str] = set()
+    if exclude_cells is not None:
+        by_fold = read_cell_list(exclude_cells)
+        if set(by_fold) - {None}:
+            raise ValueError(
+                f"{exclude_cells} gives cells per cross-validation fold (column fold); "
+                f"`malaria train` has one split. Use it with `malaria cv`, or drop the "
+                f"fold column."
+            )
+        cells = by_fold.get(None, set())
+    result = train_model(
+        data, settings, run_dir, resume=resume, strategy=strategy, exclude_cells=cells
+    )
     if not result.metrics:  # a non-chief worker of a multi-worker run
         typer.echo(f"Worker done ({result.seconds / 60:.1f} min); the chief wrote {run_dir}.")
         return
@@ -228,6 +250,15 @@ def cross_validation(
         Path | None, typer.Option("--output", help="CV folder (default runs/cv-<time>).")
     ] = None,
     epochs: Annotated[int | None, typer.Option(help="Override: maximum epochs.")] = None,
+    exclude_cells: Annotated[
+        Path | None,
+        typer.Option(
+            "--exclude-cells",
+            help="CSV of training cells to leave out (column sha256 or path); an optional "
+            "fold column (1, 2, ...) limits a row to that fold's training, for nested "
+            "lists (bench/noise_flags.py). Test cells are never left out.",
+        ),
+    ] = None,
 ) -> None:
     """Patient-grouped, stratified k-fold cross-validation of a recipe (resumable).
 
@@ -237,10 +268,19 @@ def cross_validation(
     """
     from malaria_classifier.config import load_config
     from malaria_classifier.cv import PATIENTS_CSV, RESULTS_CSV, cross_validate, format_table
+    from malaria_classifier.splits import read_cell_list
 
     run_dir = output or Path("runs") / datetime.now().strftime("cv-%Y%m%d-%H%M%S")
     settings = load_config(config, epochs=epochs)
-    result = cross_validate(data, settings, run_dir, folds=folds, progress=sys.stderr.isatty())
+    cells = read_cell_list(exclude_cells) if exclude_cells is not None else None
+    result = cross_validate(
+        data,
+        settings,
+        run_dir,
+        folds=folds,
+        progress=sys.stderr.isatty(),
+        exclude_cells=cells,
+    )
     typer.echo(
         f"Patient-grouped {folds}-fold cross-validation, test patients of each fold, "
         f"cell metrics at threshold 0.5 (positive class Parasitized):"

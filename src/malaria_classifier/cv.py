@@ -13,10 +13,12 @@ its last epoch).
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,6 +79,7 @@ def cross_validate(
     folds: int = 5,
     verbose: int | str = "auto",
     progress: bool = True,
+    exclude_cells: Mapping[int | None, set[str]] | None = None,
 ) -> CrossValidationResult:
     """Train and test one model per fold; skip folds that are already finished.
 
@@ -92,6 +95,12 @@ def cross_validate(
         folds: Number of folds (each fold's patients are tested once).
         verbose: Keras verbosity for each fold's training.
         progress: Show the data check's progress bar.
+        exclude_cells: Cells (SHA-256 or manifest path) to leave out of training, per
+            fold number (1, 2, ...), as :func:`malaria_classifier.splits.read_cell_list`
+            reads them; key ``None`` applies to every fold. A fold's own test cells
+            are never left out of anything. For an honest estimate, a fold's list must
+            not come from models that saw that fold's test patients (nested folds,
+            ``bench/noise_flags.py``).
 
     Returns:
         The per-fold metrics and their mean and standard deviation.
@@ -102,7 +111,8 @@ def cross_validate(
     """
     started = time.monotonic()
     run_dir = Path(run_dir)
-    config = _open_plan(run_dir, config, folds)
+    exclude_cells = _check_cell_folds(exclude_cells or {}, folds)
+    config = _open_plan(run_dir, config, folds, _digest(exclude_cells))
     pending = [fold for fold in range(folds) if not is_fold_finished(run_dir, fold)]
     if pending:
         report = check_dataset(data_dir, progress=progress)
@@ -126,7 +136,13 @@ def cross_validate(
         )
         fold_started = time.monotonic()
         result = train_model(
-            data_dir, config, where, resume=resume, verbose=verbose, manifest=manifest
+            data_dir,
+            config,
+            where,
+            resume=resume,
+            verbose=verbose,
+            manifest=manifest,
+            exclude_cells=exclude_cells.get(None, set()) | exclude_cells.get(fold + 1, set()),
         )
         test = result.metrics["test"]["metrics"]
         _say(
@@ -192,14 +208,39 @@ def most_errors(patients: list[dict[str, Any]], count: int = 3) -> str:
     )
 
 
-def _open_plan(run_dir: Path, config: TrainingConfig, folds: int) -> TrainingConfig:
+def _check_cell_folds(
+    cells: Mapping[int | None, set[str]], folds: int
+) -> Mapping[int | None, set[str]]:
+    beyond = sorted(fold for fold in cells if fold is not None and fold > folds)
+    if beyond:
+        raise ValueError(
+            f"The cell list names fold(s) {beyond}, but there are only {folds} folds. "
+            f"Use the --folds the list was made for."
+        )
+    return cells
+
+
+def _digest(cells: Mapping[int | None, set[str]]) -> str | None:
+    """A fingerprint of a cell list, so a resumed cross-validation uses the same one."""
+    if not cells:
+        return None
+    lines = sorted(f"{fold or ''}:{cell}" for fold, members in cells.items() for cell in members)
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def _open_plan(
+    run_dir: Path, config: TrainingConfig, folds: int, cells_digest: str | None = None
+) -> TrainingConfig:
     """Record the plan on first use; on resume, insist on the same folds and recipe.
 
-    Mixing folds trained with different recipes or fold assignments would average
-    incomparable numbers, so a changed plan is refused rather than silently merged.
+    Mixing folds trained with different recipes, fold assignments or cell lists would
+    average incomparable numbers, so a changed plan is refused rather than silently
+    merged. Plans without a cell list have no ``excluded_cells`` entry.
     """
     plan_path = run_dir / PLAN_FILE
-    plan = {"folds": folds, "config": config.to_dict()}
+    plan: dict[str, Any] = {"folds": folds, "config": config.to_dict()}
+    if cells_digest is not None:
+        plan["excluded_cells"] = cells_digest
     if plan_path.is_file():
         earlier = json.loads(plan_path.read_text(encoding="utf-8"))
         if earlier["folds"] != folds or earlier["config"] != config.to_dict():
@@ -207,6 +248,12 @@ def _open_plan(run_dir: Path, config: TrainingConfig, folds: int) -> TrainingCon
                 f"{run_dir} holds a cross-validation with other settings ({earlier['folds']} "
                 f"folds; recipe in {run_dir / 'config.yaml'}). Resume it with the same "
                 f"--folds and --config, or choose another --output folder."
+            )
+        if earlier.get("excluded_cells") != cells_digest:
+            raise ValueError(
+                f"{run_dir} holds a cross-validation made with another --exclude-cells list "
+                f"(or none). Resume it with the list it started with, or choose another "
+                f"--output folder."
             )
         return load_config(run_dir / "config.yaml")
     run_dir.mkdir(parents=True, exist_ok=True)

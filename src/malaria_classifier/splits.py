@@ -335,3 +335,88 @@ def read_manifest(path: Path) -> list[ManifestRow]:
         return [
             ManifestRow(**{column: line[column] for column in MANIFEST_COLUMNS}) for line in reader
         ]
+
+
+CELL_LIST_KEYS: tuple[str, ...] = ("sha256", "path")
+
+
+def read_cell_list(path: str | Path) -> dict[int | None, set[str]]:
+    """Read a list of cells to leave out of training, e.g. suspected label errors.
+
+    The file is a CSV with a ``sha256`` or a ``path`` column (as in ``manifest.csv``:
+    the SHA-256 of the image, or its path relative to the data root); an optional
+    ``fold`` column (1, 2, ...) limits a row to that cross-validation fold, so that
+    nested cross-validation can give each fold its own list.
+
+    Returns:
+        The cells' sha256 or path per fold number; key ``None`` holds the rows that
+        apply to every fold (no ``fold`` column, or an empty value).
+
+    Raises:
+        ValueError: If the file is missing, has neither column, or a fold is not a
+            positive integer; the message names the file and the row.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(
+            f"Cell list {path} does not exist. Give a CSV with a sha256 or path column "
+            f"(one cell per row, as in a run's manifest.csv)."
+        )
+    cells: dict[int | None, set[str]] = defaultdict(set)
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        columns = [key for key in CELL_LIST_KEYS if key in (reader.fieldnames or [])]
+        if not columns:
+            raise ValueError(
+                f"Cell list {path} has columns {reader.fieldnames or []}, but needs a sha256 "
+                f"or a path column (as in a run's manifest.csv)."
+            )
+        for line_number, line in enumerate(reader, start=2):
+            fold = _fold_number(line.get("fold"), path, line_number)
+            # One key per cell (sha256 if given), so counts are counts of cells.
+            if line[columns[0]]:
+                cells[fold].add(line[columns[0]])
+    return dict(cells)
+
+
+def _fold_number(value: str | None, path: Path, line_number: int) -> int | None:
+    if value is None or value.strip() == "":
+        return None
+    if not value.strip().isdigit() or int(value) < 1:
+        raise ValueError(
+            f"Cell list {path}, line {line_number}: fold must be a fold number (1, 2, ...), "
+            f"got {value!r}."
+        )
+    return int(value)
+
+
+def leave_out_of_training(
+    rows: Sequence[ManifestRow], cells: set[str]
+) -> tuple[list[ManifestRow], dict[str, int]]:
+    """The training rows named in ``cells`` (by sha256 or path), and what matched where.
+
+    Only training cells are ever left out: validation and test cells stay, so every
+    figure is still scored against the published labels of every cell.
+
+    Returns:
+        The rows to leave out, and counts: ``left_out`` (rows), ``not_training``
+        (rows of listed cells in validation or test, kept) and ``not_found`` (listed
+        cells in no row).
+    """
+    matched: set[str] = set()
+    left_out, kept_elsewhere = [], 0
+    for row in rows:
+        hits = {row.sha256, row.path} & cells
+        if not hits:
+            continue
+        matched |= hits
+        if row.split == "train":
+            left_out.append(row)
+        else:
+            kept_elsewhere += 1
+    counts = {
+        "left_out": len(left_out),
+        "not_training": kept_elsewhere,
+        "not_found": len(cells - matched),
+    }
+    return left_out, counts

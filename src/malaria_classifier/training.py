@@ -4,8 +4,10 @@ A run folder holds: ``config.yaml`` (resolved settings), ``manifest.csv`` (the
 patient-level split), ``model.keras`` (best epoch by validation loss, weights only,
 no optimizer), ``model_card.json``, ``history.json``, ``metrics.json``,
 ``evaluation/`` (test-split figures), ``tensorboard/`` and ``checkpoint/`` (the last
-epoch with optimizer state, for ``--resume``). Every file is written to a temporary
-name and renamed, so a killed run never leaves a corrupt model where a good one was.
+epoch with optimizer state, for ``--resume``); with ``--exclude-cells``, also
+``left_out_of_training.csv`` (the training cells not trained on). Every file is
+written to a temporary name and renamed, so a killed run never leaves a corrupt model
+where a good one was.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -48,6 +50,7 @@ from malaria_classifier.splits import (
     ManifestRow,
     build_manifest,
     check_no_leakage,
+    leave_out_of_training,
     read_manifest,
     split_by_patient,
     split_summary,
@@ -59,6 +62,7 @@ LOGGER = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoint"
 LAST_CHECKPOINT = "last.keras"
 STATE_FILE = "state.json"
+LEFT_OUT_FILE = "left_out_of_training.csv"
 
 
 class RunFolderError(ValueError):
@@ -165,6 +169,7 @@ def _open_run(
     run_dir: Path,
     resume: bool,
     manifest: Sequence[ManifestRow] | None = None,
+    exclude_cells: Collection[str] = (),
 ) -> tuple[TrainingConfig, Path, list[ManifestRow], dict[str, Any]]:
     manifest_path = run_dir / "manifest.csv"
     state_path = run_dir / CHECKPOINT_DIR / STATE_FILE
@@ -193,7 +198,47 @@ def _open_run(
         check_no_leakage(rows)
         write_manifest(rows, manifest_path)
         root = find_class_root(data_dir)
+    if exclude_cells:
+        _record_left_out(rows, set(exclude_cells), run_dir)
     return config, root, rows, fresh_state
+
+
+def _record_left_out(rows: list[ManifestRow], cells: set[str], run_dir: Path) -> None:
+    """Write the training rows named in ``cells`` to the run folder, and say what matched.
+
+    Written once, when the run starts, so ``--resume`` leaves out the same cells.
+    """
+    left_out, counts = leave_out_of_training(rows, cells)
+    left_keys = {(row.path, row.sha256) for row in left_out}
+    remaining = {
+        row.label
+        for row in rows
+        if row.split == "train" and (row.path, row.sha256) not in left_keys
+    }
+    if remaining != set(CLASS_NAMES):
+        raise ValueError(
+            f"The cell list leaves no {' or '.join(sorted(set(CLASS_NAMES) - remaining))} "
+            f"cell in the training split. Leave fewer cells out."
+        )
+    write_manifest(left_out, run_dir / LEFT_OUT_FILE)
+    by_label = ", ".join(
+        f"{sum(row.label == label for row in left_out)} {label}" for label in CLASS_NAMES
+    )
+    print(
+        f"Leaving {counts['left_out']} training cells out of training ({by_label}; listed in "
+        f"{run_dir / LEFT_OUT_FILE}). Listed but kept: {counts['not_training']} validation or "
+        f"test cells (always scored); not in this data: {counts['not_found']}.",
+        file=sys.stderr,
+    )
+
+
+def _training_rows(rows: list[ManifestRow], run_dir: Path) -> list[ManifestRow]:
+    """The manifest without the training cells a run leaves out (if any)."""
+    left_out_path = run_dir / LEFT_OUT_FILE
+    if not left_out_path.is_file():
+        return rows
+    left_keys = {(row.path, row.sha256) for row in read_manifest(left_out_path)}
+    return [row for row in rows if (row.path, row.sha256) not in left_keys]
 
 
 def _read_state(path: Path) -> dict[str, Any]:
@@ -210,6 +255,7 @@ def train_model(
     verbose: int | str = "auto",
     strategy: str = "none",
     manifest: Sequence[ManifestRow] | None = None,
+    exclude_cells: Collection[str] = (),
 ) -> TrainingResult:
     """Train a CNN on ``data_dir`` and write everything into ``run_dir``.
 
@@ -229,6 +275,10 @@ def train_model(
             per replica and scaled by the number of replicas.
         manifest: Use this split (e.g. a cross-validation fold's) instead of checking
             the data and splitting it; ``path`` is relative to the data root.
+        exclude_cells: SHA-256 digests or manifest paths of cells to leave out of the
+            training split (e.g. suspected label errors); recorded in
+            ``left_out_of_training.csv`` when the run starts and kept on ``resume``.
+            Validation and test cells are never left out.
 
     Returns:
         A :class:`TrainingResult` with the model path and its metrics (empty on a
@@ -247,11 +297,13 @@ def train_model(
     # (their copy of the model is identical) and read the run folder only to resume.
     write_dir = run_dir if distribution.is_chief else Path(tempfile.mkdtemp(prefix="malaria-"))
     try:
+        opened_dir = run_dir if resume else write_dir
         config, root, rows, state = _open_run(
-            Path(data_dir), config, run_dir if resume else write_dir, resume, manifest
+            Path(data_dir), config, opened_dir, resume, manifest, exclude_cells
         )
+        training_rows = _training_rows(rows, opened_dir)
         (write_dir / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
-        _fit(distribution, config, root, rows, state, run_dir, write_dir, verbose)
+        _fit(distribution, config, root, training_rows, state, run_dir, write_dir, verbose)
         training_seconds = time.monotonic() - started
         if not distribution.is_chief:
             return TrainingResult(run_dir, run_dir / MODEL_FILE, {}, training_seconds)
@@ -264,6 +316,7 @@ def train_model(
     by_split = {split: [row for row in rows if row.split == split] for split in SPLITS}
     metrics = evaluate_run(run_dir, root, by_split)
     card = build_model_card(config, run_dir, root, rows, state, metrics, training_seconds)
+    card["training"]["cells_left_out"] = len(rows) - len(training_rows)
     card["distribution"] = describe(distribution, config)
     write_json_atomically(card, run_dir / CARD_FILE)
     return TrainingResult(run_dir, run_dir / MODEL_FILE, metrics, training_seconds)
