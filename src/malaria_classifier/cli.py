@@ -204,6 +204,7 @@ def train(
     if resume and output is None:
         raise ValueError("--resume needs --output: the run folder to continue.")
     overrides = (config, epochs, batch_size, learning_rate, image_size, seed, training_seed)
+    overrides += (exclude_cells,)  # a resumed run leaves out the cells it started with
     if resume and any(value is not None for value in overrides):
         typer.echo(
             f"Note: --resume continues with {output}/config.yaml; other settings are ignored.",
@@ -220,7 +221,7 @@ def train(
         training_seed=training_seed,
     )
     cells: set[str] = set()
-    if exclude_cells is not None:
+    if exclude_cells is not None and not resume:
         by_fold = read_cell_list(exclude_cells)
         if set(by_fold) - {None}:
             raise ValueError(
