@@ -3,9 +3,15 @@
 Usage:
     python bench/noise_flags.py --data ../shared/data/nih-cell-images \
         --output runs/noise-pairs --flags runs/noise-flags.csv [--epochs 8] [--confidence 0.9]
+    python bench/noise_flags.py --data ../shared/data/nih-cell-images --run runs/default-pc \
+        --folds 4 --output runs/noise-default --flags runs/noise-flags-default.csv
 
 Then ``malaria cv --data DIR --exclude-cells runs/noise-flags.csv`` leaves each outer
-fold's flagged cells out of that fold's training split.
+fold's flagged cells out of that fold's training split. With ``--run``, the list is for
+one training run's split: its training and validation patients are cut into ``--folds``
+patient-grouped folds, a model trained on the others scores each, and its test patients
+take no part at all; then ``malaria train --exclude-cells runs/noise-flags-default.csv``
+(same ``seed``, so the same split) trains without the flagged cells.
 
 Why pairs: a cell is a suspect when a model that never saw it calls its published label
 wrong with high confidence (most such cells in the NIH set look mislabelled,
@@ -33,7 +39,7 @@ from malaria_classifier.config import load_config
 from malaria_classifier.constants import CLASS_NAMES, POSITIVE_CLASS
 from malaria_classifier.data import check_dataset
 from malaria_classifier.prediction import Predictor
-from malaria_classifier.splits import assign_folds, fold_manifest
+from malaria_classifier.splits import assign_folds, fold_manifest, read_manifest
 from malaria_classifier.training import train_model
 
 SCORES_FILE = "scores.csv"
@@ -46,22 +52,23 @@ def pair_dir(output: Path, first: int, second: int) -> Path:
     return output / f"pair_{first + 1}_{second + 1}"
 
 
-def train_pair(args: argparse.Namespace, report, fold_of_record, first: int, second: int) -> None:
-    """Train on all folds but ``first`` and ``second``; score the cells of those two."""
-    where = pair_dir(args.output, first, second)
+def train_and_score(
+    args: argparse.Namespace,
+    report,
+    records: list,
+    fold_of_record: list[int],
+    held_out: set[int],
+    where: Path,
+) -> None:
+    """Train on the records of every fold but ``held_out``; score the held-out cells."""
     if (where / SCORES_FILE).is_file():
         print(f"{where.name}: scored earlier; skipped.", flush=True)
         return
-    merged = [first if fold == second else fold for fold in fold_of_record]
+    first = min(held_out)
+    merged = [first if fold in held_out else fold for fold in fold_of_record]
     config = load_config(args.config, epochs=args.epochs)
     manifest = fold_manifest(
-        report.records,
-        report.hashes,
-        merged,
-        first,
-        report.root,
-        config.validation_fraction,
-        config.seed,
+        records, report.hashes, merged, first, report.root, config.validation_fraction, config.seed
     )
     started = time.monotonic()
     resume = (where / "manifest.csv").is_file()
@@ -71,7 +78,7 @@ def train_pair(args: argparse.Namespace, report, fold_of_record, first: int, sec
     predictions = predictor.predict_paths([report.root / row.path for row in tests])
     fold_of_path = {
         record.path.relative_to(report.root).as_posix(): fold
-        for record, fold in zip(report.records, fold_of_record, strict=True)
+        for record, fold in zip(records, fold_of_record, strict=True)
     }
     temporary = where / (SCORES_FILE + ".tmp")
     with open(temporary, "w", newline="", encoding="utf-8") as handle:
@@ -88,41 +95,65 @@ def train_pair(args: argparse.Namespace, report, fold_of_record, first: int, sec
     print(f"{where.name}: done in {(time.monotonic() - started) / 60:.1f} min", flush=True)
 
 
+def contradicted(where: Path, confidence: float) -> list[dict[str, str]]:
+    """The scored cells whose published label the model gives at most ``1 - confidence``."""
+    found = []
+    with open(where / SCORES_FILE, newline="", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            probability = float(row["probability"])
+            label_probability = probability if row["label"] == POSITIVE_CLASS else 1 - probability
+            if label_probability <= 1 - confidence:
+                found.append(row | {"flagged_by": where.name})
+    return found
+
+
 def write_flags(args: argparse.Namespace, folds: int) -> None:
     """One row per (outer fold, training cell) whose label its pair model contradicts."""
     flags = []
     for first, second in itertools.combinations(range(folds), 2):
-        where = pair_dir(args.output, first, second)
-        with open(where / SCORES_FILE, newline="", encoding="utf-8") as handle:
-            for row in csv.DictReader(handle):
-                probability = float(row["probability"])
-                label_probability = (
-                    probability if row["label"] == POSITIVE_CLASS else 1 - probability
-                )
-                if label_probability > 1 - args.confidence:
-                    continue
-                cell_fold = int(row["fold"]) - 1
-                # The cell is in one fold of the pair: it is a training cell of the other.
-                outer = second if cell_fold == first else first
-                flags.append(
-                    {
-                        "fold": outer + 1,
-                        **{column: row[column] for column in SCORE_COLUMNS[1:]},
-                        "flagged_by": where.name,
-                    }
-                )
+        for row in contradicted(pair_dir(args.output, first, second), args.confidence):
+            # The cell is in one fold of the pair: it is a training cell of the other.
+            outer = second if int(row["fold"]) - 1 == first else first
+            flags.append(row | {"fold": outer + 1})
     flags.sort(key=lambda flag: (flag["fold"], flag["path"]))
-    temporary = args.flags.with_name(args.flags.name + ".tmp")
-    with open(temporary, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=FLAG_COLUMNS)
-        writer.writeheader()
-        writer.writerows(flags)
-    temporary.replace(args.flags)
-    print(f"Flags: {args.flags}")
+    _write_csv(args.flags, FLAG_COLUMNS, flags)
     for outer in range(1, folds + 1):
         mine = [flag for flag in flags if flag["fold"] == outer]
         by_label = {name: sum(flag["label"] == name for flag in mine) for name in CLASS_NAMES}
         print(f"  outer fold {outer}: {len(mine)} training cells flagged {by_label}")
+
+
+def flags_for_run(args: argparse.Namespace, report) -> None:
+    """Flags for one run's split, from folds of its training and validation patients."""
+    rows = read_manifest(args.run / "manifest.csv")
+    seen = {row.path for row in rows if row.split in ("train", "validation")}
+    records = [r for r in report.records if r.path.relative_to(report.root).as_posix() in seen]
+    seed = load_config(args.config).seed
+    fold_of_record = assign_folds(records, report.hashes, args.folds, seed)
+    flags = []
+    for fold in range(args.folds):
+        where = args.output / f"fold_{fold + 1}"
+        train_and_score(args, report, records, fold_of_record, {fold}, where)
+        flags.extend(contradicted(where, args.confidence))
+    flags.sort(key=lambda flag: flag["path"])
+    columns = tuple(column for column in FLAG_COLUMNS if column != "fold")
+    _write_csv(args.flags, columns, [{c: flag[c] for c in columns} for flag in flags])
+    in_training = {row.path for row in rows if row.split == "train"}
+    by_label = {name: sum(flag["label"] == name for flag in flags) for name in CLASS_NAMES}
+    print(
+        f"  {len(flags)} cells flagged {by_label}, "
+        f"{sum(flag['path'] in in_training for flag in flags)} of them in {args.run}'s training split"
+    )
+
+
+def _write_csv(path: Path, columns: tuple[str, ...], rows: list[dict]) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    temporary.replace(path)
+    print(f"Flags: {path}")
 
 
 def main() -> None:
@@ -132,16 +163,23 @@ def main() -> None:
     parser.add_argument("--flags", type=Path, default=Path("runs/noise-flags.csv"))
     parser.add_argument("--config", type=Path, default=None, help="recipe (default: built in)")
     parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument(
+        "--run", type=Path, default=None, help="flag one run's training cells instead"
+    )
     parser.add_argument("--epochs", type=int, default=8, help="epochs of each pair model")
     parser.add_argument(
         "--confidence", type=float, default=0.9, help="flag when P(other label) >= this"
     )
     args = parser.parse_args()
     report = check_dataset(args.data, progress=False)
+    if args.run is not None:
+        flags_for_run(args, report)
+        return
     seed = load_config(args.config).seed
     fold_of_record = assign_folds(report.records, report.hashes, args.folds, seed)
     for first, second in itertools.combinations(range(args.folds), 2):
-        train_pair(args, report, fold_of_record, first, second)
+        where = pair_dir(args.output, first, second)
+        train_and_score(args, report, report.records, fold_of_record, {first, second}, where)
     write_flags(args, args.folds)
 
 
