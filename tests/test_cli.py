@@ -314,7 +314,7 @@ def test_train_passes_the_training_seed_with_the_split_seed_unchanged(cells, tmp
 
     received = []
 
-    def fake_train_model(data, config, run_dir, resume, strategy):
+    def fake_train_model(data, config, run_dir, resume, strategy, exclude_cells):
         received.append(config)
         return SimpleNamespace(metrics={}, seconds=0.0)
 
@@ -323,6 +323,28 @@ def test_train_passes_the_training_seed_with_the_split_seed_unchanged(cells, tmp
 
     assert result.exit_code == 0, result.output
     assert (received[0].seed, received[0].training_seed) == (42, 3)
+
+
+def test_train_passes_the_listed_cells_and_ignores_the_list_on_resume(cells, tmp_path, monkeypatch):
+    import malaria_classifier.training
+
+    received = []
+
+    def fake_train_model(data, config, run_dir, resume, strategy, exclude_cells):
+        received.append(exclude_cells)
+        return SimpleNamespace(metrics={}, seconds=0.0)
+
+    monkeypatch.setattr(malaria_classifier.training, "train_model", fake_train_model)
+    listed = tmp_path / "suspects.csv"
+    listed.write_text("sha256,why\naa11,looks mislabelled\nbb22,\n", encoding="utf-8")
+    run = tmp_path / "run"
+    result = _run("train", "--data", cells, "--output", run, "--exclude-cells", listed)
+    resumed = _run("train", "--data", cells, "--output", run, "--resume", "--exclude-cells", listed)
+
+    assert result.exit_code == 0, result.output
+    assert resumed.exit_code == 0, resumed.output
+    assert received == [{"aa11", "bb22"}, set()]
+    assert "other settings are ignored" in resumed.output
 
 
 def test_tune_passes_seeds_per_trial_and_refuses_zero(cells, tmp_path, monkeypatch):
