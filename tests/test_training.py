@@ -43,6 +43,19 @@ def finished_run(synthetic_cells, tmp_path_factory):
     return train_model(synthetic_cells, TINY, run_dir, verbose=0)
 
 
+def crash_after_first_epoch(monkeypatch):
+    """Make training die after its first epoch's checkpoint; return the real callback."""
+    original = RunCheckpoint.on_epoch_end
+
+    def crash(self, epoch, logs=None):
+        original(self, epoch, logs)
+        if epoch == 0:
+            raise KeyboardInterrupt  # as if the user pressed Ctrl-C or the machine died
+
+    monkeypatch.setattr(RunCheckpoint, "on_epoch_end", crash)
+    return original
+
+
 def test_run_folder_holds_everything_needed_to_reproduce(finished_run):
     run_dir = finished_run.run_dir
     for name in (
@@ -123,14 +136,7 @@ def test_resume_without_a_run_is_refused(synthetic_cells, tmp_path):
 def test_interrupted_run_keeps_its_last_good_model_and_resumes(
     synthetic_cells, tmp_path, monkeypatch
 ):
-    original = RunCheckpoint.on_epoch_end
-
-    def crash_after_first_epoch(self, epoch, logs=None):
-        original(self, epoch, logs)
-        if epoch == 0:
-            raise KeyboardInterrupt  # as if the user pressed Ctrl-C or the machine died
-
-    monkeypatch.setattr(RunCheckpoint, "on_epoch_end", crash_after_first_epoch)
+    original = crash_after_first_epoch(monkeypatch)
     run_dir = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         train_model(synthetic_cells, TINY, run_dir, verbose=0)
@@ -185,14 +191,7 @@ def test_listed_training_cells_are_left_out_of_training_and_resume_keeps_them(
         return real_datasets(root, rows, config)
 
     monkeypatch.setattr(training, "make_split_datasets", spy)
-    original = RunCheckpoint.on_epoch_end
-
-    def crash_after_first_epoch(self, epoch, logs=None):
-        original(self, epoch, logs)
-        if epoch == 0:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(RunCheckpoint, "on_epoch_end", crash_after_first_epoch)
+    original = crash_after_first_epoch(monkeypatch)
     run_dir = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         train_model(synthetic_cells, TINY, run_dir, verbose=0, exclude_cells=listed)
