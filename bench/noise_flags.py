@@ -38,6 +38,7 @@ from pathlib import Path
 from malaria_classifier.config import load_config
 from malaria_classifier.constants import CLASS_NAMES, POSITIVE_CLASS
 from malaria_classifier.data import check_dataset
+from malaria_classifier.evaluate import write_rows_csv
 from malaria_classifier.prediction import Predictor
 from malaria_classifier.splits import assign_folds, fold_manifest, read_manifest
 from malaria_classifier.training import train_model
@@ -80,18 +81,15 @@ def train_and_score(
         record.path.relative_to(report.root).as_posix(): fold
         for record, fold in zip(records, fold_of_record, strict=True)
     }
-    temporary = where / (SCORES_FILE + ".tmp")
-    with open(temporary, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(SCORE_COLUMNS)
-        for row, prediction in zip(tests, predictions, strict=True):
-            if prediction.error:
-                raise SystemExit(f"{row.path} could not be scored: {prediction.error}")
-            writer.writerow(
-                [fold_of_path[row.path] + 1, row.path, row.sha256, row.patient, row.label]
-                + [f"{prediction.probability:.6f}"]
-            )
-    temporary.replace(where / SCORES_FILE)
+    scores = []
+    for row, prediction in zip(tests, predictions, strict=True):
+        if prediction.error:
+            raise SystemExit(f"{row.path} could not be scored: {prediction.error}")
+        values = (fold_of_path[row.path] + 1, row.path, row.sha256, row.patient, row.label)
+        scores.append(
+            dict(zip(SCORE_COLUMNS, (*values, f"{prediction.probability:.6f}"), strict=True))
+        )
+    write_rows_csv(scores, list(SCORE_COLUMNS), where / SCORES_FILE)
     print(f"{where.name}: done in {(time.monotonic() - started) / 60:.1f} min", flush=True)
 
 
@@ -137,7 +135,7 @@ def flags_for_run(args: argparse.Namespace, report) -> None:
         flags.extend(contradicted(where, args.confidence))
     flags.sort(key=lambda flag: flag["path"])
     columns = tuple(column for column in FLAG_COLUMNS if column != "fold")
-    _write_csv(args.flags, columns, [{c: flag[c] for c in columns} for flag in flags])
+    _write_csv(args.flags, columns, flags)
     in_training = {row.path for row in rows if row.split == "train"}
     by_label = {name: sum(flag["label"] == name for flag in flags) for name in CLASS_NAMES}
     print(
@@ -147,12 +145,9 @@ def flags_for_run(args: argparse.Namespace, report) -> None:
 
 
 def _write_csv(path: Path, columns: tuple[str, ...], rows: list[dict]) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    temporary.replace(path)
+    write_rows_csv(
+        [{column: row[column] for column in columns} for row in rows], list(columns), path
+    )
     print(f"Flags: {path}")
 
 
