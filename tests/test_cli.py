@@ -309,32 +309,30 @@ def test_predict_refuses_an_unknown_runtime_by_name(tmp_path):
     assert result.exit_code == 2 and "Unknown runtime 'torch'" in result.output
 
 
-def test_train_passes_the_training_seed_with_the_split_seed_unchanged(cells, tmp_path, monkeypatch):
+def record_train_calls(monkeypatch) -> list[dict]:
+    """Replace train_model with a recorder of its arguments (nothing is trained)."""
     import malaria_classifier.training
 
-    received = []
+    calls = []
 
     def fake_train_model(data, config, run_dir, resume, strategy, exclude_cells):
-        received.append(config)
+        calls.append({"config": config, "resume": resume, "exclude_cells": exclude_cells})
         return SimpleNamespace(metrics={}, seconds=0.0)
 
     monkeypatch.setattr(malaria_classifier.training, "train_model", fake_train_model)
+    return calls
+
+
+def test_train_passes_the_training_seed_with_the_split_seed_unchanged(cells, tmp_path, monkeypatch):
+    calls = record_train_calls(monkeypatch)
     result = _run("train", "--data", cells, "--output", tmp_path / "run", "--training-seed", "3")
 
     assert result.exit_code == 0, result.output
-    assert (received[0].seed, received[0].training_seed) == (42, 3)
+    assert (calls[0]["config"].seed, calls[0]["config"].training_seed) == (42, 3)
 
 
 def test_train_passes_the_listed_cells_and_ignores_the_list_on_resume(cells, tmp_path, monkeypatch):
-    import malaria_classifier.training
-
-    received = []
-
-    def fake_train_model(data, config, run_dir, resume, strategy, exclude_cells):
-        received.append(exclude_cells)
-        return SimpleNamespace(metrics={}, seconds=0.0)
-
-    monkeypatch.setattr(malaria_classifier.training, "train_model", fake_train_model)
+    calls = record_train_calls(monkeypatch)
     listed = tmp_path / "suspects.csv"
     listed.write_text("sha256,why\naa11,looks mislabelled\nbb22,\n", encoding="utf-8")
     run = tmp_path / "run"
@@ -343,7 +341,7 @@ def test_train_passes_the_listed_cells_and_ignores_the_list_on_resume(cells, tmp
 
     assert result.exit_code == 0, result.output
     assert resumed.exit_code == 0, resumed.output
-    assert received == [{"aa11", "bb22"}, set()]
+    assert [call["exclude_cells"] for call in calls] == [{"aa11", "bb22"}, set()]
     assert "other settings are ignored" in resumed.output
 
 
