@@ -28,6 +28,7 @@ DEFAULTS = {
     "learning_rate": 0.001,
     "label_smoothing": 0.0,
     "loss_drop_fraction": 0.0,
+    "mixup_alpha": 0.0,
     "epochs": 20,
     "early_stopping_patience": 20,
     "augment": True,
@@ -157,6 +158,7 @@ def test_wrong_types_are_rejected(write_yaml, text, message):
         ({"learning_rate": 0}, r"learning_rate must be in \(0, 1\), got 0\.0"),
         ({"learning_rate": 1.5}, r"learning_rate must be in \(0, 1\), got 1\.5"),
         ({"label_smoothing": 0.5}, r"label_smoothing must be in \[0, 0\.5\), got 0\.5"),
+        ({"mixup_alpha": -0.2}, r"mixup_alpha must be in \[0, 10\] .*, got -0\.2"),
         ({"dropout_rate": 1.0}, r"dropout_rate must be in \[0, 1\), got 1\.0"),
         ({"dropout_rate": -0.1}, r"dropout_rate must be in \[0, 1\), got -0\.1"),
         (

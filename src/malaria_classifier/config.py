@@ -52,6 +52,12 @@ class TrainingConfig:
             worst-fitting cell). The cells a model contradicts most strongly are mostly
             mislabelled ones in the NIH set (docs/benchmarks.md section 9.9), whose
             gradient pulls the model towards the wrong label; 0 turns it off.
+        mixup_alpha: Mixup (Zhang et al. 2018): each augmented training image is
+            blended with a random partner from its batch, weight ``lambda`` drawn from
+            Beta(alpha, alpha), and its one-hot target with the same weight, so a
+            mislabelled cell pulls the model less towards a hard wrong answer. Applied
+            after all other augmentation, only when ``augment`` is on; 0 turns it off
+            (docs/benchmarks.md section 9.18).
         epochs: Upper limit on training epochs.
         early_stopping_patience: Epochs without validation improvement before stopping.
         augment: Whether to augment the training split.
@@ -94,6 +100,7 @@ class TrainingConfig:
     learning_rate: float = 0.001
     label_smoothing: float = 0.0
     loss_drop_fraction: float = 0.0
+    mixup_alpha: float = 0.0
     epochs: int = 20
     early_stopping_patience: int = 20
     augment: bool = True
@@ -131,6 +138,11 @@ class TrainingConfig:
         if not 0.0 <= self.loss_drop_fraction < 0.5:
             raise ValueError(
                 f"loss_drop_fraction must be in [0, 0.5), got {self.loss_drop_fraction}."
+            )
+        if not 0.0 <= self.mixup_alpha <= 10.0:
+            raise ValueError(
+                f"mixup_alpha must be in [0, 10] (0 turns mixup off; 0.2-0.4 is usual), "
+                f"got {self.mixup_alpha}."
             )
         if self.colour_normalization not in COLOUR_NORMALIZATIONS:
             raise ValueError(

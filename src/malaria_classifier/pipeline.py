@@ -93,7 +93,8 @@ def make_batch_augmenter(config: TrainingConfig):
     batches and white balances; a shrink-and-enlarge imitates small crops (a 15 px
     cell is enlarged to the model input when served); a Gaussian blur imitates focus.
     Each image gets its own random draw (the shrink size and blur width are drawn per
-    batch, which images get them per image).
+    batch, which images get them per image). Last, with ``mixup_alpha`` set, each
+    image and its target are blended with a partner's (:func:`mixup`).
     """
 
     def augment(images: tf.Tensor, targets: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -104,9 +105,36 @@ def make_batch_augmenter(config: TrainingConfig):
         x = _random_colour(x, config)
         x = _random_low_resolution(x, config)
         x = _random_blur(x, config)
+        if config.mixup_alpha > 0:
+            x, targets = mixup(x, targets, config.mixup_alpha)
         return tf.cast(tf.clip_by_value(tf.round(x * 255.0), 0.0, 255.0), tf.uint8), targets
 
     return augment
+
+
+def mixup(images: tf.Tensor, targets: tf.Tensor, alpha: float) -> tuple[tf.Tensor, tf.Tensor]:
+    """Blend each image and its target with a random partner's from the same batch.
+
+    ``lambda ~ Beta(alpha, alpha)`` per image, drawn as a ratio of two Gamma draws (TF
+    has no Beta sampler); the partner is a random permutation of the batch, so an
+    image may meet itself, which leaves it unchanged. The blend happens on float
+    pixels in [0, 1] before the batch is rounded back to uint8 for the model.
+
+    Args:
+        images: ``(batch, height, width, channels)`` floats in [0, 1].
+        targets: ``(batch, classes)`` one-hot (or already soft) targets.
+        alpha: Beta's concentration; small values keep most blends close to one image.
+    """
+    batch = tf.shape(images)[0]
+    first = tf.random.gamma([batch], alpha)
+    second = tf.random.gamma([batch], alpha)
+    weight = first / tf.maximum(first + second, 1e-12)
+    partner = tf.argsort(tf.random.uniform([batch]))
+    image_weight = tf.reshape(weight, [-1, 1, 1, 1])
+    mixed_images = image_weight * images + (1.0 - image_weight) * tf.gather(images, partner)
+    target_weight = tf.cast(tf.reshape(weight, [-1, 1]), targets.dtype)
+    mixed_targets = target_weight * targets + (1.0 - target_weight) * tf.gather(targets, partner)
+    return mixed_images, mixed_targets
 
 
 # Pale pinkish grey between the cells of a thin smear (RGB, 0-1); each image draws its
