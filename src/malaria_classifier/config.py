@@ -57,7 +57,10 @@ class TrainingConfig:
             Beta(alpha, alpha), and its one-hot target with the same weight, so a
             mislabelled cell pulls the model less towards a hard wrong answer. Applied
             after all other augmentation, only when ``augment`` is on; 0 turns it off
-            (docs/benchmarks.md section 9.18).
+            (measured worse on NIH patients, docs/benchmarks.md section 9.18). With it
+            on, the training split's loss and AUC in the history are measured against
+            the blended targets; only the validation figures compare with a run
+            without mixup.
         epochs: Upper limit on training epochs.
         early_stopping_patience: Epochs without validation improvement before stopping.
         augment: Whether to augment the training split.
