@@ -67,6 +67,16 @@ def row(path="Parasitized/a.png", label="Parasitized", patient="P1", split="trai
     return ManifestRow(path=path, label=label, patient=patient, split=split, sha256=sha)
 
 
+def clean_manifest() -> list[ManifestRow]:
+    """Four cells, two training ones of one patient, then one validation and one test cell."""
+    return [
+        row("Parasitized/a.png", "Parasitized", "P1", "train", "h1"),
+        row("Uninfected/b.png", "Uninfected", "P1", "train", "h2"),
+        row("Parasitized/c.png", "Parasitized", "P2", "validation", "h3"),
+        row("Uninfected/d.png", "Uninfected", "C1", "test", "h4"),
+    ]
+
+
 # --- split_by_patient --------------------------------------------------------------------
 
 
@@ -239,12 +249,7 @@ def test_three_patients_give_three_non_empty_splits():
 
 
 def test_clean_manifest_passes():
-    rows = [
-        row("Parasitized/a.png", "Parasitized", "P1", "train", "h1"),
-        row("Uninfected/b.png", "Uninfected", "P1", "train", "h2"),
-        row("Parasitized/c.png", "Parasitized", "P2", "validation", "h3"),
-        row("Uninfected/d.png", "Uninfected", "C1", "test", "h4"),
-    ]
+    rows = clean_manifest()
 
     assert check_no_leakage(rows) is None
 
@@ -445,12 +450,7 @@ def test_missing_cell_list_says_what_file_is_expected(tmp_path):
 
 
 def test_only_training_cells_are_left_out_and_the_rest_is_counted():
-    rows = [
-        row("Parasitized/a.png", "Parasitized", "P1", "train", "h1"),
-        row("Uninfected/b.png", "Uninfected", "P1", "train", "h2"),
-        row("Parasitized/c.png", "Parasitized", "P2", "validation", "h3"),
-        row("Uninfected/d.png", "Uninfected", "C1", "test", "h4"),
-    ]
+    rows = clean_manifest()
 
     left_out, counts = leave_out_of_training(rows, {"h1", "Uninfected/b.png", "h3", "h4", "h9"})
 
