@@ -111,7 +111,7 @@ def test_files_held_back_by_the_browser_get_the_right_message():
     uploads = receive_browser_uploads(
         [DROPPED_PREFIX + "5000000", DROPPED_PREFIX + "10"], ["big.tif", "late.png"], limits
     )
-    assert "big.tif: is 5,000,000 bytes, more than the 1,000-byte limit" in uploads[0].error
+    assert "big.tif: is 5,000,000 bytes, more than the limit of 1,000 bytes" in uploads[0].error
     assert "late.png: not classified, the batch limit" in uploads[1].error
 
 
@@ -187,9 +187,19 @@ def test_render_results_builds_cards_table_summary_and_enables_download(
         "filenames": ["a.png", "b.png"],
     }
     results = classify_pending(context, pending, show_why=True)
-    cards, rows, summary, download_disabled = render_results(results, True, predictor.verdict_rule)
-    assert len(cards) == 2 and len(rows) == 2 and download_disabled is False
-    assert set(rows[0]) == {"filename", "decision", "label", "probability", "confidence", "error"}
+    cards, rows, summary, download_disabled, pages, _style = render_results(
+        results, True, predictor.verdict_rule
+    )
+    assert len(cards) == 2 and len(rows) == 2 and download_disabled is False and pages == 1
+    assert set(rows[0]) == {
+        "filename",
+        "decision",
+        "label",
+        "probability",
+        "confidence",
+        "reason",
+        "error",
+    }
     card_text = json.dumps(cards[0].to_plotly_json(), default=str)
     assert results[0]["decision"] in card_text and "P(Parasitized)" in card_text
     assert results[0]["heat_map"] in card_text  # the overlay is shown, not the plain view
@@ -404,8 +414,9 @@ def test_api_refuses_oversized_requests_before_decoding(predictor, explainer):
         content_type="multipart/form-data",
     )
     assert response.status_code == 200
-    assert (
-        "big.png: is 1,001 bytes, more than the 1,000-byte limit" in response.get_json()[0]["error"]
+    # Only the limit plus one byte is read, so the message gives no made-up size.
+    assert response.get_json()[0]["error"].startswith(
+        "big.png: is more than the limit of 1,000 bytes."
     )
 
 
@@ -472,3 +483,142 @@ def test_the_dashboard_serves_a_freshly_trained_model_without_a_card(tmp_path):
         context, {"contents": [data_url(cell_png(True, 41))], "filenames": ["c.png"]}, False
     )
     assert result["label"] in ("Parasitized", "Uninfected") and not result["error"]
+
+
+# --- what a technician reads on the page ----------------------------------------------
+
+
+def _result(decision: str, probability: float, **fields):
+    label = "Parasitized" if probability >= 0.549 else "Uninfected"
+    confidence = probability if label == "Parasitized" else 1.0 - probability
+    return {
+        "filename": "cell.png",
+        "label": label,
+        "probability": probability,
+        "confidence": confidence,
+        "error": "",
+        "decision": decision,
+        "reason": "",
+        "image": "data:image/png;base64,",
+        "heat_map": None,
+        **fields,
+    }
+
+
+def test_an_uncertain_card_names_the_threshold_and_shows_no_confidence_bar():
+    from malaria_classifier.dashboard.components import result_card
+
+    reason = "P(Parasitized) 0.537 is close to the decision threshold 0.549"
+    card = result_card(_result("Uncertain", 0.537, reason=reason), show_why=False)
+    text = json.dumps(card.to_plotly_json(), default=str)
+    assert "close to the decision threshold 0.549" in text and "Leans Uninfected" in text
+    assert "confident" not in text  # "46% confident" beside "leans Uninfected" misleads
+    assert "text-warning-emphasis" in text  # amber text readable on white, not yellow
+    clear = json.dumps(
+        result_card(_result("Parasitized", 0.99), False).to_plotly_json(), default=str
+    )
+    assert "99.0% confident" in clear
+
+
+def test_the_decision_rule_puts_the_threshold_in_an_uncertain_reason():
+    from malaria_classifier.decision import DecisionRule
+
+    rule = DecisionRule(temperature=1.0, threshold=0.549, uncertain_margin=0.5)
+    decisions, reasons = rule.decide(np.array([0.537, 0.99]))
+    assert decisions == ["Uncertain", "Parasitized"]
+    assert reasons[0] == "P(Parasitized) 0.537 is close to the decision threshold 0.549"
+
+
+def test_a_not_a_cell_card_keeps_signal_names_in_its_tooltip_only():
+    from malaria_classifier.dashboard.components import result_card
+
+    reason = (
+        "unlike the training cells in colour, shape and 7 more (foreground_red, thickness). "
+        "Send one stained red blood cell per image, cropped close"
+    )
+    card = result_card(_result("Not a cell", 0.1, reason=reason), show_why=False)
+    paragraph = card.children[1].children[-1]
+    assert "foreground_red" not in paragraph.children and "and 7 more." in paragraph.children
+    assert "foreground_red, thickness" in paragraph.title
+
+
+def test_cards_come_a_page_at_a_time_and_the_table_keeps_every_row():
+    from malaria_classifier.dashboard.components import CARDS_PER_PAGE
+
+    results = [_result("Uninfected", 0.01, filename=f"c{index}.png") for index in range(130)]
+    cards, rows, _summary, _disabled, pages, style = render_results(results, False, None, 1)
+    assert len(cards) == CARDS_PER_PAGE and len(rows) == 130
+    assert pages == -(-130 // CARDS_PER_PAGE) and style == {}
+    last = render_results(results, False, None, pages)[0]
+    assert len(last) == 130 - (pages - 1) * CARDS_PER_PAGE
+    first_on_last = json.dumps(last[0].to_plotly_json(), default=str)
+    assert f"c{(pages - 1) * CARDS_PER_PAGE}.png" in first_on_last
+    # A page past the end (a smaller batch came in) shows its last page, not nothing.
+    assert len(render_results(results[:3], False, None, pages)[0]) == 3
+    assert render_results(results[:3], False, None, 1)[5] == {"display": "none"}
+
+
+def test_the_summary_gives_the_share_as_a_range_and_flags_repeated_names():
+    from malaria_classifier.dashboard.components import summary_panel
+
+    results = [
+        _result("Parasitized", 0.99, filename="same.png"),
+        _result("Uncertain", 0.54, filename="same.png"),
+        _result("Uninfected", 0.01, filename="a.png"),
+        _result("Uninfected", 0.02, filename="b.png"),
+    ]
+    summary = batch_summary(results)
+    assert summary["parasitized_share"] == pytest.approx(1 / 4)
+    assert summary["parasitized_share_high"] == pytest.approx(2 / 4)
+    assert summary["duplicate_names"] == {"same.png": 2}
+    text = json.dumps(summary_panel(summary).to_plotly_json(), default=str)
+    assert "25.0% to 50.0%" in text
+    assert "same.png (2 files)" in text and "cannot be told apart" in text
+
+
+def test_gif_and_webp_are_accepted_as_the_decoder_advises():
+    from malaria_classifier.dashboard.uploads import check_kind
+
+    assert check_kind("cell.gif") is None and check_kind("cell.webp") is None
+    assert "GIF or WebP" in check_kind("notes.txt")
+
+
+def test_api_answers_wrong_methods_and_paths_in_json(app):
+    client = app.server.test_client()
+    response = client.get("/api/predict")
+    assert response.status_code == 405 and response.headers["Allow"] == "POST"
+    assert "Use POST" in response.get_json()["error"]
+    response = client.post("/api/predictions")
+    assert response.status_code == 404 and "/api/predict" in response.get_json()["error"]
+
+
+def test_api_answers_each_file_past_the_batch_limits(predictor, explainer):
+    from malaria_classifier.dashboard import create_app
+
+    limits = UploadLimits(max_file_bytes=100_000, max_files=3, max_batch_bytes=100_000)
+    small = create_app(predictor, limits=limits, explainer=explainer)
+    client = small.server.test_client()
+    cell = cell_png(True, 21)
+    files = [(io.BytesIO(cell), f"c{index}.png") for index in range(4)]
+    rows = client.post(
+        "/api/predict", data={"file": files}, content_type="multipart/form-data"
+    ).get_json()
+    assert [row["error"] == "" for row in rows] == [True, True, True, False]
+    assert "c3.png: not classified, the batch limit" in rows[3]["error"]
+    # More files than the form parser takes by default per file allowed: a clear 413.
+    many = [(io.BytesIO(b"x"), f"x{index}.png") for index in range(2 * 3 + 17)]
+    response = client.post("/api/predict", data={"file": many}, content_type="multipart/form-data")
+    assert response.status_code == 413 and "form fields" in response.get_json()["error"]
+    # The batch's bytes count across files, as in the upload box.
+    tight = create_app(
+        predictor,
+        limits=UploadLimits(max_file_bytes=len(cell), max_files=5, max_batch_bytes=len(cell) + 10),
+        explainer=explainer,
+    ).server.test_client()
+    files = [(io.BytesIO(cell), "first.png"), (io.BytesIO(cell), "second.png")]
+    rows = tight.post(
+        "/api/predict", data={"file": files}, content_type="multipart/form-data"
+    ).get_json()
+    assert (
+        rows[0]["error"] == "" and "second.png: not classified, the batch limit" in rows[1]["error"]
+    )

@@ -179,3 +179,45 @@ def test_chromium_is_on_ci(request):
     """Guard: CI must not silently skip the browser tests (``.ci/run`` installs Chromium)."""
     ci_script = Path(request.config.rootpath) / ".ci" / "run"
     assert "chromium-driver" in ci_script.read_text(), "install chromium in .ci/run"
+
+
+def test_a_large_batch_pages_its_cards_and_a_new_batch_clears_the_table_filter(
+    browser, server_url, real_cell, tmp_path_factory
+):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from malaria_classifier.dashboard.components import CARDS_PER_PAGE
+
+    folder = tmp_path_factory.mktemp("many")
+    count = CARDS_PER_PAGE + 5
+    paths = [folder / f"cell_{index}.png" for index in range(count)]
+    for path in paths:
+        path.write_bytes(real_cell.read_bytes())
+    browser.get(server_url)
+    upload(browser, paths)
+    cards = wait_for_cards(browser, CARDS_PER_PAGE, "cell_0.png")
+    assert "cell_59.png" in cards[-1]  # numeric order, first page only
+    pager = browser.find_element(By.ID, "card-pager")
+    assert pager.is_displayed()
+    second_page = pager.find_element(By.LINK_TEXT, "2")
+    browser.execute_script("arguments[0].click();", second_page)  # may lie below the fold
+    cards = wait_for_cards(browser, 5, f"cell_{CARDS_PER_PAGE}.png")
+    assert "Files: 65" in browser.find_element(By.ID, "summary").text
+
+    # A filter that hides every row of this batch must not hide the next batch's rows.
+    browser.execute_script(
+        "dash_ag_grid.getApi('result-table').setFilterModel("
+        "{filename: {filterType: 'text', type: 'contains', filter: 'no such file'}});"
+    )
+
+    def displayed_rows(driver):
+        return driver.execute_script(
+            "return dash_ag_grid.getApi('result-table').getDisplayedRowCount();"
+        )
+
+    WebDriverWait(browser, WAIT_SECONDS).until(lambda driver: displayed_rows(driver) == 0)
+    upload(browser, [real_cell])
+    wait_for_cards(browser, 1, real_cell.name)
+    WebDriverWait(browser, WAIT_SECONDS).until(lambda driver: displayed_rows(driver) == 1)
+    assert not browser.find_element(By.ID, "card-pager").is_displayed()

@@ -81,7 +81,10 @@ class DecisionRule:
                 )
             elif distance[index] < self.uncertain_margin:
                 decisions.append(UNCERTAIN)
-                reasons.append("probability close to the decision threshold")
+                reasons.append(
+                    f"P(Parasitized) {probability:.3f} is close to the decision threshold "
+                    f"{self.threshold:.3f}"
+                )
             elif unstable[index]:
                 decisions.append(UNCERTAIN)
                 reasons.append("flipped or rotated copies disagree")

@@ -103,6 +103,7 @@ def evaluate_model(
         roc_points(y_true, y_score),
         report["metrics"]["roc_auc"]["value"],
         split,
+        predictor.threshold,
     )
     return report
 

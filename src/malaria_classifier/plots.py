@@ -18,12 +18,19 @@ from matplotlib.figure import Figure  # noqa: E402
 from malaria_classifier.constants import CLASS_NAMES, POSITIVE_CLASS  # noqa: E402
 
 
-def _title(kind: str, split: str) -> str:
-    return f"{kind}, {split} split (positive class: {POSITIVE_CLASS})"
+def _title(kind: str, split: str, threshold: float | None = None) -> str:
+    at = "" if threshold is None else f", threshold {threshold:.3f}"
+    return f"{kind}, {split} split{at} (positive class: {POSITIVE_CLASS})"
 
 
-def confusion_matrix_plotly(counts: list[list[int]], split: str) -> go.Figure:
-    """Heat map with rows = true class, columns = predicted class, counts in cells."""
+def confusion_matrix_plotly(
+    counts: list[list[int]], split: str, threshold: float | None = None
+) -> go.Figure:
+    """Heat map with rows = true class, columns = predicted class, counts in cells.
+
+    ``threshold`` (the P(Parasitized) the counts were cut at) goes into the title: the
+    same cells give other counts at 0.5 than at a model's operating threshold.
+    """
     figure = go.Figure(
         go.Heatmap(
             z=counts,
@@ -37,7 +44,7 @@ def confusion_matrix_plotly(counts: list[list[int]], split: str) -> go.Figure:
         )
     )
     figure.update_layout(
-        title=_title("Confusion matrix (cells)", split),
+        title=_title("Confusion matrix (cells)", split, threshold),
         xaxis_title="Predicted class",
         yaxis_title="True class",
         yaxis_autorange="reversed",
@@ -70,7 +77,9 @@ def roc_curve_plotly(roc: dict[str, list[float]], auc: float, split: str) -> go.
     return figure
 
 
-def confusion_matrix_figure(counts: list[list[int]], split: str) -> Figure:
+def confusion_matrix_figure(
+    counts: list[list[int]], split: str, threshold: float | None = None
+) -> Figure:
     """Matplotlib version of :func:`confusion_matrix_plotly` for the PNG file."""
     figure, axis = plt.subplots(figsize=(5, 4.5))
     axis.imshow(counts, cmap="Blues")
@@ -84,7 +93,7 @@ def confusion_matrix_figure(counts: list[list[int]], split: str) -> Figure:
     axis.set_yticks([0, 1], labels=list(CLASS_NAMES))
     axis.set_xlabel("Predicted class")
     axis.set_ylabel("True class")
-    axis.set_title(_title("Confusion matrix (cells)", split), fontsize=9)
+    axis.set_title(_title("Confusion matrix (cells)", split, threshold), fontsize=9)
     figure.tight_layout()
     return figure
 
@@ -103,15 +112,23 @@ def roc_curve_figure(roc: dict[str, list[float]], auc: float, split: str) -> Fig
 
 
 def save_figures(
-    output_dir: Path, counts: list[list[int]], roc: dict[str, list[float]], auc: float, split: str
+    output_dir: Path,
+    counts: list[list[int]],
+    roc: dict[str, list[float]],
+    auc: float,
+    split: str,
+    threshold: float | None = None,
 ) -> list[Path]:
-    """Write confusion matrix and ROC curve as PNG and Plotly JSON; returns the paths."""
+    """Write confusion matrix and ROC curve as PNG and Plotly JSON; returns the paths.
+
+    ``threshold`` is the one the confusion matrix's counts were cut at (in its title).
+    """
     written = []
     for stem, plotly_figure, matplotlib_figure in (
         (
             "confusion_matrix",
-            confusion_matrix_plotly(counts, split),
-            confusion_matrix_figure(counts, split),
+            confusion_matrix_plotly(counts, split, threshold),
+            confusion_matrix_figure(counts, split, threshold),
         ),
         ("roc_curve", roc_curve_plotly(roc, auc, split), roc_curve_figure(roc, auc, split)),
     ):

@@ -428,6 +428,7 @@ def evaluate_run(
                 roc_points(y_true, y_score),
                 metrics[split]["metrics"]["roc_auc"]["value"],
                 split,
+                predictor.threshold,
             )
             write_patient_table(
                 per_patient_table(y_true, y_score, groups, predictor.threshold),

@@ -18,6 +18,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from malaria_classifier.dashboard.uploads import (
     Upload,
     UploadLimits,
+    batch_full_message,
     check_kind,
     classify_uploads,
     row_from_result,
@@ -26,29 +27,50 @@ from malaria_classifier.dashboard.uploads import (
 from malaria_classifier.prediction import OUTPUT_COLUMNS
 
 API_PATH = "/api/predict"
+EXAMPLE_CALL = f"curl -F file=@cell.png http://127.0.0.1:8050{API_PATH}"
 
 
 def register_api(server: Flask, predictor, limits: UploadLimits) -> None:
     """Add the JSON endpoint to the Flask server under the Dash app."""
 
+    # Werkzeug refuses a form of more than 1,000 parts by default, before the per-file
+    # "over N files" answer could be given; room for twice the files allowed.
+    server.config["MAX_FORM_PARTS"] = 2 * limits.max_files + 16
+
     @server.errorhandler(RequestEntityTooLarge)
     def _too_large(_error):
+        if (request.content_length or 0) > limits.request_bytes():
+            cause = f"The request is larger than {limits.request_bytes():,} bytes."
+        else:
+            cause = f"The request has more than {2 * limits.max_files:,} form fields."
         message = (
-            f"The request is larger than {limits.request_bytes():,} bytes. Send at most "
-            f"{limits.describe()}, or split the batch into several requests."
+            f"{cause} Send at most {limits.max_files:,} files and "
+            f"{limits.max_batch_bytes // (1024 * 1024)} MB per request (each file up to "
+            f"{limits.max_file_bytes // (1024 * 1024)} MB), or split the batch into "
+            f"several requests."
         )
         return jsonify({"error": message}), 413
+
+    @server.route(API_PATH, methods=["GET", "PUT", "PATCH", "DELETE"])
+    def _wrong_method():
+        message = f"Use POST with multipart form fields named 'file', e.g. {EXAMPLE_CALL}"
+        return jsonify({"error": message}), 405, {"Allow": "POST"}
+
+    @server.route("/api/<path:unknown>", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+    def _unknown(unknown):
+        message = f"No API at /api/{unknown}. The API is POST {API_PATH}, e.g. {EXAMPLE_CALL}"
+        return jsonify({"error": message}), 404
 
     @server.post(API_PATH)
     def _predict():
         files = request.files.getlist("file")
         if not files:
             message = (
-                "No file received. Send images as multipart form fields named 'file', e.g. "
-                "curl -F file=@cell.png http://127.0.0.1:8050/api/predict"
+                f"No file received. Send images as multipart form fields named 'file', "
+                f"e.g. {EXAMPLE_CALL}"
             )
             return jsonify({"error": message}), 400
-        uploads = [read_uploaded_file(item, index, limits) for index, item in enumerate(files)]
+        uploads = read_uploaded_files(files, limits)
         results = classify_uploads(predictor, uploads, with_images=False)
         rows = [row_from_result(asdict(result)) for result in results]
         return jsonify(
@@ -56,15 +78,32 @@ def register_api(server: Flask, predictor, limits: UploadLimits) -> None:
         )
 
 
+def read_uploaded_files(files, limits: UploadLimits) -> list[Upload]:
+    """Read the multipart files in order, within the per-file and per-batch limits.
+
+    As in the upload box, a file that would take the batch past its file count or its
+    bytes gets its own error and the files before it are still classified.
+    """
+    uploads, batch_bytes = [], 0
+    for index, item in enumerate(files):
+        upload = read_uploaded_file(item, index, limits)
+        size = len(upload.data or b"")
+        if upload.data is not None and batch_bytes + size > limits.max_batch_bytes:
+            upload = Upload(upload.filename, None, batch_full_message(upload.filename, limits))
+        batch_bytes += len(upload.data or b"")
+        uploads.append(upload)
+    return uploads
+
+
 def read_uploaded_file(item, index: int, limits: UploadLimits) -> Upload:
     """Read one multipart file, never more than the per-file limit plus one byte."""
     name = item.filename or f"file {index + 1}"
     if index >= limits.max_files:
-        return Upload(name, None, f"{name}: not classified, over {limits.max_files} files.")
+        return Upload(name, None, batch_full_message(name, limits))
     error = check_kind(name)
     if error:
         return Upload(name, None, error)
     data = item.stream.read(limits.max_file_bytes + 1)
     if len(data) > limits.max_file_bytes:
-        return Upload(name, None, too_large_message(name, len(data), limits))
+        return Upload(name, None, too_large_message(name, None, limits))
     return Upload(name, data)

@@ -16,7 +16,12 @@ from dash import ALL, ClientsideFunction, Dash, Input, Output, State, ctx, dcc
 from dash.exceptions import PreventUpdate
 
 from malaria_classifier.dashboard import ids
-from malaria_classifier.dashboard.components import result_cards, summary_panel, table_rows
+from malaria_classifier.dashboard.components import (
+    card_pages,
+    result_cards,
+    summary_panel,
+    table_rows,
+)
 from malaria_classifier.dashboard.uploads import (
     CellResult,
     Upload,
@@ -102,15 +107,22 @@ def explain_results(
 
 
 def render_results(
-    results: list[dict[str, Any]] | None, show_why: bool, verdict_rule: Any = None
-) -> tuple[list[Any], list[dict[str, Any]], Any, bool]:
-    """Cards, table rows, summary (with the batch verdict), and the CSV button's state."""
+    results: list[dict[str, Any]] | None,
+    show_why: bool,
+    verdict_rule: Any = None,
+    page: int | None = 1,
+) -> tuple[list[Any], list[dict[str, Any]], Any, bool, int, dict[str, str]]:
+    """Cards of one page, table rows, summary (with the batch verdict), the CSV button's
+    state, and the card pager's page count and style (hidden when one page holds all)."""
     results = results or []
+    pages = card_pages(results)
     return (
-        result_cards(results, bool(show_why)),
+        result_cards(results, bool(show_why), min(page or 1, pages)),
         table_rows(results),
         summary_panel(batch_summary(results, verdict_rule)),
         not results,
+        pages,
+        {} if pages > 1 else {"display": "none"},
     )
 
 
@@ -135,20 +147,28 @@ def register_callbacks(app: Dash, context: DashboardContext) -> None:
         prevent_initial_call=True,
     )
 
+    # A new batch starts on the first page of cards with the table's filters cleared, so
+    # a filter set on the last batch cannot hide rows of this one.
+    new_batch = (
+        Output(ids.RESULTS_STORE, "data", allow_duplicate=True),
+        Output(ids.CARD_PAGER, "active_page", allow_duplicate=True),
+        Output(ids.TABLE, "filterModel", allow_duplicate=True),
+    )
+
     @app.callback(
-        Output(ids.RESULTS_STORE, "data"),
+        *new_batch,
         Input(ids.PENDING_UPLOAD, "data"),
         State(ids.SHOW_WHY, "value"),
         running=[(Output(ids.PROGRESS, "style"), {"display": "block"}, {"display": "none"})],
         prevent_initial_call=True,
     )
     def _classify_pending(pending, show_why):
-        return classify_pending(context, pending, show_why)
+        return classify_pending(context, pending, show_why), 1, {}
 
     if context.examples:
 
         @app.callback(
-            Output(ids.RESULTS_STORE, "data", allow_duplicate=True),
+            *new_batch,
             Input({"type": ids.EXAMPLE_BUTTON, "index": ALL}, "n_clicks"),
             State(ids.SHOW_WHY, "value"),
             prevent_initial_call=True,
@@ -157,7 +177,15 @@ def register_callbacks(app: Dash, context: DashboardContext) -> None:
             triggered = ctx.triggered_id
             index = triggered["index"] if isinstance(triggered, dict) else None
             clicks = ctx.triggered[0]["value"] if ctx.triggered else None
-            return classify_example(context, index, clicks, show_why)
+            return classify_example(context, index, clicks, show_why), 1, {}
+
+        @app.callback(
+            Output(ids.EXAMPLES, "open"),
+            Input(ids.PENDING_UPLOAD, "data"),
+            prevent_initial_call=True,
+        )
+        def _fold_examples(_pending):
+            return False  # the user brought their own cells
 
     @app.callback(
         Output(ids.RESULTS_STORE, "data", allow_duplicate=True),
@@ -173,11 +201,14 @@ def register_callbacks(app: Dash, context: DashboardContext) -> None:
         Output(ids.TABLE, "rowData"),
         Output(ids.SUMMARY, "children"),
         Output(ids.DOWNLOAD_BUTTON, "disabled"),
+        Output(ids.CARD_PAGER, "max_value"),
+        Output(ids.CARD_PAGER, "style"),
         Input(ids.RESULTS_STORE, "data"),
         Input(ids.SHOW_WHY, "value"),
+        Input(ids.CARD_PAGER, "active_page"),
     )
-    def _render_results(results, show_why):
-        return render_results(results, show_why, context.predictor.verdict_rule)
+    def _render_results(results, show_why, page):
+        return render_results(results, show_why, context.predictor.verdict_rule, page)
 
     @app.callback(
         Output(ids.DOWNLOAD, "data"),

@@ -6,6 +6,7 @@ for Uninfected, grey for files that could not be classified.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,8 +30,16 @@ TABLE_COLUMNS = (
     ("label", "Label"),
     ("probability", "P(Parasitized)"),
     ("confidence", "Confidence"),
+    ("reason", "Reason"),
     ("error", "Error"),
 )
+# Bootstrap's warning yellow on white reads at 1.6:1; its darker "emphasis" amber passes
+# WCAG AA (4.5:1) for text, and badges in yellow get dark text.
+TEXT_CLASSES = {"warning": "text-warning-emphasis"}
+CARDS_PER_PAGE = 60
+# The engineer's signal names in a Not-a-cell reason, e.g. "(thickness, foreground_red)":
+# kept in the CSV and the card's tooltip, left off the card's text.
+_SIGNAL_NAMES = re.compile(r" \([a-z0-9_]+(?:, [a-z0-9_]+)*\)")
 
 
 def result_card(result: dict[str, Any], show_why: bool) -> dbc.Card:
@@ -44,10 +53,13 @@ def result_card(result: dict[str, Any], show_why: bool) -> dbc.Card:
     details = [
         html.Div(caption, className="image-caption"),
         html.Div(result["filename"], className="file-name", title=result["filename"]),
-        html.H5(decision, className=f"text-{colour} result-label"),
+        html.H5(decision, className=f"{text_class(colour)} result-label"),
     ]
     if decision == "Not a cell":
-        details.append(html.P(_reason_text(result), className="small text-muted reason"))
+        reason = _reason_text(result)
+        details.append(
+            html.P(_SIGNAL_NAMES.sub("", reason), className="small text-muted reason", title=reason)
+        )
     else:
         details += _score_lines(result, decision, colour)
     return dbc.Card(
@@ -61,9 +73,25 @@ def result_card(result: dict[str, Any], show_why: bool) -> dbc.Card:
     )
 
 
+def text_class(colour: str) -> str:
+    """The Bootstrap text class for a decision colour, readable on white."""
+    return TEXT_CLASSES.get(colour, f"text-{colour}")
+
+
 def _score_lines(result: dict[str, Any], decision: str, colour: str) -> list[Any]:
-    lines = [
-        html.Div(f"P(Parasitized) = {result['probability']:.3f}", className="probability"),
+    probability = html.Div(f"P(Parasitized) = {result['probability']:.3f}", className="probability")
+    if decision == "Uncertain":
+        # No confidence bar: near the threshold "confidence" in the leaning label is
+        # about 50% and reads as a contradiction; the reason names the threshold.
+        return [
+            probability,
+            html.P(
+                f"{_reason_text(result)} Leans {result['label']}. Have a person look.",
+                className="small text-muted reason mt-1",
+            ),
+        ]
+    return [
+        probability,
         dbc.Progress(
             value=round(100 * result["confidence"], 1),
             label=f"{100 * result['confidence']:.1f}% confident",
@@ -71,14 +99,6 @@ def _score_lines(result: dict[str, Any], decision: str, colour: str) -> list[Any
             className="confidence-bar",
         ),
     ]
-    if decision == "Uncertain":
-        lines.append(
-            html.P(
-                f"Leans {result['label']}. {_reason_text(result)} Have a person look.",
-                className="small text-muted reason mt-1",
-            )
-        )
-    return lines
 
 
 def _reason_text(result: dict[str, Any]) -> str:
@@ -101,9 +121,22 @@ def _error_card(result: dict[str, Any]) -> dbc.Card:
     )
 
 
-def result_cards(results: Sequence[dict[str, Any]], show_why: bool) -> list[dbc.Col]:
-    """A responsive grid of cards, in the results' order (the upload box sorts by file name)."""
-    return [dbc.Col(result_card(result, show_why), xs=6, md=4, lg=3, xl=2) for result in results]
+def result_cards(results: Sequence[dict[str, Any]], show_why: bool, page: int = 1) -> list[dbc.Col]:
+    """One page of cards, in the results' order (the upload box sorts by file name).
+
+    A page holds :data:`CARDS_PER_PAGE` cards: a thousand cards with their pictures at
+    once kept the browser busy for a minute and a half; the table lists every file.
+    """
+    start = (max(page, 1) - 1) * CARDS_PER_PAGE
+    return [
+        dbc.Col(result_card(result, show_why), xs=6, md=4, lg=3, xl=2)
+        for result in results[start : start + CARDS_PER_PAGE]
+    ]
+
+
+def card_pages(results: Sequence[dict[str, Any]]) -> int:
+    """How many pages of cards the results fill (at least one)."""
+    return max(1, -(-len(results) // CARDS_PER_PAGE))
 
 
 def summary_panel(summary: dict[str, Any]) -> html.Div:
@@ -112,6 +145,8 @@ def summary_panel(summary: dict[str, Any]) -> html.Div:
         return html.Div("No images yet: upload cell images or pick an example.", className="muted")
     share = summary["parasitized_share"]
     share_text = "—" if share is None else f"{100 * share:.1f}%"
+    if share is not None and summary.get("parasitized_share_high", share) > share:
+        share_text += f" to {100 * summary['parasitized_share_high']:.1f}%"
     items = [("Files", summary["files"], "secondary")]
     items += [
         (decision, count, DECISION_COLOURS[decision])
@@ -122,20 +157,42 @@ def summary_panel(summary: dict[str, Any]) -> html.Div:
         ("Parasitized share", share_text, "dark"),
     ]
     badges = [
-        html.Span([html.Span(name + ": "), dbc.Badge(str(value), color=colour)], className="me-3")
+        html.Span([html.Span(name + ": "), _badge(str(value), colour)], className="me-3")
         for name, value, colour in items
     ]
     return html.Div(
         [
             html.Div(badges, className="summary-badges"),
+            _duplicate_names_warning(summary.get("duplicate_names", {})),
             _verdict_line(summary),
             html.Small(
                 "Parasitized share = Parasitized cells / usable cells (not counting Not a cell "
-                "or failed files): a parasitemia estimate only if the batch holds every red "
-                "cell of the field. Screening aid, not a diagnosis: confirm by microscopy.",
+                "or failed files); when some cells are Uncertain it is a range, from none to "
+                "all of them parasitized. A parasitemia estimate only if the batch holds every "
+                "red cell of the field. Screening aid, not a diagnosis: confirm by microscopy.",
                 className="text-muted",
             ),
         ]
+    )
+
+
+def _badge(text: str, colour: str, **kwargs: Any) -> dbc.Badge:
+    """A badge whose text stays readable: dark on yellow, white on the other colours."""
+    dark_text = {"text_color": "dark"} if colour == "warning" else {}
+    return dbc.Badge(text, color=colour, **dark_text, **kwargs)
+
+
+def _duplicate_names_warning(duplicates: dict[str, int]) -> html.Div:
+    """Say which names came more than once: the browser sends names without folders."""
+    if not duplicates:
+        return html.Div()
+    names = ", ".join(f"{name} ({count} files)" for name, count in sorted(duplicates.items()))
+    return dbc.Alert(
+        f"Several files share a name: {names}. The browser sends file names without their "
+        f"folders, so their cards, rows and CSV lines cannot be told apart. Upload one "
+        f"folder per batch, or rename the files.",
+        color="warning",
+        className="py-1 my-1 small",
     )
 
 
@@ -148,14 +205,16 @@ def _verdict_line(summary: dict[str, Any]) -> html.Div:
     return html.Div(
         [
             html.Span("If these cells are one patient's: "),
-            dbc.Badge(
+            _badge(
                 verdict["verdict"] + confidence_text,
-                color=VERDICT_COLOURS.get(verdict["verdict"], "secondary"),
+                VERDICT_COLOURS.get(verdict["verdict"], "secondary"),
                 className="verdict-badge",
             ),
             html.Small(
                 f" from {summary['cells']} usable cells; the rule was chosen on validation "
-                f"patients (see the Model tab).",
+                f"patients (see the Model tab). Confidence: for a positive verdict, the "
+                f"calibrated P(Parasitized) of the weakest cell it rests on; for a negative "
+                f"one, 1 − that of the most suspicious cell.",
                 className="text-muted",
             ),
         ],
@@ -187,6 +246,11 @@ def results_table(results: Sequence[dict[str, Any]]) -> dag.AgGrid:
 
 def _column(key: str, title: str) -> dict[str, Any]:
     column: dict[str, Any] = {"field": key, "headerName": title}
+    if key == "filename":
+        # Numbers in names compared as numbers (cell_9 before cell_10), as the cards are.
+        column["comparator"] = {"function": "malariaNaturalCompare"}
+    if key in ("reason", "error"):
+        column["tooltipField"] = key  # long texts: the whole of it on hover
     if key in ("probability", "confidence"):
         column["filter"] = "agNumberColumnFilter"
         column["valueFormatter"] = {
@@ -200,8 +264,12 @@ def table_rows(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{key: result.get(key) for key, _ in TABLE_COLUMNS} for result in results]
 
 
-def example_gallery(thumbnails: Sequence[tuple[str, str]]) -> html.Div:
-    """Clickable thumbnails; ``thumbnails`` holds (file name, PNG data URL) pairs."""
+def example_gallery(thumbnails: Sequence[tuple[str, str]]) -> html.Details:
+    """Clickable thumbnails; ``thumbnails`` holds (file name, PNG data URL) pairs.
+
+    Folded away once a batch is uploaded, and its heading says a click replaces the
+    results: a stray click above a 200-cell batch must not lose it unannounced.
+    """
     buttons = [
         html.Button(
             html.Img(src=url, alt=name, className="example-image"),
@@ -212,9 +280,16 @@ def example_gallery(thumbnails: Sequence[tuple[str, str]]) -> html.Div:
         )
         for index, (name, url) in enumerate(thumbnails)
     ]
-    return html.Div(
-        [html.H6("Examples: click one to classify it"), html.Div(buttons, className="gallery")],
+    return html.Details(
+        [
+            html.Summary(
+                "Example cells: click one to classify it (this replaces the current results)",
+                className="gallery-heading",
+            ),
+            html.Div(buttons, className="gallery"),
+        ],
         id=ids.EXAMPLES,
+        open=True,
     )
 
 

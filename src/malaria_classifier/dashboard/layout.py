@@ -125,7 +125,17 @@ def _classify_tab(limits: UploadLimits, example_thumbnails: Sequence[tuple[str, 
             ),
             dcc.Loading(
                 [
-                    dbc.Row(id=ids.CARDS, className="g-3 mb-4"),
+                    dbc.Row(id=ids.CARDS, className="g-3 mb-2"),
+                    dbc.Pagination(
+                        id=ids.CARD_PAGER,
+                        max_value=1,
+                        active_page=1,
+                        fully_expanded=False,
+                        previous_next=True,
+                        size="sm",
+                        style={"display": "none"},
+                        className="mb-3",
+                    ),
                     html.H5("All results (click a column to sort)"),
                     results_table([]),
                 ],

@@ -37,7 +37,7 @@ def load_evaluation_figures(model_path: Path, card: dict[str, Any]) -> dict[str,
     test = card.get("metrics", {}).get("test")
     if "confusion_matrix" not in figures and test:
         figures["confusion_matrix"] = confusion_matrix_plotly(
-            test["confusion_matrix"]["counts"], "test"
+            test["confusion_matrix"]["counts"], "test", float(test.get("threshold", 0.5))
         )
     return figures
 
@@ -60,6 +60,10 @@ def model_page(model_name: str, card: dict[str, Any], figures: dict[str, go.Figu
             html.H5("How well it does on patients it never saw", className="mt-4"),
             positive_class_note(),
             metrics_table(card.get("metrics", {})),
+            html.P(
+                _thresholds_note(card),
+                className="small text-muted",
+            ),
             dbc.Row(
                 [
                     dbc.Col(_figure(figures, "confusion_matrix", ids.CONFUSION_MATRIX), md=6),
@@ -92,6 +96,21 @@ def _facts(model_name: str, card: dict[str, Any]) -> dbc.Table:
     ]
     body = html.Tbody([html.Tr([html.Th(name), html.Td(value)]) for name, value in rows])
     return dbc.Table(body, bordered=True, size="sm", className="model-facts")
+
+
+def _thresholds_note(card: dict[str, Any]) -> str:
+    """Which threshold the table and the figures use: they may differ, so say so."""
+    table = {
+        round(float(split.get("threshold", 0.5)), 3) for split in card.get("metrics", {}).values()
+    }
+    table_text = " / ".join(f"{value:g}" for value in sorted(table)) or "0.5"
+    return (
+        f"The table is at P(Parasitized) ≥ {table_text} on the uncalibrated softmax, as "
+        f"training scores it. Decisions on this page use the operating threshold "
+        f"({float(card.get('decision_threshold', 0.5)):.3f} on the calibrated probability); "
+        f"each figure's title names the threshold its counts were cut at. A cell called "
+        f"Uncertain or Not a cell still counts with its label in these figures."
+    )
 
 
 def _threshold_text(card: dict[str, Any]) -> str:
@@ -131,7 +150,9 @@ def _verdict_rule_text(card: dict[str, Any]) -> str:
 def _data_text(data: dict[str, Any]) -> str:
     cells = data.get("cells", {})
     counts = ", ".join(f"{count:,} {label}" for label, count in cells.items())
-    return f"{data.get('folder', '?')}: {counts} cells of {data.get('patients', '?')} patients"
+    # The folder's name only: the full path is the training machine's, not the reader's.
+    folder = Path(str(data.get("folder", "?"))).name or "?"
+    return f"{folder}: {counts} cells of {data.get('patients', '?')} patients"
 
 
 def _split_text(split: dict[str, Any], summary: dict[str, Any]) -> str:

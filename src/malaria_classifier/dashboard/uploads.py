@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,9 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from malaria_classifier.decision import DECISIONS, NOT_A_CELL, PARASITIZED
+from malaria_classifier.decision import DECISIONS, NOT_A_CELL, PARASITIZED, UNCERTAIN
 from malaria_classifier.explain import encode_png, overlay_heat_map
 from malaria_classifier.images import (
+    SUPPORTED_FORMATS,
     ImageLoadError,
     data_url_bytes,
     decode_image_bytes,
@@ -27,8 +29,19 @@ from malaria_classifier.images import (
 from malaria_classifier.prediction import PredictionRow, write_rows
 from malaria_classifier.verdict import VerdictRule, summarize_group
 
-ACCEPTED_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-ACCEPTED_KINDS = "PNG, JPEG, TIFF or BMP"
+# The kinds the decoder reads (``images.SUPPORTED_FORMATS``), so its advice to re-export
+# a file "as PNG, JPEG, TIFF, BMP, GIF or WebP" is never refused here.
+ACCEPTED_SUFFIXES: tuple[str, ...] = (
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".tif",
+    ".tiff",
+    ".bmp",
+    ".gif",
+    ".webp",
+)
+ACCEPTED_KINDS = SUPPORTED_FORMATS
 # The browser replaces a file that breaks a limit by this marker and its size in bytes
 # (assets/uploads.js), so oversized data never travels; the server checks again anyway.
 DROPPED_PREFIX = "dropped:"
@@ -80,10 +93,16 @@ def check_kind(filename: str) -> str | None:
     return f"{filename}: unsupported file kind ({shown}). Upload a cell image as {ACCEPTED_KINDS}."
 
 
-def too_large_message(filename: str, size: int, limits: UploadLimits) -> str:
+def too_large_message(filename: str, size: int | None, limits: UploadLimits) -> str:
+    """The message for a file over the per-file limit; ``size`` None when it was not read
+    to its end (the API stops reading one byte past the limit)."""
+    measured = f"is {size:,} bytes, " if size is not None else "is "
+    limit = f"{limits.max_file_bytes:,} bytes"
+    if limits.max_file_bytes >= 1024 * 1024:
+        limit = f"{_megabytes(limits.max_file_bytes)} ({limit})"
     return (
-        f"{filename}: is {size:,} bytes, more than the {limits.max_file_bytes:,}-byte limit. "
-        f"Upload single-cell crops, not whole smear photos."
+        f"{filename}: {measured}more than the limit of {limit}. Upload single-cell crops, "
+        f"not whole smear photos."
     )
 
 
@@ -96,7 +115,7 @@ def receive_browser_uploads(
     for index, (content, filename) in enumerate(zip(contents, filenames, strict=True)):
         name = filename or f"file {index + 1}"
         if index >= limits.max_files:
-            uploads.append(Upload(name, None, _batch_full(name, limits)))
+            uploads.append(Upload(name, None, batch_full_message(name, limits)))
             continue
         error = check_kind(name)
         data = None
@@ -108,7 +127,7 @@ def receive_browser_uploads(
             except ImageLoadError as upload_error:
                 error = str(upload_error)
         if data is not None and batch_bytes + len(data) > limits.max_batch_bytes:
-            data, error = None, _batch_full(name, limits)
+            data, error = None, batch_full_message(name, limits)
         batch_bytes += len(data or b"")
         uploads.append(Upload(name, data, error))
     return uploads
@@ -122,10 +141,11 @@ def _dropped_error(filename: str, content: str, limits: UploadLimits) -> str:
         size = 0
     if size > limits.max_file_bytes:
         return too_large_message(filename, size, limits)
-    return _batch_full(filename, limits)
+    return batch_full_message(filename, limits)
 
 
-def _batch_full(filename: str, limits: UploadLimits) -> str:
+def batch_full_message(filename: str, limits: UploadLimits) -> str:
+    """The message for a file past the batch's file count or bytes."""
     return (
         f"{filename}: not classified, the batch limit ({limits.max_files:,} files, "
         f"{_megabytes(limits.max_batch_bytes)}) was reached. Upload the rest as another batch."
@@ -267,19 +287,28 @@ def batch_summary(
     """Counts per decision, the parasitized share, and a verdict for the batch.
 
     The share estimates parasitemia (infected red cells per 100) only when the batch is
-    every cell of a field; the verdict applies only when the batch holds one patient's
-    cells. Files that failed or are "Not a cell" are not counted as cells.
+    every cell of a field; with Uncertain cells it is a range (``parasitized_share`` to
+    ``parasitized_share_high``), since each of them may go either way. The verdict
+    applies only when the batch holds one patient's cells. Files that failed or are
+    "Not a cell" are not counted as cells. ``duplicate_names`` counts the names sent
+    more than once (the browser sends no folders, so such files cannot be told apart).
     """
     rows = [row_from_result(result) for result in results]
     usable = [row for row in rows if not row.error and row.decision != NOT_A_CELL]
     counts = {decision: sum(row.decision == decision for row in rows) for decision in DECISIONS}
     parasitized = counts[PARASITIZED]
+    names = Counter(row.path for row in rows)
     summary: dict[str, Any] = {
         "files": len(rows),
         "failed": sum(bool(row.error) for row in rows),
         "cells": len(usable),
         "decisions": counts,
         "parasitized_share": parasitized / len(usable) if usable else None,
+        # Every Uncertain cell parasitized: the top of the range the share lies in.
+        "parasitized_share_high": (
+            (parasitized + counts[UNCERTAIN]) / len(usable) if usable else None
+        ),
+        "duplicate_names": {name: count for name, count in names.items() if count > 1},
         "verdict": None,
     }
     if verdict_rule is not None and rows:

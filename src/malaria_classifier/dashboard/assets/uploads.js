@@ -24,7 +24,8 @@ window.dash_clientside = Object.assign({}, window.dash_clientside, {
             const kept = order.map(function (original, index) {
                 const content = contents[original];
                 const comma = content.indexOf(",");
-                const size = Math.floor(((content.length - comma - 1) * 3) / 4);
+                const padding = content.endsWith("==") ? 2 : (content.endsWith("=") ? 1 : 0);
+                const size = Math.floor(((content.length - comma - 1) * 3) / 4) - padding;
                 const fits = index < limits.max_files &&
                     size <= limits.max_file_bytes &&
                     batchBytes + size <= limits.max_batch_bytes;
