@@ -2,6 +2,8 @@
 
 import csv
 import json
+import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -384,3 +386,93 @@ def test_tune_passes_seeds_per_trial_and_refuses_zero(cells, tmp_path, monkeypat
         tmp_path / "tune0",
     )
     assert refused.exit_code == 2 and "--seeds-per-trial must be at least 1" in refused.output
+
+
+def test_predict_refuses_to_write_over_an_input_before_any_work(cells, tiny_model, tmp_path):
+    image = next(cells.rglob("*.png"))
+    before = image.read_bytes()
+    result = _run("predict", image, "--model", tiny_model, "--output", image)
+    assert result.exit_code == 2 and "a results file cannot have an image's name" in result.output
+    assert image.read_bytes() == before
+    result = _run(
+        "predict", image, "--model", tiny_model, "--output", tmp_path / "same.csv",
+        "--group-by", "patient", "--summary", tmp_path / "same.csv",
+    )  # fmt: skip
+    assert result.exit_code == 2 and "is also another output" in result.output
+    result = _run("data", "check", cells.parent, "--json", image)
+    assert result.exit_code == 2 and image.read_bytes() == before
+
+
+def test_predict_to_a_missing_folder_is_one_clear_line(cells, tiny_model, tmp_path):
+    image = next(cells.rglob("*.png"))
+    result = _run("predict", image, "--model", tiny_model, "--output", tmp_path / "no" / "x.csv")
+    assert result.exit_code == 2 and "does not exist. Create it" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_predict_reports_an_unreadable_folder_and_goes_on(cells, tmp_path, monkeypatch):
+    from malaria_classifier.prediction import expand_inputs
+
+    readable = tmp_path / "open"
+    readable.mkdir()
+    image = next(cells.rglob("*.png"))
+    (readable / "a.png").write_bytes(image.read_bytes())
+    (tmp_path / "loop").symlink_to(tmp_path)  # a link loop must not make the walk endless
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    (locked / "b.png").write_bytes(image.read_bytes())
+    # What listing a chmod-000 folder does (root could list it, so it is simulated).
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if Path(path) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    pairs = list(expand_inputs([tmp_path]))
+    errors = [error for _, error in pairs if error]
+    assert [path for path, error in pairs if not error] == [str(readable / "a.png")]
+    assert len(errors) == 1 and "locked: folder cannot be read (Permission denied)" in errors[0]
+
+
+def test_a_named_pipe_with_an_image_name_is_refused_without_waiting(tmp_path):
+    from malaria_classifier.images import ImageLoadError, load_for_model
+
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    with pytest.raises(ImageLoadError, match="is not a regular file"):
+        load_for_model(fifo, 64)
+
+
+def test_predict_says_when_a_folder_holds_no_images(tiny_model, tmp_path):
+    (tmp_path / "notes.txt").write_text("no cells here")
+    result = _run("predict", tmp_path, "--model", tiny_model)
+    assert result.exit_code == 1 and "No image files found" in result.output
+
+
+def test_predict_writes_json_for_an_output_ending_in_json(cells, tiny_model, tmp_path):
+    image = next(cells.rglob("*.png"))
+    output = tmp_path / "rows.json"
+    result = _run("predict", image, "--model", tiny_model, "--output", output)
+    assert result.exit_code == 0, result.output
+    assert json.loads(output.read_text())[0]["path"] == str(image)
+
+
+def test_evaluate_names_unreadable_images_and_refuses_output_inside_the_data(
+    cells, tiny_model, tmp_path
+):
+    import shutil
+
+    data = tmp_path / "cell_images"
+    shutil.copytree(cells, data)
+    broken = data / "Parasitized" / "C99P1_broken_cell_1.png"
+    broken.write_bytes(b"not a png")
+    result = _run("evaluate", "--data", data, "--model", tiny_model, "--output", tmp_path / "ev")
+    assert result.exit_code == 0, result.output
+    assert "1 image(s) could not be read and were left out" in result.output
+    assert "C99P1_broken_cell_1.png" in result.output
+    inside = data / "Parasitized" / "reports"
+    result = _run("evaluate", "--data", data, "--model", tiny_model, "--output", inside)
+    assert result.exit_code == 2 and "is inside the data folder" in result.output
+    assert not inside.exists()

@@ -336,3 +336,30 @@ def test_shared_subset_has_160_patients_120_with_parasitized_cells(shared_data_d
     assert len(patients) == 160
     assert sum("Parasitized" in labels for labels in patients.values()) == 120
     assert all(p.startswith("P") for p, labels in patients.items() if "Parasitized" in labels)
+
+
+def test_linked_folders_are_walked_once_and_unlistable_ones_reported(tmp_path, monkeypatch):
+    from malaria_classifier.data import walk_files
+
+    slides = tmp_path / "slides"
+    (slides / "one").mkdir(parents=True)
+    (slides / "one" / "a.png").write_bytes(b"x")
+    gathered = tmp_path / "gathered"
+    gathered.mkdir()
+    (gathered / "one").symlink_to(slides / "one")  # cells gathered by linking folders
+    (gathered / "again").symlink_to(slides / "one")  # the same folder twice
+    (gathered / "loop").symlink_to(gathered)
+    (gathered / "closed").mkdir()
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if Path(path) == gathered / "closed":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    found = list(walk_files(gathered))
+    files = [path for path, error in found if error is None]
+    errors = [error for _, error in found if error is not None]
+    assert [path.name for path in files] == ["a.png"]  # once, though linked twice
+    assert len(errors) == 1 and "closed: folder cannot be read (Permission denied)" in errors[0]

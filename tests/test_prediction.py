@@ -261,3 +261,22 @@ def test_bundled_model_says_not_a_cell_for_blank_and_text_images():
         assert words and "_" not in words
         assert names.split(")")[0].replace("_", "").replace(", ", "").isalpha()
         assert row.reason.endswith("Send one stained red blood cell per image, cropped close")
+
+
+def test_one_path_given_alone_is_one_input_not_its_characters(tiny_predictor, mixed_folder):
+    path = mixed_folder / "cell_0.png"
+    for single in (str(path), path):
+        rows = list(tiny_predictor.predict_paths(single))
+        assert [row.path for row in rows] == [str(path)]
+
+
+def test_arrays_that_are_not_uint8_rgb_are_refused_by_name(tiny_predictor, mixed_folder):
+    image = load_for_model(mixed_folder / "cell_0.png", 32)
+    with pytest.raises(ValueError, match=r"Image 1 is float32; expected uint8"):
+        tiny_predictor.predict_arrays([image, image.astype(np.float32) / 255])
+    with pytest.raises(ValueError, match=r"Image 0 has shape \(32, 32\); expected"):
+        tiny_predictor.predict_arrays([image[..., 0]])
+    with pytest.raises(ValueError, match="pass a list of images"):
+        tiny_predictor.predict_arrays(image)
+    with pytest.raises(ValueError, match="Got no images"):
+        tiny_predictor.predict_arrays([])

@@ -41,11 +41,28 @@ def _user_errors(function: Callable[..., Any]) -> Callable[..., Any]:
         except (ValueError, DownloadError, LeakageError, FileExistsError) as error:
             typer.secho(f"Error: {error}", err=True, fg=typer.colors.RED)
             raise typer.Exit(code=2) from None
+        except OSError as error:  # a file the user named cannot be written or read
+            where = f" ({error.filename})" if error.filename else ""
+            typer.secho(
+                f"Error: {error.strerror or error}{where}. Check that the path exists and "
+                f"that you may read or write it.",
+                err=True,
+                fg=typer.colors.RED,
+            )
+            raise typer.Exit(code=2) from None
         except KeyboardInterrupt:
             typer.secho("Interrupted.", err=True)
             raise typer.Exit(code=130) from None
 
     return wrapper
+
+
+def _is_folder(path: Path) -> bool:
+    """Whether ``path`` is a folder; False when it cannot even be looked at."""
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
 
 
 def _show_version(value: bool) -> None:
@@ -101,7 +118,10 @@ def data_check(
 ) -> None:
     """Count images per class and patient; find unreadable files and duplicates."""
     from malaria_classifier.data import check_dataset
+    from malaria_classifier.outputs import check_output_path, open_output
 
+    if json_output:
+        check_output_path(json_output, "--json", inputs=[directory])
     report = check_dataset(directory, progress=sys.stderr.isatty())
     summary = report.to_dict()
     typer.echo(f"Data folder: {report.root}")
@@ -129,7 +149,8 @@ def data_check(
     if report.skipped_files:
         typer.echo(f"  Skipped non-image files: {len(report.skipped_files)}")
     if json_output:
-        json_output.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        with open_output(json_output) as handle:
+            handle.write(json.dumps(summary, indent=2) + "\n")
         typer.echo(f"Report written to {json_output}")
 
 
@@ -379,6 +400,16 @@ def evaluate(
 
     report = evaluate_model(Predictor(model), data, split, output)
     typer.echo(report["selection"]["description"])
+    unreadable = report["unreadable"]
+    if unreadable:
+        typer.secho(
+            f"{len(unreadable)} image(s) could not be read and were left out (all listed "
+            f"in metrics.json under 'unreadable'):",
+            err=True,
+            fg=typer.colors.YELLOW,
+        )
+        for item in unreadable[:5]:
+            typer.echo(f"  {item['error']}", err=True)
     _echo_metrics(report)
     typer.echo(f"Written: {output}/metrics.json, per_patient.csv, confusion_matrix.*, roc_curve.*")
 
@@ -386,12 +417,23 @@ def evaluate(
 @app.command()
 @_user_errors
 def predict(
-    paths: Annotated[list[Path], typer.Argument(help="Image files and/or folders.")],
+    paths: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Image files and/or folders (searched recursively for image files).",
+            readable=False,  # an unreadable file gets its own row; the rest go on
+        ),
+    ],
     model: Annotated[Path | None, typer.Option(help="Model (.keras); default: bundled.")] = None,
     output: Annotated[
         Path | None, typer.Option(help="Write results here instead of standard output.")
     ] = None,
-    output_format: Annotated[str, typer.Option("--format", help="csv or json.")] = "csv",
+    output_format: Annotated[
+        str | None,
+        typer.Option(
+            "--format", help="csv or json; default: json for an --output ending .json, else csv."
+        ),
+    ] = None,
     group_by: Annotated[
         str | None,
         typer.Option(help="Aggregate cells into verdicts by patient, slide, folder or all."),
@@ -429,17 +471,25 @@ def predict(
     says why a cell is Uncertain or Not a cell.
     Exits non-zero only when no image could be predicted.
     """
+    from malaria_classifier.constants import IMAGE_SUFFIXES
     from malaria_classifier.model_card import default_model_path
+    from malaria_classifier.outputs import check_output_path, open_output
     from malaria_classifier.prediction import PROCESS_DECODE_MIN_FILES, Predictor, write_rows
     from malaria_classifier.serving import read_serving_copy
     from malaria_classifier.verdict import GROUPINGS
 
+    if output_format is None:
+        output_format = "json" if output is not None and output.suffix.lower() == ".json" else "csv"
     if output_format not in ("csv", "json"):
         raise ValueError(f"--format must be csv or json, got {output_format!r}.")
     if (group_by is None) != (summary is None):
         raise ValueError("--group-by and --summary go together: pass both or neither.")
     if group_by is not None and group_by not in GROUPINGS:
         raise ValueError(f"--group-by must be one of {', '.join(GROUPINGS)}, got {group_by!r}.")
+    if output is not None:
+        check_output_path(output, "--output", inputs=paths, others=[summary])
+    if summary is not None:
+        check_output_path(summary, "--summary", inputs=paths)
     if runtime not in ("auto", "onnx") or read_serving_copy(model or default_model_path()) is None:
         _import_tensorflow_quietly()  # the model has to be loaded by Keras
     # Worker processes pay for themselves only on jobs of PROCESS_DECODE_MIN_FILES files
@@ -450,7 +500,7 @@ def predict(
         test_time_views=views,
         runtime=runtime,
         decode_processes=len(paths) >= PROCESS_DECODE_MIN_FILES
-        or any(path.is_dir() for path in paths),
+        or any(_is_folder(path) for path in paths),
         not_a_cell=not_a_cell,
     )
     with predictor:  # stops its decode worker processes at the end
@@ -467,10 +517,8 @@ def predict(
         if output is None:
             counts = write_rows(rows, sys.stdout, output_format)
         else:
-            temporary = output.with_name(output.name + ".partial")
-            with open(temporary, "w", newline="", encoding="utf-8") as handle:
+            with open_output(output) as handle:
                 counts = write_rows(rows, handle, output_format)
-            temporary.replace(output)
         typer.echo(
             f"{counts['predicted']} predicted, {counts['failed']} failed "
             f"(forward pass: {predictor.runtime})",
@@ -480,12 +528,17 @@ def predict(
             from malaria_classifier.verdict import summarize_rows, write_summary
 
             groups = summarize_rows(collected, predictor.verdict_rule, group_by)
-            temporary = summary.with_name(summary.name + ".partial")
-            with open(temporary, "w", newline="", encoding="utf-8") as handle:
+            with open_output(summary) as handle:
                 write_summary(groups, handle)
-            temporary.replace(summary)
             typer.echo(f"{len(groups)} {group_by} verdict(s) written to {summary}", err=True)
         if counts["predicted"] == 0:
+            if counts["failed"] == 0:
+                typer.secho(
+                    "No image files found: folders are searched recursively for "
+                    f"{', '.join(sorted(IMAGE_SUFFIXES))} files (other files are skipped).",
+                    err=True,
+                    fg=typer.colors.RED,
+                )
             raise typer.Exit(code=1)
 
 

@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from malaria_classifier.outputs import open_output
+
 COLOUR_NORMALIZATIONS: tuple[str, ...] = ("fixed", "per_cell")
 
 
@@ -259,6 +261,5 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> TrainingCon
 
 def save_config(config: TrainingConfig, path: Path) -> None:
     """Write the resolved config as YAML (atomically)."""
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
-    temporary.replace(path)
+    with open_output(path, newline=None) as handle:
+        handle.write(yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -30,6 +30,7 @@ from malaria_classifier.data import check_dataset
 from malaria_classifier.evaluate import PATIENT_TABLE, write_rows_csv
 from malaria_classifier.evaluation import METRIC_NAMES
 from malaria_classifier.model_card import write_json_atomically
+from malaria_classifier.outputs import open_output
 from malaria_classifier.splits import assign_folds, fold_manifest
 from malaria_classifier.training import train_model
 
@@ -283,15 +284,13 @@ def summarize_folds(rows: list[dict[str, Any]]) -> tuple[dict[str, float], dict[
 def write_results(result: CrossValidationResult) -> None:
     """``cv_results.csv`` (one row per fold, then mean and sd) and ``cv_results.json``."""
     columns = ["fold", "patients", "cells", *METRIC_NAMES]
-    temporary = result.run_dir / (RESULTS_CSV + ".tmp")
-    with open(temporary, "w", newline="", encoding="utf-8") as handle:
+    with open_output(result.run_dir / RESULTS_CSV) as handle:
         writer = csv.writer(handle)
         writer.writerow(columns)
         for row in result.folds:
             writer.writerow([row[column] for column in columns])
         for label, values in (("mean", result.mean), ("sd", result.sd)):
             writer.writerow([label, "", "", *(values[name] for name in METRIC_NAMES)])
-    temporary.replace(result.run_dir / RESULTS_CSV)
     if result.patients:
         columns = list(result.patients[0])
         write_rows_csv(result.patients, columns, result.run_dir / PATIENTS_CSV)

@@ -116,12 +116,41 @@ def _walk_dirs(root: Path, max_depth: int) -> Iterator[Path]:
         level = next_level
 
 
-def _iter_files(folder: Path) -> Iterator[Path]:
-    # os.walk does not follow symlinked folders, so a link loop cannot hang discovery.
-    for current, dirs, files in os.walk(folder, followlinks=False):
+def walk_files(folder: Path) -> Iterator[tuple[Path, str | None]]:
+    """Every file under ``folder`` in sorted order, as ``(path, None)``; a folder that
+    cannot be listed comes as ``(folder, error message)`` instead of vanishing.
+
+    Linked folders are followed (cells are often gathered by linking slide folders
+    together), each real folder once, so a link loop cannot make the walk endless.
+    """
+    problems: list[OSError] = []
+    seen: set[tuple[int, int]] = set()
+    for current, dirs, files in os.walk(folder, onerror=problems.append, followlinks=True):
+        yield from _folder_errors(problems)
+        try:
+            info = os.stat(current)
+        except OSError:
+            dirs[:] = []
+            continue
+        if (info.st_dev, info.st_ino) in seen:
+            dirs[:] = []  # reached again through a link: already walked
+            continue
+        seen.add((info.st_dev, info.st_ino))
         dirs.sort()
         for name in sorted(files):
-            yield Path(current) / name
+            yield Path(current) / name, None
+    yield from _folder_errors(problems)
+
+
+def _folder_errors(problems: list[OSError]) -> Iterator[tuple[Path, str]]:
+    while problems:
+        problem = problems.pop(0)
+        reason = problem.strerror or str(problem)
+        yield (
+            Path(problem.filename),
+            f"{problem.filename}: folder cannot be read ({reason}); its images were "
+            f"skipped. Check its permissions.",
+        )
 
 
 def is_image_file(path: Path) -> bool:
@@ -136,6 +165,7 @@ class Discovery:
     root: Path
     records: list[ImageRecord]
     skipped_files: list[Path] = field(default_factory=list)
+    unreadable_folders: list[tuple[Path, str]] = field(default_factory=list)
 
 
 def discover_images(directory: str | Path) -> Discovery:
@@ -147,20 +177,28 @@ def discover_images(directory: str | Path) -> Discovery:
     root = find_class_root(directory)
     records: list[ImageRecord] = []
     skipped: list[Path] = []
+    unreadable: list[tuple[Path, str]] = []
     for label in CLASS_NAMES:
         found = 0
-        for path in _iter_files(root / label):
-            if is_image_file(path):
+        for path, error in walk_files(root / label):
+            if error is not None:
+                unreadable.append((path, error))
+            elif is_image_file(path):
                 records.append(ImageRecord(path, label, patient_id_from_name(path.name)))
                 found += 1
             else:
                 skipped.append(path)
         if found == 0:
+            unlisted = [error for path, error in unreadable if path == root / label]
             raise DataLayoutError(
-                f"{root / label} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}). "
+                unlisted[0]
+                if unlisted
+                else f"{root / label} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}). "
                 f"Each class needs at least one image."
             )
-    return Discovery(root=root, records=records, skipped_files=skipped)
+    return Discovery(
+        root=root, records=records, skipped_files=skipped, unreadable_folders=unreadable
+    )
 
 
 @dataclass
@@ -239,7 +277,7 @@ def check_dataset(directory: str | Path, progress: bool = False) -> DatasetRepor
         checks = tqdm(checks, total=len(discovery.records), desc="Checking images", unit="img")
     readable: list[ImageRecord] = []
     hashes: dict[Path, str] = {}
-    unreadable: list[tuple[str, str]] = []
+    unreadable = [(str(path), error) for path, error in discovery.unreadable_folders]
     heights: list[int] = []
     widths: list[int] = []
     for record, result in zip(discovery.records, checks, strict=True):

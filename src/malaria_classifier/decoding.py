@@ -15,6 +15,7 @@ import ctypes
 import logging
 import multiprocessing
 import os
+import signal
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -100,6 +101,13 @@ def keep_freed_memory() -> bool:
     return all(mallopt(parameter, value) == 1 for parameter, value in WORKER_MALLOC_SETTINGS)
 
 
+def _start_worker() -> None:
+    """Set up a worker: Ctrl+C is the main process's to handle (it stops the pool),
+    so workers do not print a traceback each; and freed memory is kept."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    keep_freed_memory()
+
+
 def _worker_ready() -> int:
     """A no-op task: run once per worker at start so its imports happen up front."""
     return os.getpid()
@@ -133,7 +141,7 @@ class DecodePool:
         if self._executor is None:
             context = multiprocessing.get_context("spawn")  # never fork TensorFlow
             self._executor = ProcessPoolExecutor(
-                self.processes, mp_context=context, initializer=keep_freed_memory
+                self.processes, mp_context=context, initializer=_start_worker
             )
             for _ in range(self.processes):
                 self._executor.submit(_worker_ready)

@@ -20,6 +20,7 @@ from malaria_classifier.constants import CLASS_NAMES
 from malaria_classifier.data import ImageRecord, discover_images
 from malaria_classifier.evaluation import PatientRow, per_patient_table, roc_points, summarize
 from malaria_classifier.model_card import write_json_atomically
+from malaria_classifier.outputs import open_output
 from malaria_classifier.plots import save_figures
 from malaria_classifier.prediction import Predictor
 from malaria_classifier.splits import SPLITS
@@ -78,7 +79,7 @@ def evaluate_model(
         ``selection``, ``model`` and ``unreadable`` added.
     """
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    _check_output_folder(output_dir, Path(data_dir))
     records = discover_images(data_dir).records
     chosen, description = select_records(records, predictor.card, split)
     predictions = list(predictor.predict_paths([record.path for record in chosen]))
@@ -92,6 +93,7 @@ def evaluate_model(
     report["selection"] = {"description": description, "data": str(data_dir)}
     report["model"] = str(predictor.model_path)
     report["unreadable"] = [{"path": p.path, "error": p.error} for p in predictions if p.error]
+    output_dir.mkdir(parents=True, exist_ok=True)  # only now: a failed run leaves no folder
     write_json_atomically(report, output_dir / "metrics.json")
     write_patient_table(
         per_patient_table(y_true, y_score, groups, predictor.threshold),
@@ -108,6 +110,27 @@ def evaluate_model(
     return report
 
 
+def _check_output_folder(output_dir: Path, data_dir: Path) -> None:
+    """Refuse an output folder that is a file, or that lies inside the data.
+
+    Inside the data, the figures (PNG) would be found as cells by the next evaluation.
+
+    Raises:
+        ValueError: Saying what to pass instead.
+    """
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(
+            f"--output {output_dir} is a file; evaluate writes a folder of reports. Give a "
+            f"folder name (it is created if needed)."
+        )
+    resolved, data = output_dir.resolve(), data_dir.resolve()
+    if resolved == data or data in resolved.parents:
+        raise ValueError(
+            f"--output {output_dir} is inside the data folder {data_dir}: its figures "
+            f"would be read as cell images next time. Choose a folder outside it."
+        )
+
+
 def write_patient_table(rows: list[PatientRow], path: Path) -> None:
     """Write the per-patient table as CSV (see :func:`write_rows_csv`)."""
     columns = [field.name for field in fields(PatientRow)]
@@ -115,10 +138,8 @@ def write_patient_table(rows: list[PatientRow], path: Path) -> None:
 
 
 def write_rows_csv(rows: list[dict[str, Any]], columns: list[str], path: Path) -> None:
-    """Write rows as CSV under a temporary name, then rename: a crash leaves no half file."""
-    temporary = path.with_name(f".{path.name}.partial")
-    with open(temporary, "w", newline="", encoding="utf-8") as handle:
+    """Write rows as CSV all at once or not at all (:func:`outputs.open_output`)."""
+    with open_output(path) as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-    temporary.replace(path)

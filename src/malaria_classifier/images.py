@@ -83,11 +83,17 @@ def load_rgb_image(
     return decode_image_bytes(data, source=str(path), max_pixels=max_pixels)
 
 
+def _open_without_waiting(path: str, flags: int) -> int:
+    """Open without blocking: a named pipe with an image's name would otherwise wait
+    for a writer forever (and the batch with it); it is then refused as not a file."""
+    return os.open(path, flags | getattr(os, "O_NONBLOCK", 0))
+
+
 def _read_file_bytes(path: Path, max_file_bytes: int) -> bytes:
     """Read a whole regular file, refusing folders, devices and oversized files first."""
     source = str(path)
     try:
-        with open(path, "rb") as handle:
+        with open(path, "rb", opener=_open_without_waiting) as handle:
             status = os.fstat(handle.fileno())
             if not stat.S_ISREG(status.st_mode):
                 raise ImageLoadError(source, "is not a regular file", "Pass image files.")

@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from malaria_classifier.outputs import open_output
+
 DEFAULT_MODEL_DIR = Path(__file__).parent / "models" / "default"
 MODEL_FILE = "model.keras"
 CARD_FILE = "model_card.json"
@@ -51,7 +53,6 @@ def read_model_card(model_path: Path) -> dict[str, Any]:
 
 
 def write_json_atomically(data: Any, path: Path) -> None:
-    """Write JSON to a temporary file and rename it, so a crash never leaves half a file."""
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    temporary.replace(path)
+    """Write JSON all at once or not at all, so a crash never leaves half a file."""
+    with open_output(path, newline=None) as handle:
+        handle.write(json.dumps(data, indent=2, sort_keys=False) + "\n")

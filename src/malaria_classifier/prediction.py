@@ -30,7 +30,7 @@ from malaria_classifier.constants import (
     POSITIVE_CLASS,
     POSITIVE_INDEX,
 )
-from malaria_classifier.data import is_image_file
+from malaria_classifier.data import is_image_file, walk_files
 from malaria_classifier.decision import load_decision_rule, transformed_views
 from malaria_classifier.decoding import DecodePool, iter_images, load_chunk
 from malaria_classifier.images import resize_with_pad
@@ -171,13 +171,18 @@ class PredictionRow:
     reason: str = ""
 
 
-def expand_inputs(inputs: Iterable[str | Path]) -> Iterator[tuple[str, str | None]]:
+def expand_inputs(
+    inputs: Iterable[str | Path] | str | os.PathLike,
+) -> Iterator[tuple[str, str | None]]:
     """Turn files and folders (searched recursively) into ``(path, error)`` pairs.
 
-    A path that does not exist yields an error instead of stopping the batch; files
-    inside folders that are not images (by suffix) are skipped silently, while a
-    file named explicitly is always tried.
+    A path that does not exist, or a folder that cannot be read, yields an error
+    instead of stopping the batch; files inside folders that are not images (by
+    suffix) are skipped silently, while a file named explicitly is always tried. One
+    path on its own (a ``str`` or ``Path``) is one input, not a sequence of characters.
     """
+    if isinstance(inputs, str | os.PathLike):
+        inputs = [inputs]
     for item in inputs:
         path = Path(item)
         try:
@@ -191,14 +196,34 @@ def expand_inputs(inputs: Iterable[str | Path]) -> Iterator[tuple[str, str | Non
         except OSError:  # e.g. permission denied: reading it names the problem
             is_folder = False
         if is_folder:
-            for current, dirs, files in os.walk(path, followlinks=False):
-                dirs.sort()
-                for name in sorted(files):
-                    candidate = Path(current) / name
-                    if is_image_file(candidate):
-                        yield str(candidate), None
+            for candidate, error in walk_files(path):
+                if error is not None:
+                    yield str(candidate), error
+                elif is_image_file(candidate):
+                    yield str(candidate), None
         else:
             yield str(path), None
+
+
+def check_rgb_array(image: np.ndarray, index: int) -> np.ndarray:
+    """An image array as the model takes it: uint8 RGB ``(height, width, 3)``, 0-255.
+
+    Raises:
+        ValueError: Naming the image and what to pass instead; floats are refused
+            rather than cast (a float image in [0, 1] cast to uint8 is all black).
+    """
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] < 1 or image.shape[1] < 1:
+        raise ValueError(
+            f"Image {index} has shape {image.shape}; expected (height, width, 3) RGB. Convert "
+            f"grayscale or RGBA first (e.g. PIL's image.convert('RGB'))."
+        )
+    if image.dtype != np.uint8:
+        raise ValueError(
+            f"Image {index} is {image.dtype}; expected uint8 pixels 0-255. For floats in "
+            f"[0, 1] pass (image * 255).round().astype('uint8')."
+        )
+    return image
 
 
 def label_for(probability: float, threshold: float = DEFAULT_THRESHOLD) -> str:
@@ -363,12 +388,19 @@ class Predictor:
         return self._rows_for_batch(names, self._fit_arrays(images))
 
     def _fit_arrays(self, images: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+        if isinstance(images, np.ndarray) and images.ndim == 3:
+            raise ValueError(
+                f"Got one array of shape {images.shape}; pass a list of images (e.g. "
+                f"[image]) or a batch of shape (n, height, width, 3)."
+            )
+        if not len(images):
+            raise ValueError("Got no images; pass at least one (height, width, 3) array.")
         return np.stack(
             [
                 image
                 if image.shape[:2] == (self.image_size, self.image_size)
                 else resize_with_pad(image, self.image_size)
-                for image in images
+                for image in (check_rgb_array(image, index) for index, image in enumerate(images))
             ]
         )
 
@@ -430,7 +462,9 @@ class Predictor:
             )
         return rows
 
-    def predict_paths(self, inputs: Iterable[str | Path]) -> Iterator[PredictionRow]:
+    def predict_paths(
+        self, inputs: Iterable[str | Path] | str | os.PathLike
+    ) -> Iterator[PredictionRow]:
         """Yield one row per image under ``inputs``, in order, streaming in batches.
 
         Folders are walked lazily and decoding runs a bounded window ahead, so memory

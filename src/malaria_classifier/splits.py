@@ -18,6 +18,7 @@ import numpy as np
 
 from malaria_classifier.constants import CLASS_NAMES, POSITIVE_CLASS
 from malaria_classifier.data import ImageRecord
+from malaria_classifier.outputs import open_output
 
 SPLITS: tuple[str, str, str] = ("train", "validation", "test")
 MANIFEST_COLUMNS: tuple[str, ...] = ("path", "label", "patient", "split", "sha256")
@@ -309,13 +310,11 @@ def split_summary(rows: Sequence[ManifestRow]) -> dict[str, dict[str, int]]:
 
 def write_manifest(rows: Sequence[ManifestRow], path: Path) -> None:
     """Write the manifest CSV atomically (a crash never leaves half a file)."""
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "w", newline="", encoding="utf-8") as handle:
+    with open_output(path) as handle:
         writer = csv.writer(handle)
         writer.writerow(MANIFEST_COLUMNS)
         for row in rows:
             writer.writerow([getattr(row, column) for column in MANIFEST_COLUMNS])
-    temporary.replace(path)
 
 
 def read_manifest(path: Path) -> list[ManifestRow]:

@@ -28,6 +28,7 @@ from malaria_classifier.config import TrainingConfig, save_config
 from malaria_classifier.data import check_dataset
 from malaria_classifier.model import build_model, compile_model
 from malaria_classifier.model_card import write_json_atomically
+from malaria_classifier.outputs import open_output
 from malaria_classifier.splits import (
     ManifestRow,
     build_manifest,
@@ -450,8 +451,7 @@ def write_trials_csv(study: Any, path: Path) -> None:
     """One row per trial: number, state, value (and per seed), last epoch, parameters."""
     trials = study.get_trials(deepcopy=False)
     names = sorted({name for trial in trials for name in trial.params})
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "w", newline="", encoding="utf-8") as handle:
+    with open_output(path) as handle:
         writer = csv.writer(handle)
         writer.writerow(
             ["number", "state", "value", "validation_auc_by_seed", "last_epoch", "seconds", *names]
@@ -473,7 +473,6 @@ def write_trials_csv(study: Any, path: Path) -> None:
                     *(trial.params.get(name, "") for name in names),
                 ]
             )
-    temporary.replace(path)
 
 
 def _params_to_settings(params: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,117 @@
+"""Writing result files safely: never over an input, never half a file, never a lost device.
+
+Every text file the tool writes for a user (predictions, verdict summaries, reports,
+metrics) goes through :func:`open_output`, and every output path a user names is checked
+by :func:`check_output_path` before any work starts, so a typo costs a message, not an
+hour of predictions or an input image.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import TextIO
+
+from malaria_classifier.constants import IMAGE_SUFFIXES
+
+
+def check_output_path(
+    output: Path, option: str, inputs: Iterable[Path] = (), others: Iterable[Path] = ()
+) -> None:
+    """Refuse an output path that cannot be written or would destroy something.
+
+    Args:
+        output: The path the user gave.
+        option: How the user named it (``--output``), for the message.
+        inputs: Files and folders being read: the output must not be one of them.
+        others: Other outputs of the same command: each needs a path of its own.
+
+    Raises:
+        ValueError: Saying what is wrong with the path and what to pass instead.
+    """
+    if output.suffix.lower() in IMAGE_SUFFIXES:
+        raise ValueError(
+            f"{option} {output}: a results file cannot have an image's name "
+            f"({output.suffix}); it would be taken for (or replace) a cell image. "
+            f"Name it .csv or .json."
+        )
+    if _is_folder(output):
+        raise ValueError(f"{option} {output} is a folder; give a file name inside it.")
+    for item in inputs:
+        if _same_file(output, item):
+            raise ValueError(
+                f"{option} {output} is one of the inputs; writing there would replace "
+                f"it. Choose another file."
+            )
+    for other in others:
+        if other is not None and (
+            _same_file(output, other) or os.path.abspath(output) == os.path.abspath(other)
+        ):
+            raise ValueError(f"{option} {output} is also another output; give each its own file.")
+    if _is_special(output):
+        return  # a device or a pipe: written in place (e.g. /dev/stdout)
+    folder = output.resolve().parent
+    if not folder.is_dir():
+        raise ValueError(
+            f"{option} {output}: the folder {folder} does not exist. Create it or choose "
+            f"another file."
+        )
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"{option} {output}: the folder {folder} is not writable. Choose a folder you "
+            f"can write to."
+        )
+
+
+@contextlib.contextmanager
+def open_output(path: Path, newline: str | None = "") -> Iterator[TextIO]:
+    """A text file to write ``path`` through: all of it appears, or none of it.
+
+    A regular file (or a new one) is written under a temporary name beside it and renamed
+    over ``path`` only when the block ends without error; on an error or Ctrl+C the
+    temporary file is removed and an existing ``path`` is untouched. A symbolic link is
+    followed, so the file it points to is replaced, not the link. A device or a pipe
+    (``/dev/stdout``, ``>(command)``) is written directly, since renaming over it would
+    replace it with a plain file. File names that are not valid UTF-8 (possible on
+    Linux) are written back byte for byte rather than stopping the whole file.
+    """
+    target = Path(os.path.realpath(path))
+    options = {"encoding": "utf-8", "errors": "surrogateescape", "newline": newline}
+    if _is_special(target):
+        with open(target, "w", **options) as handle:
+            yield handle
+        return
+    temporary = target.with_name(f".{target.name}.partial")
+    try:
+        with open(temporary, "w", **options) as handle:
+            yield handle
+        temporary.replace(target)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def _is_folder(path: Path) -> bool:
+    try:
+        return stat.S_ISDIR(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _is_special(path: Path) -> bool:
+    """An existing path that is neither a regular file nor a folder (device, pipe, socket)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
+def _same_file(first: Path, second: Path) -> bool:
+    try:
+        return os.path.samefile(first, second)
+    except OSError:
+        return False

@@ -1,0 +1,82 @@
+"""Result files: never written over an input, never half written, devices left alone."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from malaria_classifier.outputs import check_output_path, open_output
+
+
+def test_an_output_named_like_an_image_or_an_input_is_refused(tmp_path):
+    cell = tmp_path / "cell.png"
+    cell.write_bytes(b"\x89PNG")
+    with pytest.raises(ValueError, match=r"--output .*cell.png: a results file cannot have"):
+        check_output_path(cell, "--output", inputs=[cell])
+    notes = tmp_path / "notes.csv"
+    notes.write_text("x")
+    with pytest.raises(ValueError, match="is one of the inputs"):
+        check_output_path(notes, "--output", inputs=[notes])
+    with pytest.raises(ValueError, match="is also another output"):
+        check_output_path(tmp_path / "a.csv", "--output", others=[tmp_path / "a.csv"])
+    assert cell.read_bytes() == b"\x89PNG" and notes.read_text() == "x"
+
+
+def test_an_output_in_a_missing_folder_or_that_is_a_folder_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"the folder .*nowhere does not exist"):
+        check_output_path(tmp_path / "nowhere" / "out.csv", "--output")
+    with pytest.raises(ValueError, match="is a folder; give a file name inside it"):
+        check_output_path(tmp_path, "--output")
+    check_output_path(tmp_path / "fine.csv", "--output")  # no error
+    check_output_path(Path(os.devnull), "--output")  # a device is fine too
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_an_output_in_a_read_only_folder_is_refused(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    with pytest.raises(ValueError, match="is not writable"):
+        check_output_path(locked / "out.csv", "--output")
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_partial_file(tmp_path):
+    target = tmp_path / "out.csv"
+    target.write_text("old results\n")
+    with pytest.raises(KeyboardInterrupt), open_output(target) as handle:
+        handle.write("half of the new")
+        raise KeyboardInterrupt
+    assert target.read_text() == "old results\n"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out.csv"]
+    with open_output(target) as handle:
+        handle.write("new\n")
+    assert target.read_text() == "new\n"
+
+
+def test_a_link_is_followed_and_a_device_is_written_in_place(tmp_path):
+    real = tmp_path / "real.csv"
+    real.write_text("old\n")
+    link = tmp_path / "link.csv"
+    link.symlink_to(real)
+    with open_output(link) as handle:
+        handle.write("new\n")
+    assert link.is_symlink() and real.read_text() == "new\n"
+    fifo = tmp_path / "pipe.csv"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # so opening for writing won't wait
+    try:
+        with open_output(fifo) as handle:
+            handle.write("through the pipe\n")
+        assert os.read(reader, 100) == b"through the pipe\n"
+    finally:
+        os.close(reader)
+    assert fifo.is_fifo()  # still a pipe, not replaced by a plain file
+
+
+def test_names_that_are_not_utf8_are_written_back_byte_for_byte(tmp_path):
+    name = os.fsdecode(b"bad\xffname.png")  # a Linux file name with a stray byte
+    target = tmp_path / "out.csv"
+    with open_output(target) as handle:
+        handle.write(name + "\n")
+    assert target.read_bytes() == b"bad\xffname.png\n"
