@@ -508,10 +508,13 @@ def _result(decision: str, probability: float, **fields):
 def test_an_uncertain_card_names_the_threshold_and_shows_no_confidence_bar():
     from malaria_classifier.dashboard.components import result_card
 
-    reason = "P(Parasitized) 0.537 is close to the decision threshold 0.549"
+    reason = (
+        "P(Parasitized) 0.537 lies in the Uncertain band 0.165-0.882 around the decision "
+        "threshold 0.549"
+    )
     card = result_card(_result("Uncertain", 0.537, reason=reason), show_why=False)
     text = json.dumps(card.to_plotly_json(), default=str)
-    assert "close to the decision threshold 0.549" in text and "Leans Uninfected" in text
+    assert "around the decision threshold 0.549" in text and "Leans Uninfected" in text
     assert "confident" not in text  # "46% confident" beside "leans Uninfected" misleads
     assert "text-warning-emphasis" in text  # amber text readable on white, not yellow
     clear = json.dumps(
@@ -526,7 +529,10 @@ def test_the_decision_rule_puts_the_threshold_in_an_uncertain_reason():
     rule = DecisionRule(temperature=1.0, threshold=0.549, uncertain_margin=0.5)
     decisions, reasons = rule.decide(np.array([0.537, 0.99]))
     assert decisions == ["Uncertain", "Parasitized"]
-    assert reasons[0] == "P(Parasitized) 0.537 is close to the decision threshold 0.549"
+    assert reasons[0] == (
+        "P(Parasitized) 0.537 lies in the Uncertain band 0.425-0.667 around the decision "
+        "threshold 0.549"
+    )
 
 
 def test_a_not_a_cell_card_keeps_signal_names_in_its_tooltip_only():

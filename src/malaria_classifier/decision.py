@@ -48,6 +48,17 @@ class DecisionRule:
             return np.asarray(probabilities, dtype=np.float64)
         return apply_temperature(probabilities, self.temperature)
 
+    def uncertain_band(self) -> tuple[float, float]:
+        """The calibrated probabilities between which a cell is Uncertain.
+
+        The margin is in log-odds, so the band is not symmetric in probability (for
+        the default model, 0.165-0.882 around 0.549): saying so explains why 0.84
+        still counts as too close to call.
+        """
+        centre = logits_from_probabilities(self.threshold)
+        low, high = centre - self.uncertain_margin, centre + self.uncertain_margin
+        return float(1.0 / (1.0 + np.exp(-low))), float(1.0 / (1.0 + np.exp(-high)))
+
     def decide(
         self,
         calibrated: np.ndarray,
@@ -81,9 +92,10 @@ class DecisionRule:
                 )
             elif distance[index] < self.uncertain_margin:
                 decisions.append(UNCERTAIN)
+                low, high = self.uncertain_band()
                 reasons.append(
-                    f"P(Parasitized) {probability:.3f} is close to the decision threshold "
-                    f"{self.threshold:.3f}"
+                    f"P(Parasitized) {probability:.3f} lies in the Uncertain band "
+                    f"{low:.3f}-{high:.3f} around the decision threshold {self.threshold:.3f}"
                 )
             elif unstable[index]:
                 decisions.append(UNCERTAIN)
