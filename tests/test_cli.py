@@ -476,3 +476,19 @@ def test_evaluate_names_unreadable_images_and_refuses_output_inside_the_data(
     result = _run("evaluate", "--data", data, "--model", tiny_model, "--output", inside)
     assert result.exit_code == 2 and "is inside the data folder" in result.output
     assert not inside.exists()
+
+
+def test_data_check_flags_a_picture_filed_under_both_labels(cells, tmp_path):
+    import shutil
+
+    data = tmp_path / "cell_images"
+    shutil.copytree(cells, data)
+    parasitized = sorted((data / "Parasitized").rglob("*.png"))[0]
+    shutil.copy(parasitized, data / "Uninfected" / "C98P2_copy_cell_1.png")
+    (data / "Uninfected" / "notes.txt").write_text("not an image")
+    report = tmp_path / "report.json"
+    result = _run("data", "check", data, "--json", report)
+    assert result.exit_code == 0, result.output
+    assert "Label conflicts: 1 picture(s) stored as both" in result.output
+    assert "C98P2_copy_cell_1.png" in result.output and "notes.txt" in result.output
+    assert len(json.loads(report.read_text())["label_conflicts"]) == 1

@@ -143,15 +143,37 @@ def data_check(
     typer.echo(f"  Unreadable:  {len(report.unreadable)}")
     for _path, error in report.unreadable[:20]:
         typer.echo(f"    {error}")
+    _echo_more(len(report.unreadable), 20, json_output)
     typer.echo(f"  Duplicate contents (same SHA-256): {len(report.duplicates)} group(s)")
     for group in report.duplicates[:10]:
         typer.echo(f"    {' = '.join(group)}")
+    _echo_more(len(report.duplicates), 10, json_output)
+    conflicts = report.label_conflicts
+    if conflicts:
+        typer.secho(
+            f"  Label conflicts: {len(conflicts)} picture(s) stored as both Parasitized and "
+            f"Uninfected; keep one copy with the right label:",
+            fg=typer.colors.YELLOW,
+        )
+        for group in conflicts[:10]:
+            typer.echo(f"    {' = '.join(group)}")
+        _echo_more(len(conflicts), 10, json_output)
     if report.skipped_files:
         typer.echo(f"  Skipped non-image files: {len(report.skipped_files)}")
+        for path in report.skipped_files[:5]:
+            typer.echo(f"    {path}")
+        _echo_more(len(report.skipped_files), 5, json_output)
     if json_output:
         with open_output(json_output) as handle:
             handle.write(json.dumps(summary, indent=2) + "\n")
         typer.echo(f"Report written to {json_output}")
+
+
+def _echo_more(total: int, shown: int, json_output: Path | None) -> None:
+    """Say how many entries a shortened list left out, and where the full list is."""
+    if total > shown:
+        where = f"all in {json_output}" if json_output else "all with --json FILE"
+        typer.echo(f"    ... and {total - shown} more ({where})")
 
 
 data_check.__doc__ = (data_check.__doc__ or "") + (

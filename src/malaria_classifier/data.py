@@ -243,6 +243,13 @@ class DatasetReport:
     records: list[ImageRecord]
     hashes: dict[Path, str]
 
+    @property
+    def label_conflicts(self) -> list[list[str]]:
+        """Duplicate groups whose copies carry different labels: the same picture is
+        called Parasitized and Uninfected, so at least one label is wrong."""
+        labels = {str(record.path): record.label for record in self.records}
+        return [group for group in self.duplicates if len({labels.get(path) for path in group}) > 1]
+
     def to_dict(self) -> dict:
         """A JSON-ready summary (without the per-file lists of records and hashes)."""
         return {
@@ -251,6 +258,7 @@ class DatasetReport:
             "patients": self.patients,
             "unreadable": [{"path": p, "error": e} for p, e in self.unreadable],
             "duplicate_groups": self.duplicates,
+            "label_conflicts": self.label_conflicts,
             "skipped_files": self.skipped_files,
             "image_size": self.size_summary,
             "patient_rule": "see malaria_classifier.data module docstring",
