@@ -628,3 +628,19 @@ def test_api_answers_each_file_past_the_batch_limits(predictor, explainer):
     assert (
         rows[0]["error"] == "" and "second.png: not classified, the batch limit" in rows[1]["error"]
     )
+
+
+def test_examples_in_class_folders_show_the_label_they_are_filed_under(tmp_path):
+    from malaria_classifier.dashboard.app import example_thumbnails, find_examples
+    from malaria_classifier.dashboard.components import example_gallery
+
+    (tmp_path / "Parasitized").mkdir()
+    (tmp_path / "Parasitized" / "p.png").write_bytes(cell_png(True, 30))
+    (tmp_path / "other.png").write_bytes(cell_png(False, 31))
+    thumbnails = example_thumbnails(find_examples(tmp_path), 64)
+    assert [(name, label) for name, _url, label in thumbnails] == [
+        ("p.png", "Parasitized"),
+        ("other.png", ""),
+    ]
+    text = json.dumps(example_gallery(thumbnails).to_plotly_json(), default=str)
+    assert "Classify p.png (filed as Parasitized)" in text and "Classify other.png" in text

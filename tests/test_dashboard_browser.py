@@ -159,15 +159,19 @@ def test_a_batch_with_a_bad_file_classifies_the_rest_and_fills_the_table(
     assert download.is_enabled()
 
 
-def test_model_tab_shows_metrics_and_the_roc_curve(browser, server_url):
+def test_model_tab_opens_from_the_keyboard_with_metrics_and_the_roc_curve(browser, server_url):
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import WebDriverWait
 
     browser.get(server_url)
-    WebDriverWait(browser, WAIT_SECONDS).until(
+    tab = WebDriverWait(browser, WAIT_SECONDS).until(
         expected_conditions.element_to_be_clickable((By.LINK_TEXT, "Model"))
-    ).click()
+    )
+    # Reachable and usable from the keyboard, not only by mouse.
+    WebDriverWait(browser, WAIT_SECONDS).until(lambda _: tab.get_attribute("tabindex") == "0")
+    tab.send_keys(Keys.ENTER)
     WebDriverWait(browser, WAIT_SECONDS).until(
         expected_conditions.visibility_of_element_located((By.CSS_SELECTOR, "#roc-curve .main-svg"))
     )

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from dash import Dash
 
+from malaria_classifier.constants import CLASS_NAMES
 from malaria_classifier.dashboard.api import register_api
 from malaria_classifier.dashboard.callbacks import DashboardContext, register_callbacks
 from malaria_classifier.dashboard.layout import TITLE, build_layout
@@ -121,12 +122,17 @@ def _spread(paths: list[Path], count: int) -> list[Path]:
     return [paths[int(index * step)] for index in range(count)]
 
 
-def example_thumbnails(paths: list[Path], size: int) -> list[tuple[str, str]]:
-    """(name, PNG data URL) for each example; unreadable ones are left out of the gallery."""
+def example_thumbnails(paths: list[Path], size: int) -> list[tuple[str, str, str]]:
+    """(name, PNG data URL, label) for each example; unreadable ones are left out.
+
+    The label is the class folder the file sits in (NIH layout; empty otherwise), shown
+    under the thumbnail so a first-time user can check the model against known answers.
+    """
     thumbnails = []
     for path in paths:
+        label = path.parent.name if path.parent.name in CLASS_NAMES else ""
         try:
-            thumbnails.append((path.name, png_data_url(load_for_model(path, size))))
+            thumbnails.append((path.name, png_data_url(load_for_model(path, size)), label))
         except ImageLoadError:
             continue
     return thumbnails

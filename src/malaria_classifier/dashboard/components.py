@@ -264,21 +264,31 @@ def table_rows(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{key: result.get(key) for key, _ in TABLE_COLUMNS} for result in results]
 
 
-def example_gallery(thumbnails: Sequence[tuple[str, str]]) -> html.Details:
-    """Clickable thumbnails; ``thumbnails`` holds (file name, PNG data URL) pairs.
+def example_gallery(thumbnails: Sequence[tuple[str, str, str]]) -> html.Details:
+    """Clickable thumbnails; ``thumbnails`` holds (file name, PNG data URL, label) triples,
+    the label being the class folder of the file ("" when it is in none).
 
     Folded away once a batch is uploaded, and its heading says a click replaces the
     results: a stray click above a 200-cell batch must not lose it unannounced.
     """
     buttons = [
-        html.Button(
-            html.Img(src=url, alt=name, className="example-image"),
-            id={"type": ids.EXAMPLE_BUTTON, "index": index},
-            title=f"Classify {name}",
-            className="example-button",
-            n_clicks=0,
+        html.Div(
+            [
+                html.Button(
+                    html.Img(src=url, alt=_filed_as(name, label), className="example-image"),
+                    id={"type": ids.EXAMPLE_BUTTON, "index": index},
+                    title=f"Classify {_filed_as(name, label)}",
+                    className="example-button",
+                    n_clicks=0,
+                ),
+                html.Div(
+                    label,
+                    className=f"example-label {text_class(DECISION_COLOURS.get(label, 'muted'))}",
+                ),
+            ],
+            className="example",
         )
-        for index, (name, url) in enumerate(thumbnails)
+        for index, (name, url, label) in enumerate(thumbnails)
     ]
     return html.Details(
         [
@@ -291,6 +301,10 @@ def example_gallery(thumbnails: Sequence[tuple[str, str]]) -> html.Details:
         id=ids.EXAMPLES,
         open=True,
     )
+
+
+def _filed_as(name: str, label: str) -> str:
+    return f"{name} (filed as {label})" if label else name
 
 
 def metrics_table(metrics: dict[str, Any]) -> dbc.Table:

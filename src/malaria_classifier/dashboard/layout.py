@@ -23,7 +23,7 @@ def build_layout(
     limits: UploadLimits,
     model_name: str,
     model_page: html.Div,
-    example_thumbnails: Sequence[tuple[str, str]] = (),
+    example_thumbnails: Sequence[tuple[str, str, str]] = (),
 ) -> dbc.Container:
     """The whole page; the model page is built once at start-up by the caller."""
     return dbc.Container(
@@ -70,7 +70,9 @@ def _header(model_name: str) -> html.Div:
     )
 
 
-def _classify_tab(limits: UploadLimits, example_thumbnails: Sequence[tuple[str, str]]) -> html.Div:
+def _classify_tab(
+    limits: UploadLimits, example_thumbnails: Sequence[tuple[str, str, str]]
+) -> html.Div:
     return html.Div(
         [
             dcc.Upload(
