@@ -492,3 +492,23 @@ def test_data_check_flags_a_picture_filed_under_both_labels(cells, tmp_path):
     assert "Label conflicts: 1 picture(s) stored as both" in result.output
     assert "C98P2_copy_cell_1.png" in result.output and "notes.txt" in result.output
     assert len(json.loads(report.read_text())["label_conflicts"]) == 1
+
+
+def test_evaluate_on_one_class_says_which_metrics_are_undefined(cells, tiny_model, tmp_path):
+    import shutil
+
+    data = tmp_path / "cell_images"
+    shutil.copytree(cells, data)
+    for path in (data / "Uninfected").iterdir():
+        if path.name.startswith("C") and path.suffix == ".png":
+            path.unlink()  # keep the folder; new patients' uninfected cells are gone
+    (data / "Uninfected" / "C97_x_cell_1.png").write_bytes(b"broken")  # class folder not empty
+    output = tmp_path / "ev"
+    result = _run("evaluate", "--data", data, "--model", tiny_model, "--output", output)
+    assert result.exit_code == 0, result.output
+    assert "roc_auc      undefined (all cells are Parasitized" in result.output
+    assert "no ROC curve" in result.output and not (output / "roc_curve.json").exists()
+    json.loads(
+        (output / "metrics.json").read_text(),
+        parse_constant=lambda name: pytest.fail(f"{name} in metrics.json"),
+    )

@@ -1,5 +1,6 @@
 """Metrics are exact on hand-checked examples; intervals come from resampling patients."""
 
+import json
 import math
 
 import numpy as np
@@ -102,3 +103,19 @@ def test_roc_points_start_at_origin_and_end_at_one():
     assert roc["false_positive_rate"][0] == 0.0
     assert roc["true_positive_rate"][-1] == 1.0
     assert all(np.isfinite(roc["thresholds"]))
+
+
+def test_one_class_gives_null_metrics_with_a_reason_and_no_roc_curve():
+    y_true = np.ones(6, dtype=int)  # Parasitized cells only
+    y_score = np.array([0.9, 0.8, 0.2, 0.95, 0.7, 0.99])
+    block = summarize(y_true, y_score, ["P1", "P1", "P2", "P2", "P3", "P3"], "test", 0.5, 50)
+    assert block["metrics"]["recall"]["value"] == pytest.approx(5 / 6)
+    assert block["metrics"]["specificity"]["value"] is None
+    assert block["metrics"]["roc_auc"]["ci95"] == [None, None]
+    assert (
+        block["undefined"]["roc_auc"]
+        == "all cells are Parasitized; roc_auc needs cells of both classes"
+    )
+    assert "recall" not in block["undefined"]
+    json.dumps(block, allow_nan=False)  # strict JSON: no NaN anywhere
+    assert roc_points(y_true, y_score) is None

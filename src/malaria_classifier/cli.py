@@ -401,7 +401,13 @@ def _echo_metrics(block: dict[str, Any]) -> None:
     )
     for name, values in block["metrics"].items():
         low, high = values["ci95"]
-        typer.echo(f"  {name:<12} {values['value']:.4f}  [{low:.4f}, {high:.4f}]")
+        if values["value"] is None:
+            reason = block.get("undefined", {}).get(name, "no value")
+            typer.echo(f"  {name:<12} undefined ({reason})")
+        elif low is None or high is None:
+            typer.echo(f"  {name:<12} {values['value']:.4f}  [no interval]")
+        else:
+            typer.echo(f"  {name:<12} {values['value']:.4f}  [{low:.4f}, {high:.4f}]")
 
 
 @app.command()
@@ -433,7 +439,12 @@ def evaluate(
         for item in unreadable[:5]:
             typer.echo(f"  {item['error']}", err=True)
     _echo_metrics(report)
-    typer.echo(f"Written: {output}/metrics.json, per_patient.csv, confusion_matrix.*, roc_curve.*")
+    figures = (
+        "confusion_matrix.*, roc_curve.*"
+        if "roc_auc" not in report["undefined"]
+        else ("confusion_matrix.* (no ROC curve: it needs cells of both classes)")
+    )
+    typer.echo(f"Written: {output}/metrics.json, per_patient.csv, {figures}")
 
 
 @app.command()

@@ -267,7 +267,15 @@ def _fold_row(run_dir: Path, fold: int) -> dict[str, Any]:
     metrics = json.loads((fold_dir(run_dir, fold) / METRICS_FILE).read_text(encoding="utf-8"))
     test = metrics["test"]
     row: dict[str, Any] = {"fold": fold + 1, "patients": test["patients"], "cells": test["cells"]}
-    row.update({name: test["metrics"][name]["value"] for name in METRIC_NAMES})
+    # An undefined metric is null in metrics.json; NaN here, so means and sds stay numeric.
+    row.update(
+        {
+            name: math.nan
+            if test["metrics"][name]["value"] is None
+            else test["metrics"][name]["value"]
+            for name in METRIC_NAMES
+        }
+    )
     return row
 
 

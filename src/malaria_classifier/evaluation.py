@@ -7,6 +7,7 @@ replacement and all their cells come along. The positive class is Parasitized.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -174,8 +175,11 @@ def per_patient_table(
     return rows
 
 
-def roc_points(y_true: np.ndarray, y_score: np.ndarray) -> dict[str, list[float]]:
-    """False/true positive rates and thresholds of the ROC curve."""
+def roc_points(y_true: np.ndarray, y_score: np.ndarray) -> dict[str, list[float]] | None:
+    """False/true positive rates and thresholds of the ROC curve; None with one class
+    only, where the curve does not exist."""
+    if len(set(np.asarray(y_true).astype(int).tolist())) < 2:
+        return None
     fpr, tpr, thresholds = roc_curve(np.asarray(y_true).astype(int), np.asarray(y_score))
     return {
         "false_positive_rate": fpr.tolist(),
@@ -195,6 +199,7 @@ def summarize(
     """The full metrics block written to ``metrics.json`` and the model card."""
     point = compute_metrics(y_true, y_score, threshold)
     intervals = bootstrap_intervals(y_true, y_score, groups, threshold, n_resamples)
+    classes = {int(label) for label in np.asarray(y_true)}
     return {
         "split": split,
         "unit": "cell (metrics over cells; confidence intervals from a bootstrap over patients)",
@@ -208,7 +213,30 @@ def summarize(
             "counts": [[point["tn"], point["fp"]], [point["fn"], point["tp"]]],
         },
         "metrics": {
-            name: {"value": point[name], "ci95": list(intervals[name])} for name in METRIC_NAMES
+            name: {
+                "value": _defined(point[name]),
+                "ci95": [_defined(bound) for bound in intervals[name]],
+            }
+            for name in METRIC_NAMES
+        },
+        "undefined": {
+            name: _why_undefined(name, classes) for name in METRIC_NAMES if _nan(point[name])
         },
         "bootstrap": {"resamples": n_resamples, "unit": "patient", "method": "percentile"},
     }
+
+
+def _nan(value: float) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
+def _defined(value: float) -> float | None:
+    """``None`` (JSON null) for a metric that has no value: strict JSON has no NaN."""
+    return None if _nan(float(value)) else float(value)
+
+
+def _why_undefined(name: str, classes: set[int]) -> str:
+    if len(classes) < 2:
+        only = CLASS_NAMES[next(iter(classes))] if classes else "no"
+        return f"all cells are {only}; {name} needs cells of both classes"
+    return f"{name} divides by zero on these cells (e.g. no cell called Parasitized)"

@@ -114,24 +114,29 @@ def roc_curve_figure(roc: dict[str, list[float]], auc: float, split: str) -> Fig
 def save_figures(
     output_dir: Path,
     counts: list[list[int]],
-    roc: dict[str, list[float]],
-    auc: float,
+    roc: dict[str, list[float]] | None,
+    auc: float | None,
     split: str,
     threshold: float | None = None,
 ) -> list[Path]:
     """Write confusion matrix and ROC curve as PNG and Plotly JSON; returns the paths.
 
     ``threshold`` is the one the confusion matrix's counts were cut at (in its title).
+    Without a ROC curve (``roc`` None: cells of one class only) only the matrix is written.
     """
     written = []
-    for stem, plotly_figure, matplotlib_figure in (
+    figures = [
         (
             "confusion_matrix",
             confusion_matrix_plotly(counts, split, threshold),
             confusion_matrix_figure(counts, split, threshold),
-        ),
-        ("roc_curve", roc_curve_plotly(roc, auc, split), roc_curve_figure(roc, auc, split)),
-    ):
+        )
+    ]
+    if roc is not None and auc is not None:
+        figures.append(
+            ("roc_curve", roc_curve_plotly(roc, auc, split), roc_curve_figure(roc, auc, split))
+        )
+    for stem, plotly_figure, matplotlib_figure in figures:
         json_path = output_dir / f"{stem}.json"
         json_path.write_text(plotly_figure.to_json(), encoding="utf-8")
         png_path = output_dir / f"{stem}.png"

@@ -345,6 +345,10 @@ def _threshold(metrics: dict[str, Any], splits: list[str]) -> str:
 
 def _value_with_interval(entry: dict[str, Any]) -> str:
     low, high = entry["ci95"]
+    if entry["value"] is None:
+        return "undefined"
+    if low is None or high is None:
+        return f"{entry['value']:.3f}"
     return f"{entry['value']:.3f} [{low:.3f}, {high:.3f}]"
 
 
