@@ -308,7 +308,20 @@ def test_predict_runs_onnx_by_default_and_it_matches_keras(shared_data_dir, tmp_
 
 def test_predict_refuses_an_unknown_runtime_by_name(tmp_path):
     result = _run("predict", tmp_path, "--runtime", "torch")
-    assert result.exit_code == 2 and "Unknown runtime 'torch'" in result.output
+    assert result.exit_code == 2 and "--runtime must be one of auto, keras, onnx" in result.output
+    result = _run("predict", tmp_path, "--runtime", "tflite")  # offered nowhere in predict
+    assert result.exit_code == 2 and "malaria export --format tflite" in result.output
+
+
+def test_a_model_folder_or_a_non_keras_file_is_a_clear_error(tiny_model, tmp_path):
+    result = _run("predict", tmp_path, "--model", tiny_model.parent, "--runtime", "keras")
+    assert result.exit_code == 2 and f"is a folder; pass the .keras file such as {tiny_model}" in (
+        result.output
+    )
+    image = tmp_path / "cell.png"
+    image.write_bytes(b"\x89PNG")
+    result = _run("predict", tmp_path, "--model", image, "--runtime", "keras")
+    assert result.exit_code == 2 and "is not a .keras file" in result.output
 
 
 def record_train_calls(monkeypatch) -> list[dict]:

@@ -57,6 +57,9 @@ def _user_errors(function: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+PREDICT_RUNTIMES = ("auto", "keras", "onnx")
+
+
 def _is_folder(path: Path) -> bool:
     """Whether ``path`` is a folder; False when it cannot even be looked at."""
     try:
@@ -519,6 +522,12 @@ def predict(
         raise ValueError("--group-by and --summary go together: pass both or neither.")
     if group_by is not None and group_by not in GROUPINGS:
         raise ValueError(f"--group-by must be one of {', '.join(GROUPINGS)}, got {group_by!r}.")
+    if runtime not in PREDICT_RUNTIMES:  # before TensorFlow is imported: a typo costs 0 s
+        raise ValueError(
+            f"--runtime must be one of {', '.join(PREDICT_RUNTIMES)}, got {runtime!r}. "
+            f"(TFLite gives probabilities only, without the Not-a-cell check: use it through "
+            f"`malaria export --format tflite`.)"
+        )
     if output is not None:
         check_output_path(output, "--output", inputs=paths, others=[summary])
     if summary is not None:

@@ -316,9 +316,21 @@ def load_model(path: str) -> keras.Model:
     from pathlib import Path
 
     model_path = Path(path)
+    if model_path.is_dir():
+        inside = sorted(model_path.glob("*.keras"))
+        hint = f" such as {inside[0]}" if inside else ""
+        raise ValueError(
+            f"--model {model_path} is a folder; pass the .keras file{hint} (written by "
+            f"`malaria train` into its run folder)."
+        )
     if not model_path.is_file():
         raise ValueError(
             f"Model file {model_path} does not exist. Pass a .keras file written by "
+            f"`malaria train`, or leave --model out to use the bundled default."
+        )
+    if model_path.suffix.lower() != ".keras":
+        raise ValueError(
+            f"--model {model_path} is not a .keras file. Pass a .keras file written by "
             f"`malaria train`, or leave --model out to use the bundled default."
         )
     try:
