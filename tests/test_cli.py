@@ -525,3 +525,19 @@ def test_evaluate_on_one_class_says_which_metrics_are_undefined(cells, tiny_mode
         (output / "metrics.json").read_text(),
         parse_constant=lambda name: pytest.fail(f"{name} in metrics.json"),
     )
+
+
+@pytest.mark.parametrize("argv", [["evaluate", "--help"], ["data", "check", "--help"]])
+def test_help_and_data_commands_do_not_load_tensorflow(argv):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        f"sys.argv = ['malaria', *{argv!r}]\n"
+        "from malaria_classifier.cli import app\n"
+        "try:\n    app()\nexcept SystemExit:\n    pass\n"
+        "print('tensorflow loaded:', 'tensorflow' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert "Usage" in result.stdout and "tensorflow loaded: False" in result.stdout

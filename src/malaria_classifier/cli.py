@@ -107,7 +107,9 @@ def main(
     ] = False,
 ) -> None:
     """Tell Parasitized from Uninfected red-blood-cell images (NIH/NLM malaria cells)."""
-    if context.invoked_subcommand != "predict":  # predict imports it only if it must
+    # predict imports TensorFlow only if it must, data commands and --help never do (a
+    # help text took 4 s); the rest import it here, with its start-up log hidden.
+    if context.invoked_subcommand not in ("predict", "data") and "--help" not in sys.argv:
         _import_tensorflow_quietly()
 
 
