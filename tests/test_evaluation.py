@@ -119,3 +119,13 @@ def test_one_class_gives_null_metrics_with_a_reason_and_no_roc_curve():
     assert "recall" not in block["undefined"]
     json.dumps(block, allow_nan=False)  # strict JSON: no NaN anywhere
     assert roc_points(y_true, y_score) is None
+
+
+def test_no_parasitized_call_names_the_reason_for_precision_and_mcc():
+    y_true = np.array([1, 1, 0, 0])
+    y_score = np.array([0.4, 0.3, 0.2, 0.1])  # both classes, every cell called Uninfected
+    block = summarize(y_true, y_score, ["P1", "P2", "C1", "C2"], "test", 0.5, 20)
+    assert block["undefined"]["precision"].startswith("no cell was called Parasitized")
+    assert block["undefined"]["mcc"].startswith("every cell was called the same label")
+    assert block["metrics"]["roc_auc"]["value"] == pytest.approx(1.0)
+    assert set(block["undefined"]) == {"precision", "mcc"}

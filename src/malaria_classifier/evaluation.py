@@ -239,4 +239,8 @@ def _why_undefined(name: str, classes: set[int]) -> str:
     if len(classes) < 2:
         only = CLASS_NAMES[next(iter(classes))] if classes else "no"
         return f"all cells are {only}; {name} needs cells of both classes"
-    return f"{name} divides by zero on these cells (e.g. no cell called Parasitized)"
+    if name == "precision":
+        return "no cell was called Parasitized at this threshold, so precision divides by zero"
+    return (
+        f"every cell was called the same label at this threshold, so {name} divides by zero"
+    )

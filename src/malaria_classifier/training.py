@@ -1,9 +1,10 @@
 """Train a model into a run folder that can be resumed and reproduced.
 
-A run folder holds: ``config.yaml`` (resolved settings), ``manifest.csv`` (the
-patient-level split), ``model.keras`` (best epoch by validation loss, weights only,
-no optimizer), ``model_card.json``, ``history.json``, ``metrics.json``,
-``evaluation/`` (test-split figures), ``tensorboard/`` and ``checkpoint/`` (the last
+A run folder holds: ``config.yaml`` (resolved settings), ``data_report.json``,
+``manifest.csv`` (the patient-level split), ``model.keras`` (best epoch by validation
+loss, weights only, no optimizer) and its serving copy (``model.serving.*``),
+``model_card.json``, ``history.json``, ``metrics.json``, ``evaluation/`` (test-split
+figures, ``per_patient.csv``), ``tensorboard/`` and ``checkpoint/`` (the last
 epoch with optimizer state, for ``--resume``); with ``--exclude-cells``, also
 ``left_out_of_training.csv`` (the training cells not trained on). Every file is
 written to a temporary name and renamed, so a killed run never leaves a corrupt model
