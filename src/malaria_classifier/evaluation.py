@@ -241,6 +241,4 @@ def _why_undefined(name: str, classes: set[int]) -> str:
         return f"all cells are {only}; {name} needs cells of both classes"
     if name == "precision":
         return "no cell was called Parasitized at this threshold, so precision divides by zero"
-    return (
-        f"every cell was called the same label at this threshold, so {name} divides by zero"
-    )
+    return f"every cell was called the same label at this threshold, so {name} divides by zero"
