@@ -128,7 +128,7 @@ def test_unknown_key_in_yaml_is_named(write_yaml):
 
 
 def test_unknown_override_is_named():
-    with pytest.raises(ValueError, match=r"^config: unknown setting\(s\) \['lr'\]"):
+    with pytest.raises(ValueError, match=r"^settings: unknown setting\(s\) \['lr'\]"):
         load_config(lr=0.1)
 
 
@@ -168,6 +168,19 @@ def test_wrong_types_are_rejected(write_yaml, text, message):
         ({"batch_size": 0}, r"batch_size must be a positive integer, got 0"),
         ({"epochs": -3}, r"epochs must be a positive integer, got -3"),
         ({"conv_blocks": 0}, r"conv_blocks must be a positive integer, got 0"),
+        ({"learning_rate": float("nan")}, r"learning_rate must be a finite number, got nan"),
+        ({"blur_max_sigma": float("inf")}, r"blur_max_sigma must be a finite number, got inf"),
+        ({"contrast_range": 1.5}, r"contrast_range must be between 0 and 0\.99, got 1\.5"),
+        ({"zoom_range": -0.1}, r"zoom_range must be between 0 and 0\.9, got -0\.1"),
+        ({"hue_delta": 0.7}, r"hue_delta must be between 0 and 0\.5, got 0\.7"),
+        ({"shift_range": 0.6}, r"shift_range must be between 0 and 0\.5, got 0\.6"),
+        ({"test_fraction": 0.0}, r"test_fraction must be between 0\.01 and 0\.8, got 0\.0"),
+        (
+            {"validation_fraction": 0.5, "test_fraction": 0.45},
+            r"validation_fraction \+ test_fraction = 0\.95 leaves almost nothing",
+        ),
+        ({"seed": -1}, r"seed must be an integer from 0 to 4294967295 .*, got -1"),
+        ({"training_seed": 2**32}, r"training_seed must be an integer from 0 to 4294967295"),
     ],
 )
 def test_invalid_values_are_rejected(values, message):
@@ -233,12 +246,12 @@ def test_saved_defaults_load_back_as_defaults(tmp_path):
 
 
 def test_ints_are_accepted_for_float_fields(write_yaml):
-    path = write_yaml("dropout_rate: 0\nzoom_range: 1\n")
+    path = write_yaml("dropout_rate: 0\nblur_max_sigma: 2\n")
 
     config = load_config(path)
 
     assert config.dropout_rate == 0.0 and isinstance(config.dropout_rate, float)
-    assert config.zoom_range == 1.0 and isinstance(config.zoom_range, float)
+    assert config.blur_max_sigma == 2.0 and isinstance(config.blur_max_sigma, float)
 
 
 def test_config_from_dict_names_the_source():
@@ -271,3 +284,30 @@ def test_training_seed_round_trips_set_and_unset(tmp_path):
 def test_training_seed_must_be_an_integer(write_yaml):
     with pytest.raises(ValueError, match="training_seed must be an integer, got 'x'"):
         load_config(write_yaml("training_seed: x\n"))
+
+
+def test_a_bad_value_in_a_file_names_the_file_and_the_flags(write_yaml):
+    path = write_yaml("contrast_range: 2.0\n")
+
+    with pytest.raises(ValueError, match=re.escape(f"{path}: contrast_range must be between")):
+        load_config(path)
+    with pytest.raises(
+        ValueError,
+        match=re.escape(f"{path} with the command-line settings epochs: contrast_range"),
+    ):
+        load_config(path, epochs=3)
+
+
+def test_non_string_keys_are_named_not_a_traceback(write_yaml):
+    path = write_yaml("epochs: 3\n1: 2\n")
+
+    with pytest.raises(ValueError, match=re.escape(f"{path}: unknown setting(s) [1]")):
+        load_config(path)
+
+
+def test_a_config_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("# r\xe9glages\nepochs: 3\n".encode("latin-1"))
+
+    with pytest.raises(ValueError, match=re.escape(f"{path} is not UTF-8 text")):
+        load_config(path)

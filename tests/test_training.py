@@ -210,6 +210,35 @@ def test_listed_training_cells_are_left_out_of_training_and_resume_keeps_them(
     assert result.metrics["test"]["cells"] == sum(row.split == "test" for row in split)
 
 
+def test_a_fresh_start_drops_the_cell_list_of_a_start_that_finished_no_epoch(
+    finished_run, synthetic_cells, tmp_path, monkeypatch
+):
+    split = read_manifest(finished_run.run_dir / "manifest.csv")
+    train_rows = [row for row in split if row.split == "train"]
+    seen_by_training = []
+    real_datasets = training.make_split_datasets
+
+    def die_first_then_spy(root, rows, config):
+        seen_by_training.append({row.path for row in rows})
+        if len(seen_by_training) == 1:
+            raise KeyboardInterrupt  # killed while building the input pipeline
+        return real_datasets(root, rows, config)
+
+    monkeypatch.setattr(training, "make_split_datasets", die_first_then_spy)
+    run_dir = tmp_path / "run"
+    listed = {row.sha256 for row in train_rows[:3]}
+    with pytest.raises(KeyboardInterrupt):
+        train_model(synthetic_cells, TINY, run_dir, verbose=0, exclude_cells=listed)
+    assert (run_dir / "left_out_of_training.csv").exists()
+
+    train_model(synthetic_cells, TINY, run_dir, verbose=0)  # started again, no list
+
+    assert not (run_dir / "left_out_of_training.csv").exists()
+    assert {row.path for row in train_rows} <= seen_by_training[1]
+    card = json.loads((run_dir / "model_card.json").read_text())
+    assert card["training"]["cells_left_out"] == 0
+
+
 def test_a_list_that_empties_a_class_of_training_is_refused(
     finished_run, synthetic_cells, tmp_path
 ):

@@ -7,6 +7,7 @@ reproduced from its folder alone (``malaria train --config RUN/config.yaml``).
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,6 +133,21 @@ class TrainingConfig:
         return self.seed if self.training_seed is None else self.training_seed
 
     def __post_init__(self) -> None:
+        _check_finite(self)
+        _check_ranges(self, _RANGES)
+        for name in ("seed", "training_seed"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < 2**32:
+                raise ValueError(
+                    f"{name} must be an integer from 0 to {2**32 - 1} (TensorFlow and NumPy "
+                    f"seeds are 32-bit), got {value}."
+                )
+        if self.validation_fraction + self.test_fraction >= 0.9:
+            raise ValueError(
+                f"validation_fraction + test_fraction = "
+                f"{self.validation_fraction + self.test_fraction:.2f} leaves almost nothing "
+                f"to train on; keep their sum below 0.9."
+            )
         _check_positive(
             self, ("image_size", "base_filters", "conv_blocks", "convs_per_block", "dense_units")
         )
@@ -184,6 +200,40 @@ class TrainingConfig:
         return dataclasses.asdict(self)
 
 
+# Closed ranges of the augmentation strengths and split shares. Each bound keeps the
+# transform meaningful: a contrast or saturation factor drawn from 1 +- range must stay
+# positive, a hue shift of half the colour circle is already the opposite colour, and a
+# shift of half the side moves the cell out of the picture.
+_RANGES: dict[str, tuple[float, float]] = {
+    "zoom_range": (0.0, 0.9),
+    "shift_range": (0.0, 0.5),
+    "brightness_delta": (0.0, 1.0),
+    "contrast_range": (0.0, 0.99),
+    "saturation_range": (0.0, 0.99),
+    "hue_delta": (0.0, 0.5),
+    "channel_gain_range": (0.0, 0.99),
+    "blur_max_sigma": (0.0, 10.0),
+    "validation_fraction": (0.01, 0.8),
+    "test_fraction": (0.01, 0.8),
+}
+
+
+def _check_finite(config: TrainingConfig) -> None:
+    """Refuse NaN and infinity: every comparison with them is False, so they would
+    otherwise slip through the range checks and poison training silently."""
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{field.name} must be a finite number, got {value}.")
+
+
+def _check_ranges(config: TrainingConfig, ranges: dict[str, tuple[float, float]]) -> None:
+    for name, (low, high) in ranges.items():
+        value = getattr(config, name)
+        if not low <= value <= high:
+            raise ValueError(f"{name} must be between {low:g} and {high:g}, got {value}.")
+
+
 def _check_positive(config: TrainingConfig, names: tuple[str, ...]) -> None:
     for name in names:
         value = getattr(config, name)
@@ -198,7 +248,7 @@ def config_from_dict(values: dict[str, Any], source: str = "config") -> Training
         ValueError: Naming the offending key and the accepted ones.
     """
     fields = {field.name: field for field in dataclasses.fields(TrainingConfig)}
-    unknown = sorted(set(values) - set(fields))
+    unknown = sorted((key for key in values if key not in fields), key=repr)
     if unknown:
         raise ValueError(
             f"{source}: unknown setting(s) {unknown}. Accepted settings: {', '.join(fields)}."
@@ -212,7 +262,10 @@ def config_from_dict(values: dict[str, Any], source: str = "config") -> Training
             continue
         expected = next(kind for kind in allowed if kind is not type(None))
         converted[name] = _convert(name, value, expected, source)
-    return TrainingConfig(**converted)
+    try:
+        return TrainingConfig(**converted)
+    except ValueError as error:
+        raise ValueError(f"{source}: {error}") from None
 
 
 _ARTICLE = {bool: "true or false", int: "an integer", float: "a number", str: "text"}
@@ -246,6 +299,11 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> TrainingCon
             raise ValueError(f"Config file {path} does not exist. Check the path.")
         try:
             loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise ValueError(
+                f"{path} is not UTF-8 text. Save the config file as UTF-8 YAML "
+                f"(e.g. a copy of a run's config.yaml)."
+            ) from None
         except yaml.YAMLError as error:
             raise ValueError(f"{path} is not valid YAML: {error}") from None
         if loaded is None:
@@ -255,8 +313,12 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> TrainingCon
                 f"{path} must hold a mapping of settings, got {type(loaded).__name__}."
             )
         values.update(loaded)
-    values.update({key: value for key, value in overrides.items() if value is not None})
-    return config_from_dict(values, source=str(path) if path else "config")
+    given = {key: value for key, value in overrides.items() if value is not None}
+    values.update(given)
+    source = str(path) if path else "settings"
+    if path and given:
+        source += f" with the command-line settings {', '.join(sorted(given))}"
+    return config_from_dict(values, source=source)
 
 
 def save_config(config: TrainingConfig, path: Path) -> None:

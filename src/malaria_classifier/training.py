@@ -191,6 +191,15 @@ def _open_run(
             f"choose another --output folder."
         )
     (run_dir / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
+    stale_left_out = run_dir / LEFT_OUT_FILE
+    if stale_left_out.exists():
+        # Left by an earlier start that ended before its first epoch: this run decides
+        # its own cells, and a stale list would silently shrink its training split.
+        stale_left_out.unlink()
+        print(
+            f"Replacing {stale_left_out} of an earlier start of this run that finished no epoch.",
+            file=sys.stderr,
+        )
     save_config(config, run_dir / "config.yaml")
     if manifest is None:
         root, rows = prepare_split(data_dir, config, run_dir)
