@@ -360,6 +360,20 @@ def test_train_passes_the_listed_cells_and_ignores_the_list_on_resume(cells, tmp
     assert "other settings are ignored" in resumed.output
 
 
+def test_an_interrupted_training_says_how_to_resume(cells, tmp_path, monkeypatch):
+    import malaria_classifier.training
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(malaria_classifier.training, "train_model", interrupted)
+    run = tmp_path / "run"
+    result = _run("train", "--data", cells, "--output", run)
+
+    assert result.exit_code == 130
+    assert f"continue with: malaria train --data {cells} --output {run} --resume" in result.output
+
+
 def test_tune_passes_seeds_per_trial_and_refuses_zero(cells, tmp_path, monkeypatch):
     import malaria_classifier.tune
 

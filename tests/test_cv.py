@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 from collections import defaultdict
 
 import numpy as np
@@ -12,11 +13,13 @@ from typer.testing import CliRunner
 from malaria_classifier.cli import app
 from malaria_classifier.config import TrainingConfig
 from malaria_classifier.cv import (
+    CrossValidationResult,
     cross_validate,
     fold_dir,
     format_table,
     most_errors,
     summarize_folds,
+    write_results,
 )
 from malaria_classifier.data import check_dataset
 from malaria_classifier.evaluation import METRIC_NAMES
@@ -224,3 +227,26 @@ def test_train_refuses_a_list_made_per_fold(report, tmp_path):
     assert "gives cells per cross-validation fold (column fold)" in output.output
     assert "Traceback" not in output.output
     assert not (tmp_path / "run").exists()
+
+
+def test_fewer_than_two_folds_is_refused_before_anything_is_written(report, tmp_path):
+    run_dir = tmp_path / "cv"
+    with pytest.raises(ValueError, match="--folds must be an integer of at least 2, got 1"):
+        cross_validate(report.root, TINY, run_dir, folds=1, verbose=0, progress=False)
+    assert not run_dir.exists()
+
+
+def test_undefined_fold_figures_are_null_in_strict_json(tmp_path):
+    folds = [
+        {"fold": 1, "patients": 3, "cells": 9, **dict.fromkeys(METRIC_NAMES, 0.9)},
+        {"fold": 2, "patients": 3, "cells": 9, **dict.fromkeys(METRIC_NAMES, 0.8)},
+    ]
+    folds[1]["precision"] = math.nan  # no cell called Parasitized in fold 2
+    mean, sd = summarize_folds(folds)
+    write_results(CrossValidationResult(tmp_path, folds, mean, sd, 1.0))
+
+    text = (tmp_path / "cv_results.json").read_text()
+    saved = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in JSON"))
+    assert saved["folds"][1]["precision"] is None
+    assert saved["mean"]["precision"] is None and saved["sd"]["precision"] is None
+    assert saved["mean"]["accuracy"] == pytest.approx(0.85)

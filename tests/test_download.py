@@ -217,7 +217,25 @@ def test_missing_url_raises_naming_url(tmp_path: Path, server: LocalServer) -> N
     assert url in message
     assert "404" in message
     assert "--url" in message
-    assert _files_under(dest) == []
+    assert not dest.exists()  # made for this download, removed again when it failed
+
+
+def test_a_failed_download_keeps_a_folder_that_was_there(
+    tmp_path: Path, server: LocalServer
+) -> None:
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(DownloadError, match="404"):
+        download_dataset(dest, url=server.url("does-not-exist.zip"), progress=False)
+    assert dest.is_dir() and _files_under(dest) == []
+
+
+def test_a_dest_that_is_a_file_is_refused(tmp_path: Path, server: LocalServer) -> None:
+    dest = tmp_path / "notes.txt"
+    dest.write_text("keep", encoding="utf-8")
+    with pytest.raises(DownloadError, match="is a file; the data set needs a folder"):
+        download_dataset(dest, url=server.url("cell_images.zip"), progress=False)
+    assert dest.read_text(encoding="utf-8") == "keep" and server.requests == []
 
 
 def test_unreachable_host_raises(tmp_path: Path, server: LocalServer) -> None:

@@ -1,6 +1,7 @@
 """Exports (SavedModel, TFLite, ONNX) agree with the Keras model on real cells."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -208,6 +209,39 @@ def test_export_never_overwrites(tmp_path):
     with pytest.raises(FileExistsError, match="already exists; remove it or choose another"):
         export_model(model, "onnx", output)
     assert output.read_bytes() == b"keep me"
+
+
+def test_export_never_overwrites_a_card_left_from_an_earlier_export(tmp_path):
+    model = save_tiny_model(tmp_path / "model.keras")
+    card = tmp_path / "model.onnx.model_card.json"
+    card.write_text("{}", encoding="utf-8")
+    with pytest.raises(FileExistsError, match="model_card.json already exists"):
+        export_model(model, "onnx", tmp_path / "model.onnx")
+    assert card.read_text(encoding="utf-8") == "{}"
+    assert not (tmp_path / "model.onnx").exists()
+
+
+def test_an_output_named_for_another_format_is_refused(tmp_path):
+    model = save_tiny_model(tmp_path / "model.keras")
+    with pytest.raises(ValueError, match=r"named like a tflite model but --format is onnx"):
+        export_model(model, "onnx", tmp_path / "model.tflite")
+    assert not (tmp_path / "model.tflite").exists()
+
+
+def test_a_failed_write_names_the_output_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    model = save_tiny_model(tmp_path / "model.keras")
+    real_write_bytes = Path.write_bytes
+
+    def disk_full(self, data):
+        real_write_bytes(self, data[:10])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", disk_full)
+    output = tmp_path / "model.onnx"
+    with pytest.raises(OSError, match="No space left on device") as caught:
+        export_model(model, "onnx", output)
+    assert caught.value.filename == str(output)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model.keras"]
 
 
 def test_export_of_a_missing_model_names_it(tmp_path):

@@ -133,6 +133,21 @@ def test_resume_without_a_run_is_refused(synthetic_cells, tmp_path):
         train_model(synthetic_cells, TINY, tmp_path / "new", resume=True, verbose=0)
 
 
+def test_resume_on_other_data_is_refused_before_training(finished_run, tmp_path):
+    other = write_synthetic_dataset(tmp_path / "other", patients=3)
+    before = finished_run.model_path.read_bytes()
+    with pytest.raises(RunFolderError, match=r"cells are not in .* Pass the --data folder"):
+        train_model(other, TINY, finished_run.run_dir, resume=True, verbose=0)
+    assert finished_run.model_path.read_bytes() == before
+
+
+def test_a_run_folder_inside_the_data_is_refused(synthetic_cells):
+    inside = synthetic_cells / "Parasitized" / "run"
+    with pytest.raises(ValueError, match="is inside the data folder"):
+        train_model(synthetic_cells, TINY, inside, verbose=0)
+    assert not inside.exists()
+
+
 def test_interrupted_run_keeps_its_last_good_model_and_resumes(
     synthetic_cells, tmp_path, monkeypatch
 ):

@@ -171,3 +171,34 @@ def test_progress_line_shows_each_seed_of_a_trial(capsys):
 
     line = capsys.readouterr().err
     assert "validation AUC 0.9750 (mean of seeds: 0.9800, 0.9700); 1/3 finished" in line
+
+
+def test_a_study_refuses_to_continue_with_other_fixed_settings():
+    study = optuna.create_study(direction="maximize")
+    tune_module._check_fixed_settings(study, BASE, TINY_SPACE)
+    tune_module._check_fixed_settings(study, BASE, TINY_SPACE)  # same settings: fine
+
+    with pytest.raises(ValueError, match=r"other fixed settings \(seed\)"):
+        tune_module._check_fixed_settings(study, BASE.replace(seed=7), TINY_SPACE)
+    wider = SearchSpace(**{**TINY_SPACE.__dict__, "max_epochs": 5})
+    with pytest.raises(ValueError, match=r"--max-epochs \(was 2\)"):
+        tune_module._check_fixed_settings(study, BASE, wider)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"timeout": -5.0}, "--timeout must be a positive number of seconds, got -5.0"),
+        ({"space": SearchSpace(max_epochs=0)}, "--max-epochs must be at least 1, got 0"),
+        ({"storage": "not a url"}, "--storage 'not a url' could not be opened"),
+        ({"output_dir": "inside"}, "is inside the data folder"),
+    ],
+)
+def test_bad_tuning_arguments_are_refused_before_any_trial(tmp_path, arguments, message):
+    data = tmp_path / "cells"
+    data.mkdir()
+    output = data / "inside" if arguments.pop("output_dir", None) else tmp_path / "tune"
+    with pytest.raises(ValueError, match=message):
+        tune(data, 1, output, progress=False, **arguments)
+    assert not (tmp_path / "tune" / "manifest.csv").exists()
+    assert not (data / "inside").exists()

@@ -6,10 +6,11 @@ exit with status 2; no traceback is shown for them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from functools import wraps
 from pathlib import Path
@@ -58,6 +59,16 @@ def _user_errors(function: Callable[..., Any]) -> Callable[..., Any]:
 
 
 PREDICT_RUNTIMES = ("auto", "keras", "onnx")
+
+
+@contextlib.contextmanager
+def _on_interrupt(hint: str) -> Iterator[None]:
+    """On Ctrl+C, say how to continue the long job (then exit as interrupted)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        typer.secho(f"Interrupted. {hint}", err=True)
+        raise typer.Exit(code=130) from None
 
 
 def _is_folder(path: Path) -> bool:
@@ -278,9 +289,13 @@ def train(
                 f"fold column."
             )
         cells = by_fold.get(None, set())
-    result = train_model(
-        data, settings, run_dir, resume=resume, strategy=strategy, exclude_cells=cells
-    )
+    with _on_interrupt(
+        f"Finished epochs are kept in {run_dir}; continue with: malaria train --data {data} "
+        f"--output {run_dir} --resume"
+    ):
+        result = train_model(
+            data, settings, run_dir, resume=resume, strategy=strategy, exclude_cells=cells
+        )
     if not result.metrics:  # a non-chief worker of a multi-worker run
         typer.echo(f"Worker done ({result.seconds / 60:.1f} min); the chief wrote {run_dir}.")
         return
@@ -322,14 +337,18 @@ def cross_validation(
     run_dir = output or Path("runs") / datetime.now().strftime("cv-%Y%m%d-%H%M%S")
     settings = load_config(config, epochs=epochs)
     cells = read_cell_list(exclude_cells) if exclude_cells is not None else None
-    result = cross_validate(
-        data,
-        settings,
-        run_dir,
-        folds=folds,
-        progress=sys.stderr.isatty(),
-        exclude_cells=cells,
-    )
+    with _on_interrupt(
+        f"Finished folds and epochs are kept in {run_dir}; run the same command with "
+        f"--output {run_dir} to continue."
+    ):
+        result = cross_validate(
+            data,
+            settings,
+            run_dir,
+            folds=folds,
+            progress=sys.stderr.isatty(),
+            exclude_cells=cells,
+        )
     typer.echo(
         f"Patient-grouped {folds}-fold cross-validation, test patients of each fold, "
         f"cell metrics at threshold 0.5 (positive class Parasitized):"
@@ -370,27 +389,32 @@ def tune_command(
     """Search the training recipe with Optuna, scored on validation patients only.
 
     Searches batch size, learning rate, epochs (early stopping within --max-epochs),
-    width, depth, dropout, label smoothing, input size and augmentation strength;
-    weak trials are pruned. Run the same command again to continue a killed search:
-    finished trials are kept in the storage. Writes OUTPUT/best_config.yaml (for
-    `malaria train --config`), best_trial.json, trials.csv and figures/.
+    width, depth, dropout, label smoothing, input size, colour normalization and
+    augmentation strength; weak trials are pruned. Run the same command again to
+    continue a killed search: finished trials are kept in the storage. Writes
+    OUTPUT/best_config.yaml (for `malaria train --config`), best_trial.json, trials.csv
+    and figures/.
     """
     from malaria_classifier.config import load_config
     from malaria_classifier.tune import SearchSpace, tune
 
     output_dir = output or Path("runs") / datetime.now().strftime("tune-%Y%m%d-%H%M%S")
-    result = tune(
-        data,
-        trials,
-        output_dir,
-        base=load_config(config),
-        storage=storage,
-        study_name=study_name,
-        timeout=timeout,
-        space=SearchSpace(max_epochs=max_epochs),
-        progress=True,
-        seeds_per_trial=seeds_per_trial,
-    )
+    with _on_interrupt(
+        f"Finished trials are kept in the study; run the same command with --output "
+        f"{output_dir} to continue."
+    ):
+        result = tune(
+            data,
+            trials,
+            output_dir,
+            base=load_config(config),
+            storage=storage,
+            study_name=study_name,
+            timeout=timeout,
+            space=SearchSpace(max_epochs=max_epochs),
+            progress=True,
+            seeds_per_trial=seeds_per_trial,
+        )
     typer.echo(
         f"Best trial {result.best_trial}: validation AUC {result.best_value:.4f} "
         f"({result.finished_trials} trials finished)."

@@ -30,7 +30,7 @@ from malaria_classifier.data import check_dataset
 from malaria_classifier.evaluate import PATIENT_TABLE, write_rows_csv
 from malaria_classifier.evaluation import METRIC_NAMES
 from malaria_classifier.model_card import write_json_atomically
-from malaria_classifier.outputs import open_output
+from malaria_classifier.outputs import check_output_folder, open_output
 from malaria_classifier.splits import assign_folds, fold_manifest
 from malaria_classifier.training import train_model
 
@@ -112,6 +112,9 @@ def cross_validate(
     """
     started = time.monotonic()
     run_dir = Path(run_dir)
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
+        raise ValueError(f"--folds must be an integer of at least 2, got {folds!r}.")
+    check_output_folder(run_dir, Path(data_dir), "a cross-validation's run folders")
     exclude_cells = _check_cell_folds(exclude_cells or {}, folds)
     config = _open_plan(run_dir, config, folds, _digest(exclude_cells))
     pending = [fold for fold in range(folds) if not is_fold_finished(run_dir, fold)]
@@ -307,14 +310,23 @@ def write_results(result: CrossValidationResult) -> None:
             "unit": "cell metrics on each fold's test patients, threshold 0.5; "
             "mean and sample sd (ddof 1) over folds",
             "positive_class": "Parasitized",
-            "folds": result.folds,
-            "mean": result.mean,
-            "sd": result.sd,
+            "folds": [_nulls_for_nan(row) for row in result.folds],
+            "mean": _nulls_for_nan(result.mean),
+            "sd": _nulls_for_nan(result.sd),
             "seconds_this_session": round(result.seconds, 1),
             "folds_without_patient_table": result.folds_without_patient_table,
         },
         result.run_dir / RESULTS_JSON,
     )
+
+
+def _nulls_for_nan(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Undefined figures (NaN: a metric with no value in a fold, the sd of one fold)
+    as JSON null: strict JSON readers refuse NaN."""
+    return {
+        name: None if isinstance(value, float) and math.isnan(value) else value
+        for name, value in values.items()
+    }
 
 
 def format_table(result: CrossValidationResult) -> str:

@@ -87,9 +87,20 @@ def download_dataset(
     if existing is not None:
         return existing
 
+    if dest_dir.exists() and not dest_dir.is_dir():
+        raise DownloadError(
+            f"--dest {dest_dir} is a file; the data set needs a folder. Give a folder name "
+            f"(it is created if needed)."
+        )
+    created = not dest_dir.exists()
     dest_dir.mkdir(parents=True, exist_ok=True)
     (dest_dir / _COMPLETE_MARKER).unlink(missing_ok=True)  # stale until this run succeeds
-    archive = _fetch(url, dest_dir, known_hash, progress)
+    try:
+        archive = _fetch(url, dest_dir, known_hash, progress)
+    except DownloadError:
+        if created and not any(dest_dir.iterdir()):
+            dest_dir.rmdir()  # made by this call and still empty: leave no trace
+        raise
     _verify_archive(archive, dest_dir)
     _extract(archive, dest_dir)
     root = _find_class_root(dest_dir)

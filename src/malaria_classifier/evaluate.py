@@ -20,7 +20,7 @@ from malaria_classifier.constants import CLASS_NAMES
 from malaria_classifier.data import ImageRecord, discover_images
 from malaria_classifier.evaluation import PatientRow, per_patient_table, roc_points, summarize
 from malaria_classifier.model_card import write_json_atomically
-from malaria_classifier.outputs import open_output
+from malaria_classifier.outputs import check_output_folder, open_output
 from malaria_classifier.plots import save_figures
 from malaria_classifier.prediction import Predictor
 from malaria_classifier.splits import SPLITS
@@ -79,7 +79,7 @@ def evaluate_model(
         ``selection``, ``model`` and ``unreadable`` added.
     """
     output_dir = Path(output_dir)
-    _check_output_folder(output_dir, Path(data_dir))
+    check_output_folder(output_dir, Path(data_dir), "a folder of reports")
     records = discover_images(data_dir).records
     chosen, description = select_records(records, predictor.card, split)
     predictions = list(predictor.predict_paths([record.path for record in chosen]))
@@ -108,27 +108,6 @@ def evaluate_model(
         predictor.threshold,
     )
     return report
-
-
-def _check_output_folder(output_dir: Path, data_dir: Path) -> None:
-    """Refuse an output folder that is a file, or that lies inside the data.
-
-    Inside the data, the figures (PNG) would be found as cells by the next evaluation.
-
-    Raises:
-        ValueError: Saying what to pass instead.
-    """
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ValueError(
-            f"--output {output_dir} is a file; evaluate writes a folder of reports. Give a "
-            f"folder name (it is created if needed)."
-        )
-    resolved, data = output_dir.resolve(), data_dir.resolve()
-    if resolved == data or data in resolved.parents:
-        raise ValueError(
-            f"--output {output_dir} is inside the data folder {data_dir}: its figures "
-            f"would be read as cell images next time. Choose a folder outside it."
-        )
 
 
 def write_patient_table(rows: list[PatientRow], path: Path) -> None:

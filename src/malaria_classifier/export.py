@@ -162,11 +162,14 @@ def export_model(model_path: str | Path, export_format: str, output: str | Path)
 
     check_export_format(export_format)
     model_path, output = Path(model_path), Path(output)
-    if output.exists() or output.is_symlink():
-        raise FileExistsError(
-            f"{output} already exists; remove it or choose another --output (exports never "
-            f"overwrite)."
-        )
+    _check_export_name(output, export_format)
+    card_path = output.with_name(output.name + ".model_card.json")
+    for path in (output, card_path):
+        if path.exists() or path.is_symlink():
+            raise FileExistsError(
+                f"{path} already exists; remove it or choose another --output (exports "
+                f"never overwrite)."
+            )
     model = load_model(str(model_path))
     output.parent.mkdir(parents=True, exist_ok=True)
     if export_format == "saved_model":
@@ -174,7 +177,6 @@ def export_model(model_path: str | Path, export_format: str, output: str | Path)
     else:
         convert = convert_to_tflite if export_format == "tflite" else convert_to_onnx
         _write_bytes_atomically(convert(model), output)
-    card_path = output.with_name(output.name + ".model_card.json")
     write_json_atomically(_export_card(model, model_path, export_format, output), card_path)
     return ExportResult(output, card_path, export_format, _size_on_disk(output))
 
@@ -188,10 +190,27 @@ def _write_folder_atomically(model, output: Path) -> None:
         shutil.rmtree(temporary, ignore_errors=True)
 
 
+def _check_export_name(output: Path, export_format: str) -> None:
+    """Refuse a name that says another format (``--format onnx --output m.tflite``):
+    a serving stack picks its loader by the name, and would fail on the wrong bytes."""
+    suffix = output.suffix.lower()
+    known = {".onnx": "onnx", ".tflite": "tflite", ".keras": "keras", ".h5": "keras"}
+    if suffix in known and known[suffix] != export_format:
+        expected = _SUFFIXES[export_format]
+        raise ValueError(
+            f"--output {output} is named like a {known[suffix]} model but --format is "
+            f"{export_format}. Name it {output.stem}{expected} (or change --format)."
+        )
+
+
 def _write_bytes_atomically(data: bytes, output: Path) -> None:
     temporary = output.with_name(f".{output.name}.partial")
-    temporary.write_bytes(data)
-    temporary.replace(output)
+    try:
+        temporary.write_bytes(data)
+        temporary.replace(output)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        raise OSError(error.errno, error.strerror, str(output)) from None
 
 
 def _size_on_disk(path: Path) -> int:

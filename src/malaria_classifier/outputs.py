@@ -66,6 +66,34 @@ def check_output_path(
         )
 
 
+def check_output_folder(output_dir: Path, data_dir: Path, writes: str) -> None:
+    """Refuse an output folder that is a file, or that is the data folder or lies in it.
+
+    Inside the data, what the command writes (figures are PNG files) would be read as
+    cells next time, and the data would no longer be only read.
+
+    Args:
+        output_dir: The folder the user named with ``--output``.
+        data_dir: The ``--data`` folder.
+        writes: What the command writes there, for the message ("a run folder").
+
+    Raises:
+        ValueError: Saying what to pass instead.
+    """
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(
+            f"--output {output_dir} is a file; this command writes {writes}. Give a "
+            f"folder name (it is created if needed)."
+        )
+    resolved, data = output_dir.resolve(), data_dir.resolve()
+    if resolved == data or data in resolved.parents:
+        raise ValueError(
+            f"--output {output_dir} is inside the data folder {data_dir}: {writes} there "
+            f"would mix results with the cells (its figures would be read as cell images "
+            f"next time). Choose a folder outside it."
+        )
+
+
 @contextlib.contextmanager
 def open_output(path: Path, newline: str | None = "") -> Iterator[TextIO]:
     """A text file to write ``path`` through: all of it appears, or none of it.

@@ -45,6 +45,7 @@ from malaria_classifier.distribute import (
 from malaria_classifier.evaluation import per_patient_table, roc_points, summarize
 from malaria_classifier.model import build_model, compile_model, count_weight_bytes, load_model
 from malaria_classifier.model_card import CARD_FILE, MODEL_FILE, write_json_atomically
+from malaria_classifier.outputs import check_output_folder
 from malaria_classifier.pipeline import make_dataset
 from malaria_classifier.splits import (
     SPLITS,
@@ -183,8 +184,10 @@ def _open_run(
         config = load_config(run_dir / "config.yaml")
         rows = read_manifest(manifest_path)
         check_no_leakage(rows)
+        root = find_class_root(data_dir)
+        _check_manifest_files(rows, root, run_dir)
         state = _read_state(state_path) if state_path.is_file() else fresh_state
-        return config, find_class_root(data_dir), rows, state
+        return config, root, rows, state
     if (run_dir / MODEL_FILE).exists() or state_path.exists():
         raise RunFolderError(
             f"{run_dir} already holds a training run. Pass --resume to continue it, or "
@@ -211,6 +214,20 @@ def _open_run(
     if exclude_cells:
         _record_left_out(rows, set(exclude_cells), run_dir)
     return config, root, rows, fresh_state
+
+
+def _check_manifest_files(rows: Sequence[ManifestRow], root: Path, run_dir: Path) -> None:
+    """Refuse to resume on data that lacks the run's cells (another --data, say).
+
+    Otherwise the first missing file would stop training deep inside the input
+    pipeline, minutes later, with TensorFlow's message instead of ours.
+    """
+    missing = [row.path for row in rows if not (root / row.path).is_file()]
+    if missing:
+        raise RunFolderError(
+            f"Cannot resume {run_dir}: {len(missing)} of its {len(rows)} cells are not in "
+            f"{root} (e.g. {missing[0]}). Pass the --data folder the run started with."
+        )
 
 
 def _record_left_out(rows: list[ManifestRow], cells: set[str], run_dir: Path) -> None:
@@ -300,9 +317,10 @@ def train_model(
         ValueError: For an unknown strategy or a bad ``TF_CONFIG``.
     """
     started = time.monotonic()
-    # First: a multi-worker strategy must configure TensorFlow before anything runs.
-    distribution = make_distribution(strategy)
     run_dir = Path(run_dir)
+    check_output_folder(run_dir, Path(data_dir), "a run folder")
+    # Then: a multi-worker strategy must configure TensorFlow before anything runs.
+    distribution = make_distribution(strategy)
     # Only the chief writes the run folder; other workers write into a scratch folder
     # (their copy of the model is identical) and read the run folder only to resume.
     write_dir = run_dir if distribution.is_chief else Path(tempfile.mkdtemp(prefix="malaria-"))

@@ -28,7 +28,7 @@ from malaria_classifier.config import TrainingConfig, save_config
 from malaria_classifier.data import check_dataset
 from malaria_classifier.model import build_model, compile_model
 from malaria_classifier.model_card import write_json_atomically
-from malaria_classifier.outputs import open_output
+from malaria_classifier.outputs import check_output_folder, open_output
 from malaria_classifier.splits import (
     ManifestRow,
     build_manifest,
@@ -41,6 +41,8 @@ from malaria_classifier.training import cosine_learning_rate, make_split_dataset
 BEST_CONFIG_FILE = "best_config.yaml"
 SEED_VALUES = "validation_auc_by_seed"  # trial attribute: each seed's best AUC
 SEEDS_PER_TRIAL = "seeds_per_trial"  # study attribute: the seeds every trial is scored on
+# Study attribute: the settings not searched and the epoch budget, as the study began.
+FIXED_SETTINGS = "fixed_settings"
 FIGURES_DIR = "figures"
 # Augmentation at strength 1.0: the robustness recipe of docs/benchmarks.md section 9.
 # A trial's strength scales every range and probability (probabilities capped at 1).
@@ -286,12 +288,18 @@ def tune(
         raise ValueError(f"--trials must be at least 1, got {trials}.")
     if seeds_per_trial < 1:
         raise ValueError(f"--seeds-per-trial must be at least 1, got {seeds_per_trial}.")
+    if timeout is not None and not timeout > 0:
+        raise ValueError(f"--timeout must be a positive number of seconds, got {timeout}.")
     base = base or TrainingConfig()
     space = space or SearchSpace()
+    if space.max_epochs < 1:
+        raise ValueError(f"--max-epochs must be at least 1, got {space.max_epochs}.")
     output_dir = Path(output_dir)
+    check_output_folder(output_dir, Path(data_dir), "the study's outputs")
     output_dir.mkdir(parents=True, exist_ok=True)
     study = open_study(storage or f"sqlite:///{output_dir / 'study.db'}", study_name, base.seed)
     _check_seeds_per_trial(study, seeds_per_trial)
+    _check_fixed_settings(study, base, space)
     done = _finished(study)
     if done < trials:
         root, rows = _validation_split(data_dir, base, output_dir, progress)
@@ -328,6 +336,34 @@ def _check_seeds_per_trial(study: Any, seeds_per_trial: int) -> None:
         )
 
 
+def _check_fixed_settings(study: Any, base: TrainingConfig, space: SearchSpace) -> None:
+    """Record what the study holds fixed, or refuse to resume it with other settings.
+
+    Trials run on another split seed, other split shares or another epoch budget score
+    other patients or another search, so one study must not mix them.
+    """
+    fixed = {"config": base.to_dict(), "max_epochs": space.max_epochs}
+    recorded = study.user_attrs.get(FIXED_SETTINGS)
+    if recorded is None:  # a new study (or one from before the record was kept)
+        study.set_user_attr(FIXED_SETTINGS, fixed)
+        return
+    if recorded == fixed:
+        return
+    changed = sorted(
+        name
+        for name in set(recorded["config"]) | set(fixed["config"])
+        if recorded["config"].get(name) != fixed["config"].get(name)
+    )
+    if recorded["max_epochs"] != fixed["max_epochs"]:
+        changed.append(f"--max-epochs (was {recorded['max_epochs']})")
+    raise ValueError(
+        f"Study {study.study_name!r} was started with other fixed settings "
+        f"({', '.join(changed)}); its trials could not be compared with new ones. Resume it "
+        f"with the --config and --max-epochs it started with, or pass a new --study-name "
+        f"or --output."
+    )
+
+
 def open_study(storage: str, study_name: str, seed: int) -> Any:
     """Create or load the study: TPE sampler, median pruner, heartbeats in the database.
 
@@ -336,19 +372,28 @@ def open_study(storage: str, study_name: str, seed: int) -> Any:
     the killed trial's partial epochs.
     """
     import optuna
+    import sqlalchemy.exc
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with warnings.catch_warnings():
         # Heartbeats have been "experimental" since Optuna 2.8; the warning is noise.
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        rdb = optuna.storages.RDBStorage(
-            storage,
-            heartbeat_interval=60,
-            grace_period=180,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-                max_retry=1
-            ),
-        )
+        try:
+            rdb = optuna.storages.RDBStorage(
+                storage,
+                heartbeat_interval=60,
+                grace_period=180,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                    max_retry=1
+                ),
+            )
+        except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as error:
+            reason = str(error).splitlines()[0]
+            raise ValueError(
+                f"--storage {storage!r} could not be opened ({reason}). Give a database URL "
+                f"such as sqlite:///runs/tune/study.db whose folder exists, or leave "
+                f"--storage out to keep the study in the --output folder."
+            ) from None
     return optuna.create_study(
         storage=rdb,
         study_name=study_name,
