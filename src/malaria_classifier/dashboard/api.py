@@ -3,7 +3,8 @@
 Send one or more files as multipart form fields named ``file``; the answer is a JSON list
 with the fields of ``malaria predict --format json`` (``path`` is the uploaded file name),
 one object per file, in order. A file that fails gets its own ``error`` and the rest are
-still classified, as in the upload box.
+still classified, as in the upload box; when no file at all could be classified the
+status is 422 (the body still holds each file's error).
 
     curl -F file=@cell.png http://127.0.0.1:8050/api/predict
 """
@@ -73,9 +74,11 @@ def register_api(server: Flask, predictor, limits: UploadLimits) -> None:
         uploads = read_uploaded_files(files, limits)
         results = classify_uploads(predictor, uploads, with_images=False)
         rows = [row_from_result(asdict(result)) for result in results]
-        return jsonify(
-            [{column: getattr(row, column) for column in OUTPUT_COLUMNS} for row in rows]
-        )
+        body = [{column: getattr(row, column) for column in OUTPUT_COLUMNS} for row in rows]
+        # As `malaria predict` exits 1 when no image could be predicted: a script that
+        # checks only the status still notices that nothing was classified.
+        status = 200 if any(not row.error for row in rows) else 422
+        return jsonify(body), status
 
 
 def read_uploaded_files(files, limits: UploadLimits) -> list[Upload]:
