@@ -15,7 +15,6 @@ import io
 import os
 import stat
 import struct
-import warnings
 from pathlib import Path
 
 import imagecodecs
@@ -260,20 +259,21 @@ def _decode_rgb_image(data: bytes, source: str, max_pixels: int) -> Image.Image:
         "is not an image that can be read",
         f"Expected a {SUPPORTED_FORMATS} file; re-export it in one of those formats.",
     )
+    # No warnings.catch_warnings() here: it swaps process-wide filters and is not
+    # thread-safe, and decoding runs in threads. The size check refuses a bomb before
+    # Pillow decodes a pixel (our limit is below Pillow's own warning threshold).
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                _check_dimensions(image, source, max_pixels)
-                image.seek(0)  # first frame of an animated GIF/TIFF
-                image.load()
-                image = ImageOps.exif_transpose(image)
-                return _to_rgb_image(image)
+        with Image.open(io.BytesIO(data)) as image:
+            _check_dimensions(image, source, max_pixels)
+            image.seek(0)  # first frame of an animated GIF/TIFF
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            return _to_rgb_image(image)
     except ImageLoadError:
         raise
     except UnidentifiedImageError:
         raise not_an_image from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except Image.DecompressionBombError:
         raise ImageLoadError(
             source, "is too large to decode safely", "Pass single cell crops."
         ) from None
