@@ -263,6 +263,20 @@ def test_bundled_model_says_not_a_cell_for_blank_and_text_images():
         assert row.reason.endswith("Send one stained red blood cell per image, cropped close")
 
 
+def test_a_grayscale_cell_is_told_to_send_the_colour_picture(shared_data_dir):
+    from PIL import Image
+
+    path = sorted((shared_data_dir / "Parasitized").glob("*.png"))[5]
+    gray = np.asarray(Image.open(path).convert("L").convert("RGB"))
+    [colour_row, gray_row] = Predictor().predict_images([np.asarray(Image.open(path)), gray])
+    assert colour_row.decision != "Not a cell"
+    assert gray_row.decision == "Not a cell"
+    assert "(foreground_saturation" in gray_row.reason
+    assert gray_row.reason.endswith(
+        "a grayscale or unstained picture has no stain colour for the model to read"
+    )
+
+
 def test_one_path_given_alone_is_one_input_not_its_characters(tiny_predictor, mixed_folder):
     path = mixed_folder / "cell_0.png"
     for single in (str(path), path):

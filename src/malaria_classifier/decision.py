@@ -24,7 +24,13 @@ import numpy as np
 
 from malaria_classifier.calibration import apply_temperature, logits_from_probabilities
 from malaria_classifier.constants import CLASS_NAMES, POSITIVE_CLASS, POSITIVE_INDEX
-from malaria_classifier.ood import NOT_A_CELL_FILES, OodCheck, describe_signals, load_ood_check
+from malaria_classifier.ood import (
+    NOT_A_CELL_FILES,
+    OodCheck,
+    describe_signals,
+    load_ood_check,
+    not_a_cell_advice,
+)
 
 PARASITIZED = POSITIVE_CLASS
 UNINFECTED = CLASS_NAMES[1 - POSITIVE_INDEX]
@@ -88,7 +94,7 @@ class DecisionRule:
                 decisions.append(NOT_A_CELL)
                 reasons.append(
                     f"unlike the training cells in {describe_signals(ood_reason)}. "
-                    f"Send one stained red blood cell per image, cropped close"
+                    f"{not_a_cell_advice(ood_reason)}"
                 )
             elif distance[index] < self.uncertain_margin:
                 decisions.append(UNCERTAIN)

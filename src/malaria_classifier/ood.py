@@ -551,6 +551,35 @@ def describe_signals(signals: str, most: int = 3) -> str:
     return f"{words} ({', '.join(names)})"
 
 
+# The signals a picture without stain colour trips (with the model's own unease).
+_COLOUR_SIGNALS = frozenset(
+    {"foreground_red", "foreground_green", "foreground_blue", "foreground_saturation"}
+)
+
+CROP_ADVICE = "Send one stained red blood cell per image, cropped close"
+COLOUR_ADVICE = (
+    "Send a colour picture of one Giemsa-stained red blood cell: a grayscale or unstained "
+    "picture has no stain colour for the model to read"
+)
+
+
+def not_a_cell_advice(signals: str) -> str:
+    """What to send instead, for a comma-separated list of tripped signals.
+
+    A picture that is off only in colour strength (and perhaps hue and what the model
+    sees) is most often a grayscale export or an unstained cell, and re-cropping would
+    not help it; every other pattern is met by a close crop of one stained cell.
+
+    Example:
+        >>> not_a_cell_advice("foreground_saturation, feature_distance")[:30]
+        'Send a colour picture of one G'
+    """
+    names = {name.strip() for name in signals.split(",") if name.strip()}
+    if "foreground_saturation" in names and names <= _COLOUR_SIGNALS | set(FEATURE_SIGNALS):
+        return COLOUR_ADVICE
+    return CROP_ADVICE
+
+
 def combine_signals(
     statistics: np.ndarray,
     features: np.ndarray | None,
