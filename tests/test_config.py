@@ -204,10 +204,17 @@ def test_yaml_list_is_rejected(write_yaml):
         load_config(path)
 
 
-def test_invalid_yaml_is_rejected(write_yaml):
-    path = write_yaml("epochs: [5\n")
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("epochs: [5\n", " is not valid YAML"),
+        ("epochs: 3\n1: 2\n", ": unknown setting(s) [1]"),  # a non-string key: no traceback
+    ],
+)
+def test_unreadable_yaml_is_named(write_yaml, text, message):
+    path = write_yaml(text)
 
-    with pytest.raises(ValueError, match=re.escape(f"{path} is not valid YAML")):
+    with pytest.raises(ValueError, match=re.escape(f"{path}{message}")):
         load_config(path)
 
 
@@ -296,13 +303,6 @@ def test_a_bad_value_in_a_file_names_the_file_and_the_flags(write_yaml):
         match=re.escape(f"{path} with the command-line settings epochs: contrast_range"),
     ):
         load_config(path, epochs=3)
-
-
-def test_non_string_keys_are_named_not_a_traceback(write_yaml):
-    path = write_yaml("epochs: 3\n1: 2\n")
-
-    with pytest.raises(ValueError, match=re.escape(f"{path}: unknown setting(s) [1]")):
-        load_config(path)
 
 
 def test_a_config_that_is_not_utf8_is_named(tmp_path):
