@@ -43,7 +43,12 @@ from malaria_classifier.data import find_class_root
 from malaria_classifier.decision import DecisionRule
 from malaria_classifier.decoding import iter_images
 from malaria_classifier.images import ImageLoadError, load_rgb_image, resize_with_pad
-from malaria_classifier.model_card import card_path_for, read_model_card, write_json_atomically
+from malaria_classifier.model_card import (
+    DEFAULT_MODEL_DIR,
+    card_path_for,
+    read_model_card,
+    write_json_atomically,
+)
 from malaria_classifier.ood import (
     OOD_FILE,
     OOD_OTHER_LABS_FILE,
@@ -196,6 +201,8 @@ def score_run_splits(
         )
     rows = read_manifest(manifest)
     root = find_class_root(data_dir)
+    check_model_matches_run(model_path, rows, manifest)
+    _check_cells_present(rows, root, manifest)
     model = load_model(str(model_path))
     rng = np.random.default_rng(seed)
     scores = {}
@@ -215,6 +222,55 @@ def score_run_splits(
             variant_seed = seed + 1 + ("train", "validation").index(split)
             scores[f"{split}_variants"] = score_cells(model, *columns, variant_seed=variant_seed)
     return model, scores
+
+
+def check_model_matches_run(model_path: Path, rows: Sequence[Any], manifest: Path) -> None:
+    """Refuse a model trained on another split than the run's manifest.
+
+    Calibrating on "validation" cells the model was trained on, and reporting on
+    "test" cells it saw, would give an honest-looking card with leaked figures. The
+    model card lists the patients of each of the model's own splits; a model without
+    them (trained elsewhere) is taken as it is.
+    """
+    own = read_model_card(model_path).get("split", {}).get("patients", {})
+    if not own:
+        return
+    split_of = {patient: split for split, patients in own.items() for patient in patients}
+    for row in rows:
+        model_split = split_of.get(row.patient)
+        if model_split is not None and model_split != row.split:
+            raise ValueError(
+                f"{model_path} was trained on another split than {manifest}: patient "
+                f"{row.patient} is {model_split} for the model but {row.split} in the "
+                f"manifest. Pass the --run folder the model was trained in."
+            )
+
+
+def _check_cells_present(rows: Sequence[Any], root: Path, manifest: Path) -> None:
+    """Refuse to fit on part of the validation or test cells (another --data, say)."""
+    needed = [row for row in rows if row.split in ("validation", "test")]
+    missing = [row.path for row in needed if not (root / row.path).is_file()]
+    if missing:
+        raise ValueError(
+            f"{len(missing)} of the {len(needed)} validation and test cells of {manifest} "
+            f"are not in {root} (e.g. {missing[0]}): calibration would be fitted and "
+            f"reported on part of them. Pass the --data folder the run was trained on."
+        )
+
+
+def _check_calibration_target(model_path: Path, min_specificity: float) -> None:
+    """Cheap checks before minutes of scoring: the setting, and where results go."""
+    if not (isinstance(min_specificity, float | int) and 0.0 < min_specificity < 1.0):
+        raise ValueError(
+            f"--min-specificity must be a number between 0 and 1 (exclusive), e.g. 0.97, "
+            f"got {min_specificity}."
+        )
+    if model_path.resolve().parent == DEFAULT_MODEL_DIR.resolve():
+        raise ValueError(
+            f"{model_path} is the bundled default model; calibrate writes its files beside "
+            f"the model and would change every prediction made without --model. Copy the "
+            f"folder (cp -r {model_path.parent} my-model) and calibrate the copy."
+        )
 
 
 def fit_trust_layer(
@@ -386,6 +442,7 @@ def calibrate_model(
         The updated model card.
     """
     model_path = Path(model_path)
+    _check_calibration_target(model_path, min_specificity)
     model, scores = score_run_splits(
         model_path, Path(run_dir), Path(data_dir), ood_variants=ood_variants
     )
