@@ -74,6 +74,21 @@ def test_a_link_is_followed_and_a_device_is_written_in_place(tmp_path):
     assert fifo.is_fifo()  # still a pipe, not replaced by a plain file
 
 
+def test_a_stream_redirected_to_a_file_is_added_to_not_replaced(tmp_path):
+    """`malaria predict ... --summary /dev/stdout > all.txt` keeps the predictions."""
+    redirected = tmp_path / "all.txt"
+    with open(redirected, "w") as shell_redirect:
+        shell_redirect.write("predictions\n")
+        shell_redirect.flush()
+        inode = os.fstat(shell_redirect.fileno()).st_ino
+        stream = Path(f"/proc/self/fd/{shell_redirect.fileno()}")  # what /dev/stdout names
+        check_output_path(stream, "--summary")
+        with open_output(stream) as handle:
+            handle.write("summary\n")
+    assert redirected.read_text() == "predictions\nsummary\n"
+    assert redirected.stat().st_ino == inode  # the same file, not a renamed new one
+
+
 def test_names_that_are_not_utf8_are_written_back_byte_for_byte(tmp_path):
     name = os.fsdecode(b"bad\xffname.png")  # a Linux file name with a stray byte
     target = tmp_path / "out.csv"

@@ -13,6 +13,7 @@ from malaria_classifier.images import load_for_model
 from malaria_classifier.prediction import (
     OUTPUT_COLUMNS,
     Predictor,
+    distinct_inputs,
     expand_inputs,
     label_for,
     write_rows,
@@ -50,6 +51,16 @@ def test_expand_inputs_recurses_folders_and_reports_missing_paths(mixed_folder, 
     paths = [os.path.basename(path) for path, _ in pairs]
     assert "gray.png" in paths and "notes.txt" not in paths
     assert pairs[-1][1] is not None and "does not exist" in pairs[-1][1]
+
+
+def test_inputs_named_twice_or_inside_another_are_kept_once(mixed_folder, monkeypatch):
+    monkeypatch.chdir(mixed_folder.parent)
+    relative = type(mixed_folder)(mixed_folder.name)
+    file = mixed_folder / "gray.png"
+    missing = mixed_folder.parent / "missing.png"
+    inputs = [mixed_folder, relative, file, missing, mixed_folder, missing]
+    # A repeated cell would count twice in a patient's verdict.
+    assert distinct_inputs(inputs) == [mixed_folder, missing]
 
 
 def test_one_bad_file_never_stops_the_batch(tiny_predictor, mixed_folder):

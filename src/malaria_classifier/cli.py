@@ -536,7 +536,12 @@ def predict(
     from malaria_classifier.constants import IMAGE_SUFFIXES
     from malaria_classifier.model_card import default_model_path
     from malaria_classifier.outputs import check_output_path, open_output
-    from malaria_classifier.prediction import PROCESS_DECODE_MIN_FILES, Predictor, write_rows
+    from malaria_classifier.prediction import (
+        PROCESS_DECODE_MIN_FILES,
+        Predictor,
+        distinct_inputs,
+        write_rows,
+    )
     from malaria_classifier.serving import read_serving_copy
     from malaria_classifier.verdict import GROUPINGS
 
@@ -577,7 +582,9 @@ def predict(
                 f"{predictor.model_path} has no verdict rule. Run `malaria calibrate` on it first."
             )
         collected: list = []
-        rows = _collecting(predictor.predict_paths(paths), collected if summary else None)
+        rows = _collecting(
+            predictor.predict_paths(distinct_inputs(paths)), collected if summary else None
+        )
         if output is not None and sys.stderr.isatty():
             from tqdm import tqdm
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TextIO
@@ -51,7 +52,7 @@ def check_output_path(
             _same_file(output, other) or os.path.abspath(output) == os.path.abspath(other)
         ):
             raise ValueError(f"{option} {output} is also another output; give each its own file.")
-    if _is_special(output):
+    if _is_stream(output):
         return  # a device or a pipe: written in place (e.g. /dev/stdout)
     folder = output.resolve().parent
     if not folder.is_dir():
@@ -106,12 +107,16 @@ def open_output(path: Path, newline: str | None = "") -> Iterator[TextIO]:
     replace it with a plain file. File names that are not valid UTF-8 (possible on
     Linux) are written back byte for byte rather than stopping the whole file.
     """
-    target = Path(os.path.realpath(path))
     options = {"encoding": "utf-8", "errors": "surrogateescape", "newline": newline}
-    if _is_special(target):
-        with open(target, "w", **options) as handle:
+    if _is_stream(path):
+        # Opened by the name given (a pipe's resolved name is no path at all) and
+        # appended to, after what this process already printed: `--summary /dev/stdout
+        # > all.txt` must add to all.txt, not truncate or replace it.
+        sys.stdout.flush()
+        with open(path, "a", **options) as handle:
             yield handle
         return
+    target = Path(os.path.realpath(path))
     temporary = target.with_name(f".{target.name}.partial")
     try:
         with open(temporary, "w", **options) as handle:
@@ -127,6 +132,13 @@ def _is_folder(path: Path) -> bool:
         return stat.S_ISDIR(os.stat(path).st_mode)
     except OSError:
         return False
+
+
+def _is_stream(path: Path) -> bool:
+    """A device, a pipe, or a name for one of this process's streams (``/dev/stdout``,
+    ``/dev/fd/3``, ``/proc/self/fd/1``), whatever it is redirected to."""
+    name = os.path.abspath(path)
+    return _is_special(Path(name)) or name.startswith(("/dev/", "/proc/"))
 
 
 def _is_special(path: Path) -> bool:

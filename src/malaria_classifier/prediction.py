@@ -205,6 +205,26 @@ def expand_inputs(
             yield str(path), None
 
 
+def distinct_inputs(inputs: Iterable[str | Path]) -> list[Path]:
+    """The inputs without those that are, or lie in, an earlier one (``cells cells/``, a
+    folder spelled relative and absolute, a file inside a folder also named).
+
+    ``malaria predict`` uses it so that each file is predicted once and a patient's
+    verdict never counts a cell twice; ``Predictor.predict_paths`` itself keeps one
+    row per path it is given. A set and each path's own parents, so 100,000 files
+    named one by one (a shell glob) cost 100,000 look-ups, not 100,000 squared.
+    """
+    given: set[Path] = set()
+    kept = []
+    for item in inputs:
+        resolved = Path(os.path.realpath(item))
+        if resolved in given or any(parent in given for parent in resolved.parents):
+            continue
+        given.add(resolved)
+        kept.append(Path(item))
+    return kept
+
+
 def check_rgb_array(image: np.ndarray, index: int) -> np.ndarray:
     """An image array as the model takes it: uint8 RGB ``(height, width, 3)``, 0-255.
 
