@@ -63,6 +63,19 @@ def test_inputs_named_twice_or_inside_another_are_kept_once(mixed_folder, monkey
     assert distinct_inputs(inputs) == [mixed_folder, missing]
 
 
+def test_a_closed_predictor_says_so(tmp_path, mixed_folder):
+    with Predictor(save_tiny_model(tmp_path / "model.keras"), runtime="keras") as predictor:
+        assert len(list(predictor.predict_paths([mixed_folder / "cell_0.png"]))) == 1
+    predictor.close()  # closing twice is harmless
+    for use in (
+        lambda: list(predictor.predict_paths([mixed_folder])),
+        lambda: predictor.predict_images([np.zeros((8, 8, 3), np.uint8)]),
+        lambda: predictor.predict_arrays([np.zeros((8, 8, 3), np.uint8)]),
+    ):
+        with pytest.raises(ValueError, match="This Predictor is closed"):
+            use()
+
+
 def test_one_bad_file_never_stops_the_batch(tiny_predictor, mixed_folder):
     rows = list(tiny_predictor.predict_paths([mixed_folder]))
     by_name = {os.path.basename(row.path): row for row in rows}

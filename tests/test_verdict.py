@@ -2,6 +2,7 @@
 
 import csv
 import io
+import json
 
 import numpy as np
 import pytest
@@ -76,6 +77,11 @@ def test_summarize_rows_groups_and_writes_the_documented_csv():
         "confidence",
     )
     assert lines[2] == ["P1", "6", "3", "0.5000", "positive", "0.9700"]
+    buffer = io.StringIO()
+    write_summary(summaries, buffer, "json")  # `--summary s.json`
+    saved = json.loads(buffer.getvalue())
+    assert [tuple(row) for row in saved] == [SUMMARY_COLUMNS] * 2
+    assert saved[1]["verdict"] == "positive" and saved[1]["confidence"] == pytest.approx(0.97)
 
 
 def test_choose_verdict_rule_keeps_every_healthy_validation_donor_negative():

@@ -604,7 +604,8 @@ def predict(
 
             groups = summarize_rows(collected, predictor.verdict_rule, group_by)
             with open_output(summary) as handle:
-                write_summary(groups, handle)
+                summary_format = "json" if summary.suffix.lower() == ".json" else "csv"
+                write_summary(groups, handle, summary_format)
             typer.echo(f"{len(groups)} {group_by} verdict(s) written to {summary}", err=True)
         if counts["predicted"] == 0:
             if counts["failed"] == 0:

@@ -376,10 +376,22 @@ class Predictor:
         return self._model
 
     def close(self) -> None:
-        """Stop the decode worker processes and the statistics thread (if any)."""
+        """Stop the decode worker processes and the statistics thread (if any).
+
+        A closed predictor refuses further work with a clear message; closing twice
+        is harmless.
+        """
+        self._closed = True
         if self._decode_pool is not None:
             self._decode_pool.close()
         self._statistics_thread.shutdown(wait=False)
+
+    def _check_open(self) -> None:
+        if getattr(self, "_closed", False):
+            raise ValueError(
+                "This Predictor is closed (close() or the end of its `with` block); "
+                "create a new Predictor to predict again."
+            )
 
     def __enter__(self) -> Predictor:
         return self
@@ -389,6 +401,7 @@ class Predictor:
 
     def predict_arrays(self, images: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
         """Calibrated P(Parasitized) for RGB uint8 arrays of any size (resized with padding)."""
+        self._check_open()
         return self._predict_batch(self._fit_arrays(images))
 
     def predict_images(
@@ -400,6 +413,7 @@ class Predictor:
             images: uint8 arrays ``(height, width, 3)`` of any size.
             names: Shown in the ``path`` field; defaults to ``image_<n>``.
         """
+        self._check_open()
         names = list(names) if names is not None else [f"image_{i}" for i in range(len(images))]
         if len(names) != len(images):
             raise ValueError(f"Got {len(images)} images but {len(names)} names; pass one each.")
@@ -490,6 +504,7 @@ class Predictor:
         Folders are walked lazily and decoding runs a bounded window ahead, so memory
         stays flat however many files there are.
         """
+        self._check_open()
         # Two views of one lazy walk: the loader runs ahead by its look-ahead window,
         # and tee buffers only the paths between the two.
         pairs, pairs_to_load = itertools.tee(expand_inputs(inputs))

@@ -16,6 +16,7 @@ Fewer than ``min_cells`` usable cells (not failed, not "Not a cell") give
 from __future__ import annotations
 
 import csv
+import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -149,8 +150,18 @@ def summarize_rows(
     return [summarize_group(name, groups[name], rule) for name in sorted(groups)]
 
 
-def write_summary(summaries: Iterable[GroupSummary], handle: TextIO) -> None:
-    """Write the summary CSV (columns in ``SUMMARY_COLUMNS``)."""
+def write_summary(
+    summaries: Iterable[GroupSummary], handle: TextIO, output_format: str = "csv"
+) -> None:
+    """Write the summary as CSV, or as a JSON list of objects (``SUMMARY_COLUMNS`` each;
+    an undefined parasitemia or confidence is null)."""
+    if output_format == "json":
+        rows = [
+            {column: getattr(summary, column) for column in SUMMARY_COLUMNS}
+            for summary in summaries
+        ]
+        handle.write(json.dumps(rows, indent=2, allow_nan=False) + "\n")
+        return
     writer = csv.writer(handle, lineterminator="\n")
     writer.writerow(SUMMARY_COLUMNS)
     for summary in summaries:
