@@ -555,3 +555,18 @@ def test_help_and_data_commands_do_not_load_tensorflow(argv):
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert "Usage" in result.stdout and "tensorflow loaded: False" in result.stdout
+
+
+def test_calibrate_warns_about_fits_not_to_trust(tmp_path):
+    from malaria_classifier.cli import _calibration_warnings
+
+    fitted = {"within_budget": False, "validation_false_rejection": 0.24}
+    fitted["max_false_rejection"] = 0.005
+    (tmp_path / "ood.json").write_text(json.dumps({"fitted_on": fitted}), encoding="utf-8")
+    model = tmp_path / "model.keras"
+    warnings = _calibration_warnings({"calibration": {"temperature": 54.598}}, model)
+    assert "reject 24.0% of the validation cells (budget 0.5%)" in warnings[0]
+    assert "temperature 54.6 is at the edge of its search range" in warnings[1]
+    fitted["within_budget"] = True
+    (tmp_path / "ood.json").write_text(json.dumps({"fitted_on": fitted}), encoding="utf-8")
+    assert _calibration_warnings({"calibration": {"temperature": 1.05}}, model) == []

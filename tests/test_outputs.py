@@ -95,3 +95,11 @@ def test_names_that_are_not_utf8_are_written_back_byte_for_byte(tmp_path):
     with open_output(target) as handle:
         handle.write(name + "\n")
     assert target.read_bytes() == b"bad\xffname.png\n"
+
+
+def test_two_outputs_that_are_one_file_through_a_link_are_refused(tmp_path):
+    predictions = tmp_path / "predictions.csv"  # not written yet
+    link = tmp_path / "summary.csv"
+    link.symlink_to(predictions)
+    with pytest.raises(ValueError, match="is also another output"):
+        check_output_path(link, "--summary", others=[predictions])

@@ -76,6 +76,15 @@ def test_a_closed_predictor_says_so(tmp_path, mixed_folder):
             use()
 
 
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [({"model_path": ""}, "model_path is empty"), ({"batch_size": 0}, "batch_size must be")],
+)
+def test_an_empty_model_path_or_batch_size_is_refused(arguments, message):
+    with pytest.raises(ValueError, match=message):
+        Predictor(**arguments)
+
+
 def test_one_bad_file_never_stops_the_batch(tiny_predictor, mixed_folder):
     rows = list(tiny_predictor.predict_paths([mixed_folder]))
     by_name = {os.path.basename(row.path): row for row in rows}

@@ -390,11 +390,11 @@ def report_split(
         "reliability_calibrated": reliability_bins(
             scores.labels, calibrated, rule.threshold
         ).to_dict(),
-        "sensitivity": float(predicted[scores.labels == 1].mean()),
-        "specificity": float((~predicted[scores.labels == 0]).mean()),
+        "sensitivity": _share_or_none(predicted[scores.labels == 1]),
+        "specificity": _share_or_none(~predicted[scores.labels == 0]),
         "uncertain_fraction": float(np.mean(decisions == "Uncertain")),
         "error_rate_all": float(np.mean(predicted != scores.labels)),
-        "error_rate_clear_decisions": float(np.mean((predicted != scores.labels)[clear])),
+        "error_rate_clear_decisions": _share_or_none((predicted != scores.labels)[clear]),
         "not_a_cell_fraction": float(np.mean(~kept)),
         "verdicts": {
             "infected_patients": sum(infected.values()),
@@ -408,6 +408,12 @@ def report_split(
             "per_patient": verdicts,
         },
     }
+
+
+def _share_or_none(flags: np.ndarray) -> float | None:
+    """The share of True flags; None (JSON null, not NaN) when there are none to count,
+    e.g. the sensitivity of a split without parasitized cells."""
+    return float(np.mean(flags)) if flags.size else None
 
 
 def calibrate_model(

@@ -21,6 +21,8 @@ from scipy.optimize import minimize_scalar
 PROBABILITY_EPSILON = 1e-7
 DEFAULT_BINS = 15
 DEFAULT_MIN_SPECIFICITY = 0.97
+# Temperatures are searched in [1/MAX, MAX] (log scale): e^4 either way.
+MAX_TEMPERATURE = math.exp(4.0)
 
 
 def logits_from_probabilities(probabilities: np.ndarray) -> np.ndarray:
@@ -74,7 +76,8 @@ def fit_temperature(y_true: np.ndarray, probabilities: np.ndarray) -> float:
         signs = 2.0 * y_true - 1.0
         return float(np.mean(np.logaddexp(0.0, -signs * scaled)))
 
-    result = minimize_scalar(negative_log_likelihood, bounds=(-4.0, 4.0), method="bounded")
+    bound = math.log(MAX_TEMPERATURE)
+    result = minimize_scalar(negative_log_likelihood, bounds=(-bound, bound), method="bounded")
     return float(np.exp(result.x))
 
 

@@ -699,11 +699,41 @@ def calibrate(
     verdicts = report["verdicts"]
     typer.echo(
         f"Test patients: ECE {before:.4f} -> {after:.4f}; sensitivity "
-        f"{report['sensitivity']:.4f}, specificity {report['specificity']:.4f}; "
+        f"{_figure(report['sensitivity'])}, specificity {_figure(report['specificity'])}; "
         f"{verdicts['infected_called_positive']}/{verdicts['infected_patients']} infected "
         f"positive, {verdicts['healthy_called_negative']}/{verdicts['healthy_donors']} "
         f"healthy negative"
     )
+    for warning in _calibration_warnings(card, model_path):
+        typer.secho(f"Warning: {warning}", err=True, fg=typer.colors.YELLOW)
+
+
+def _figure(value: float | None) -> str:
+    return "undefined (no such cells)" if value is None else f"{value:.4f}"
+
+
+def _calibration_warnings(card: dict[str, Any], model_path: Path) -> list[str]:
+    """Fits that were saved but that a user should not trust without a look."""
+    from malaria_classifier.calibration import MAX_TEMPERATURE
+    from malaria_classifier.ood import OOD_FILE
+
+    warnings = []
+    ood = json.loads((model_path.parent / OOD_FILE).read_text(encoding="utf-8"))
+    fitted = ood.get("fitted_on", {})
+    if fitted.get("within_budget") is False:
+        warnings.append(
+            f"the Not-a-cell limits reject {fitted['validation_false_rejection']:.1%} of "
+            f"the validation cells (budget {fitted['max_false_rejection']:.1%}): too few "
+            f"or too varied training cells? Check {model_path.parent / OOD_FILE}."
+        )
+    temperature = card["calibration"]["temperature"]
+    if not 1 / MAX_TEMPERATURE * 1.01 < temperature < MAX_TEMPERATURE / 1.01:
+        warnings.append(
+            f"the temperature {temperature:.3g} is at the edge of its search range: the "
+            f"model's scores carry little information (or are far too confident); train "
+            f"longer or on more patients before trusting its probabilities."
+        )
+    return warnings
 
 
 @app.command("export")

@@ -49,7 +49,7 @@ def check_output_path(
             )
     for other in others:
         if other is not None and (
-            _same_file(output, other) or os.path.abspath(output) == os.path.abspath(other)
+            _same_file(output, other) or os.path.realpath(output) == os.path.realpath(other)
         ):
             raise ValueError(f"{option} {output} is also another output; give each its own file.")
     if _is_stream(output):

@@ -332,7 +332,14 @@ class Predictor:
         runtime: str,
         not_a_cell: str,
     ) -> None:
-        self.model_path = Path(model_path) if model_path else default_model_path()
+        if model_path is not None and not str(model_path).strip():
+            raise ValueError(
+                "model_path is empty (an unset variable?); pass a .keras file, or None for "
+                "the bundled default model."
+            )
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+        self.model_path = Path(model_path) if model_path is not None else default_model_path()
         self.card = read_model_card(self.model_path)
         self.batch_size = batch_size
         self.rule = load_decision_rule(self.model_path, self.card, threshold, not_a_cell)
