@@ -8,6 +8,7 @@ import pytest
 from malaria_classifier.calibrate import (
     SplitScores,
     _check_cells_present,
+    _check_splits,
     calibrate_model,
     check_model_matches_run,
     fit_ood_layer,
@@ -106,3 +107,11 @@ def test_the_bundled_model_is_never_calibrated_in_place(tmp_path):
     with pytest.raises(ValueError, match="is the bundled default model; .* calibrate the copy"):
         calibrate_model(bundled, tmp_path, tmp_path)
     assert (DEFAULT_MODEL_DIR / "model_card.json").read_bytes() == before
+
+
+def test_a_validation_split_without_healthy_donors_is_refused_before_scoring(tmp_path):
+    rows = _manifest(("P1", "validation"), ("P2", "test"))
+    with pytest.raises(ValueError, match=r"1 infected and 0 healthy patients"):
+        _check_splits(rows, tmp_path / "manifest.csv")
+    with pytest.raises(ValueError, match=r"has no test cells \(splits found: validation\)"):
+        _check_splits(rows[:1], tmp_path / "manifest.csv")

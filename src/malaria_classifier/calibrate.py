@@ -202,6 +202,7 @@ def score_run_splits(
     rows = read_manifest(manifest)
     root = find_class_root(data_dir)
     check_model_matches_run(model_path, rows, manifest)
+    _check_splits(rows, manifest)
     _check_cells_present(rows, root, manifest)
     model = load_model(str(model_path))
     rng = np.random.default_rng(seed)
@@ -244,6 +245,32 @@ def check_model_matches_run(model_path: Path, rows: Sequence[Any], manifest: Pat
                 f"{row.patient} is {model_split} for the model but {row.split} in the "
                 f"manifest. Pass the --run folder the model was trained in."
             )
+
+
+def _check_splits(rows: Sequence[Any], manifest: Path) -> None:
+    """Before any scoring: validation needs both classes and both kinds of patient
+    (the threshold and the verdict rule are chosen there); test needs cells to report."""
+    by_split: dict[str, list[Any]] = {}
+    for row in rows:
+        by_split.setdefault(row.split, []).append(row)
+    for split in ("validation", "test"):
+        if not by_split.get(split):
+            raise ValueError(
+                f"{manifest} has no {split} cells (splits found: "
+                f"{', '.join(sorted(by_split)) or 'none'}). Calibrate the run folder of a "
+                f"`malaria train` run, whose manifest has train, validation and test splits."
+            )
+    validation = by_split["validation"]
+    labels = {row.label for row in validation}
+    infected = {row.patient for row in validation if row.label == POSITIVE_CLASS}
+    healthy = {row.patient for row in validation} - infected
+    if len(labels) < 2 or not healthy or not infected:
+        raise ValueError(
+            f"The validation split of {manifest} needs cells of both classes from both "
+            f"infected patients and healthy donors (it has {len(infected)} infected and "
+            f"{len(healthy)} healthy patients). Train again with another --seed or on more "
+            f"patients, then calibrate that run."
+        )
 
 
 def _check_cells_present(rows: Sequence[Any], root: Path, manifest: Path) -> None:

@@ -197,7 +197,10 @@ def choose_verdict_rule(
     healthy = [p for p in patient_probabilities if not infected[p]]
     sick = [p for p in patient_probabilities if infected[p]]
     if not healthy or not sick:
-        raise ValueError("Choosing a verdict rule needs both healthy and infected patients.")
+        raise ValueError(
+            "Choosing a verdict rule needs both healthy and infected patients among the "
+            "usable cells (the Not-a-cell check may have rejected a whole patient's cells)."
+        )
     candidates = []
     for k in range(1, max_suspicious_cells + 1):
         healthy_top = max(_kth_highest(patient_probabilities[p], k) for p in healthy)
