@@ -85,6 +85,7 @@ def score_cells(
     labels: Sequence[str],
     patients: Sequence[str],
     variant_seed: int | None = None,
+    forward: Any = None,
 ) -> SplitScores:
     """Raw scores, penultimate features and image statistics of the readable cells.
 
@@ -96,15 +97,15 @@ def score_cells(
         variant_seed: When given, each cell is first changed into one random
             other-laboratory variant (:func:`stress.draw_lab_variant`, drawn from a
             generator seeded by ``(variant_seed, position)``, so runs repeat).
+        forward: The compiled feature function (:func:`feature_forward`); pass one
+            built once when scoring several splits, or TensorFlow traces it again for
+            every call (and warns about retracing).
 
     Raises:
         ValueError: If none of the files can be read.
     """
-    import tensorflow as tf
-
     size = int(model.input_shape[1])
-    network = feature_model(model)
-    forward = tf.function(lambda batch: network(batch, training=False))
+    forward = forward or feature_forward(model)
     kept, images, variants = [], [], []
     outputs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     for index, (image, variant) in enumerate(_model_inputs(list(paths), size, variant_seed)):
@@ -131,6 +132,17 @@ def score_cells(
         statistics=statistics,
         variants=None if variant_seed is None else np.array(variants),
     )
+
+
+def feature_forward(model: Any) -> Any:
+    """The model's probabilities and penultimate features as one compiled function."""
+    import tensorflow as tf
+
+    network = feature_model(model)
+    size = int(model.input_shape[1])
+    # Any batch size, one trace: the last batch of each split is smaller.
+    signature = [tf.TensorSpec([None, size, size, 3], tf.uint8)]
+    return tf.function(lambda batch: network(batch, training=False), input_signature=signature)
 
 
 def _model_inputs(
@@ -206,6 +218,7 @@ def score_run_splits(
     _check_cells_present(rows, root, manifest)
     model = load_model(str(model_path))
     rng = np.random.default_rng(seed)
+    forward = feature_forward(model)
     scores = {}
     for split in ("train", "validation", "test"):
         chosen = [row for row in rows if row.split == split]
@@ -216,12 +229,14 @@ def score_run_splits(
             [row.label for row in chosen],
             [row.patient for row in chosen],
         )
-        scores[split] = score_cells(model, *columns)
+        scores[split] = score_cells(model, *columns, forward=forward)
         if ood_variants and split != "test":
             # Its own seed per split: the i-th training and validation cells must not
             # draw the same changes.
             variant_seed = seed + 1 + ("train", "validation").index(split)
-            scores[f"{split}_variants"] = score_cells(model, *columns, variant_seed=variant_seed)
+            scores[f"{split}_variants"] = score_cells(
+                model, *columns, variant_seed=variant_seed, forward=forward
+            )
     return model, scores
 
 
