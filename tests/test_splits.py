@@ -456,3 +456,10 @@ def test_only_training_cells_are_left_out_and_the_rest_is_counted():
 
     assert left_out == rows[:2]
     assert counts == {"left_out": 2, "not_training": 2, "not_found": 1}
+
+
+def test_a_manifest_that_is_not_text_is_named(tmp_path):
+    path = tmp_path / "manifest.csv"
+    path.write_bytes(b"\xbd\x00binary")
+    with pytest.raises(ValueError, match=r"manifest\.csv is not a manifest: it is not UTF-8"):
+        read_manifest(path)

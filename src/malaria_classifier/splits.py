@@ -321,19 +321,26 @@ def read_manifest(path: Path) -> list[ManifestRow]:
     """Read a manifest CSV written by :func:`write_manifest`.
 
     Raises:
-        ValueError: If the file lacks the expected columns.
+        ValueError: If the file is not UTF-8 text or lacks the expected columns.
     """
-    with open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        missing = set(MANIFEST_COLUMNS) - set(reader.fieldnames or [])
-        if missing:
-            raise ValueError(
-                f"{path} is not a manifest: columns {sorted(missing)} are missing "
-                f"(expected {', '.join(MANIFEST_COLUMNS)})."
-            )
-        return [
-            ManifestRow(**{column: line[column] for column in MANIFEST_COLUMNS}) for line in reader
-        ]
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            missing = set(MANIFEST_COLUMNS) - set(reader.fieldnames or [])
+            if missing:
+                raise ValueError(
+                    f"{path} is not a manifest: columns {sorted(missing)} are missing "
+                    f"(expected {', '.join(MANIFEST_COLUMNS)})."
+                )
+            return [
+                ManifestRow(**{column: line[column] for column in MANIFEST_COLUMNS})
+                for line in reader
+            ]
+    except UnicodeDecodeError:
+        raise ValueError(
+            f"{path} is not a manifest: it is not UTF-8 text. Use the manifest.csv that "
+            f"`malaria train` wrote into the run folder."
+        ) from None
 
 
 CELL_LIST_KEYS: tuple[str, ...] = ("sha256", "path")
