@@ -101,6 +101,11 @@ def test_min_specificity_outside_0_1_is_refused_before_scoring(tmp_path, value):
         calibrate_model(tmp_path / "model.keras", tmp_path, tmp_path, min_specificity=value)
 
 
+def test_a_missing_model_is_named_not_its_manifest(tmp_path):
+    with pytest.raises(ValueError, match=r"missing/model\.keras does not exist\. Pass --model"):
+        calibrate_model(tmp_path / "missing" / "model.keras", tmp_path / "missing", tmp_path)
+
+
 def test_the_bundled_model_is_never_calibrated_in_place(tmp_path):
     bundled = DEFAULT_MODEL_DIR / "model.keras"
     before = (DEFAULT_MODEL_DIR / "model_card.json").read_bytes()

@@ -307,6 +307,11 @@ def _check_calibration_target(model_path: Path, min_specificity: float) -> None:
             f"--min-specificity must be a number between 0 and 1 (exclusive), e.g. 0.97, "
             f"got {min_specificity}."
         )
+    if not model_path.is_file():
+        raise ValueError(
+            f"{model_path} does not exist. Pass --model MODEL.keras, or --run RUN for the "
+            f"model.keras of a `malaria train` run folder."
+        )
     if model_path.resolve().parent == DEFAULT_MODEL_DIR.resolve():
         raise ValueError(
             f"{model_path} is the bundled default model; calibrate writes its files beside "
