@@ -21,6 +21,7 @@ were never used to choose anything.
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -312,6 +313,11 @@ def _check_calibration_target(model_path: Path, min_specificity: float) -> None:
             f"{model_path} does not exist. Pass --model MODEL.keras, or --run RUN for the "
             f"model.keras of a `malaria train` run folder."
         )
+    if not os.access(model_path.parent, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"{model_path.parent} is not writable; calibrate writes model_card.json and "
+            f"ood.json beside the model. Copy the model's folder somewhere you can write."
+        )
     if model_path.resolve().parent == DEFAULT_MODEL_DIR.resolve():
         raise ValueError(
             f"{model_path} is the bundled default model; calibrate writes its files beside "
@@ -503,12 +509,7 @@ def calibrate_model(
     if read_serving_copy(model_path) is None:
         write_serving_copy(model, model_path)
     rule, choice, verdict_rule = fitted["rule"], fitted["threshold_choice"], fitted["verdict_rule"]
-    save_ood_check(rule.ood, model_path.parent / OOD_FILE)
-    other_labs_path = model_path.parent / OOD_OTHER_LABS_FILE
-    if ood_variants:
-        save_ood_check(fit_ood_layer(model, scores), other_labs_path)
-    else:
-        other_labs_path.unlink(missing_ok=True)  # never leave limits of an older fit
+    other_labs = fit_ood_layer(model, scores) if ood_variants else None
     card = read_model_card(model_path)
     card["decision_threshold"] = rule.threshold
     card["calibration"] = {
@@ -539,5 +540,13 @@ def calibrate_model(
         split: report_split(model, scores[split], rule, verdict_rule)
         for split in ("validation", "test")
     }
+    # Everything is computed: the files change one right after the other, card last
+    # (it is what says which files belong to the fit).
+    save_ood_check(rule.ood, model_path.parent / OOD_FILE)
+    other_labs_path = model_path.parent / OOD_OTHER_LABS_FILE
+    if other_labs is not None:
+        save_ood_check(other_labs, other_labs_path)
+    else:
+        other_labs_path.unlink(missing_ok=True)  # never leave limits of an older fit
     write_json_atomically(card, card_path_for(model_path))
     return card
