@@ -63,7 +63,7 @@ from malaria_classifier.ood import (
     save_ood_check,
 )
 from malaria_classifier.serving import read_serving_copy, write_serving_copy
-from malaria_classifier.splits import read_manifest
+from malaria_classifier.splits import missing_cells, read_manifest
 from malaria_classifier.stress import LAB_VARIANTS_SUMMARY, draw_lab_variant
 from malaria_classifier.verdict import VerdictRule, choose_verdict_rule, verdict_for
 
@@ -292,7 +292,7 @@ def _check_splits(rows: Sequence[Any], manifest: Path) -> None:
 def _check_cells_present(rows: Sequence[Any], root: Path, manifest: Path) -> None:
     """Refuse to fit on part of the validation or test cells (another --data, say)."""
     needed = [row for row in rows if row.split in ("validation", "test")]
-    missing = [row.path for row in needed if not (root / row.path).is_file()]
+    missing = missing_cells(needed, root)
     if missing:
         raise ValueError(
             f"{len(missing)} of the {len(needed)} validation and test cells of {manifest} "

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import csv
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -315,6 +315,11 @@ def write_manifest(rows: Sequence[ManifestRow], path: Path) -> None:
         writer.writerow(MANIFEST_COLUMNS)
         for row in rows:
             writer.writerow([getattr(row, column) for column in MANIFEST_COLUMNS])
+
+
+def missing_cells(rows: Iterable[ManifestRow], root: Path) -> list[str]:
+    """The manifest paths with no file under ``root`` (a run opened on other data)."""
+    return [row.path for row in rows if not (root / row.path).is_file()]
 
 
 def read_manifest(path: Path) -> list[ManifestRow]:

@@ -53,6 +53,7 @@ from malaria_classifier.splits import (
     build_manifest,
     check_no_leakage,
     leave_out_of_training,
+    missing_cells,
     read_manifest,
     split_by_patient,
     split_summary,
@@ -222,7 +223,7 @@ def _check_manifest_files(rows: Sequence[ManifestRow], root: Path, run_dir: Path
     Otherwise the first missing file would stop training deep inside the input
     pipeline, minutes later, with TensorFlow's message instead of ours.
     """
-    missing = [row.path for row in rows if not (root / row.path).is_file()]
+    missing = missing_cells(rows, root)
     if missing:
         raise RunFolderError(
             f"Cannot resume {run_dir}: {len(missing)} of its {len(rows)} cells are not in "
