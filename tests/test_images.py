@@ -5,6 +5,10 @@ from __future__ import annotations
 import hashlib
 import io
 import re
+import struct
+import subprocess
+import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -466,3 +470,30 @@ def test_sha256_of_file_equals_hashlib(tmp_path, n_bytes):
 def test_device_files_are_refused_without_reading_them():
     with pytest.raises(ImageLoadError, match=r"^/dev/zero: is not a regular file"):
         load_rgb_image("/dev/zero")
+
+
+def test_a_header_past_pillows_own_limit_is_refused_without_a_warning(tmp_path):
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("L", (1, 1)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    data[16:24] = struct.pack(">II", 10_000, 10_000)  # IHDR claims 100 Mpx
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))  # with a valid CRC
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(bytes(data))
+    # In a fresh interpreter: pytest swaps warning filters around each test.
+    script = (
+        "import sys\n"
+        "from malaria_classifier.images import ImageLoadError, load_rgb_image\n"
+        "try:\n    load_rgb_image(sys.argv[1])\n"
+        "except ImageLoadError as error:\n    print(error)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-W", "default", "-c", script, str(bomb)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "more than the 50,000,000 pixel limit" in result.stdout
+    assert "DecompressionBombWarning" not in result.stderr

@@ -15,6 +15,7 @@ import io
 import os
 import stat
 import struct
+import warnings
 from pathlib import Path
 
 import imagecodecs
@@ -27,6 +28,11 @@ from malaria_classifier.background import isolate_cell
 # bigger is a mistake or a decompression bomb, so refuse it before decoding.
 MAX_IMAGE_PIXELS = 50_000_000
 MAX_FILE_BYTES = 64 * 1024 * 1024
+# Pillow warns at open() about headers over its own, larger limit (~89 Mpx); the size
+# check below refuses those before a pixel is decoded, with a message naming the file,
+# so the warning only adds noise. One filter, set once (swapping filters per call is
+# not thread-safe), and only for that warning from PIL.Image.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning, module="PIL.Image")
 
 # Truncated files must fail loudly rather than be silently padded with grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
