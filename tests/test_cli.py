@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -251,6 +252,24 @@ def test_calibrate_then_predict_with_decisions_and_a_patient_summary(tmp_path):
     ]  # fmt: skip
     assert len(groups) == 12
     assert {group["verdict"] for group in groups} <= {"positive", "negative", "indeterminate"}
+    assert "Warning" not in result.output  # NIH names: real patients
+
+    one_patient = tmp_path / "patient_7"
+    one_patient.mkdir()
+    for index, cell in enumerate(sorted(data.rglob("*.png"))[:3]):
+        shutil.copy(cell, one_patient / f"cell{index}.png")
+    result = _run(
+        "predict", one_patient, "--model", model, "--group-by", "patient", "--summary", summary
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "3 of 3 groups are not patients" in result.output
+    assert "field:cell0" in result.output and "--group-by folder" in result.output
+    result = _run(
+        "predict", one_patient, "--model", model, "--group-by", "folder", "--summary", summary
+    )  # fmt: skip
+    assert result.exit_code == 0 and "Warning" not in result.output
+    with open(summary) as handle:
+        assert [row["cells"] for row in csv.DictReader(handle)] == ["3"]
 
 
 def test_calibrate_without_a_manifest_says_what_to_pass(tiny_model, cells):

@@ -13,6 +13,7 @@ from malaria_classifier.verdict import (
     VerdictRule,
     choose_verdict_rule,
     group_name,
+    groups_without_a_patient,
     summarize_group,
     summarize_rows,
     verdict_for,
@@ -45,6 +46,14 @@ def test_group_names_by_patient_slide_and_folder():
     assert group_name(path, "all") == "all"
     with pytest.raises(ValueError, match="--group-by must be one of"):
         group_name(path, "hospital")
+
+
+def test_file_names_outside_the_nih_rule_are_groups_without_a_patient():
+    rows = [_row("C33P1thinF_IMG_1_cell_1.png", 0.1), _row("C1_thinF_IMG_2_cell_3.png", 0.2)]
+    rows += [_row("mine/cell1.png", 0.3), _row("mine/smear2_cell_4.png", 0.4)]
+    summaries = summarize_rows(rows, RULE, "patient")
+    assert groups_without_a_patient(summaries) == ["field:cell1", "field:smear2"]
+    assert groups_without_a_patient(summarize_rows(rows, RULE, "folder")) == []
 
 
 def test_failed_and_not_a_cell_rows_are_not_counted():

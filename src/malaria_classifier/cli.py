@@ -607,6 +607,7 @@ def predict(
                 summary_format = "json" if summary.suffix.lower() == ".json" else "csv"
                 write_summary(groups, handle, summary_format)
             typer.echo(f"{len(groups)} {group_by} verdict(s) written to {summary}", err=True)
+            _warn_about_groups_without_a_patient(groups, group_by)
         if counts["predicted"] == 0:
             if counts["failed"] == 0:
                 typer.secho(
@@ -642,6 +643,24 @@ def dashboard(
 
     typer.echo(f"Loading the model; then open http://{host}:{port}/ (Ctrl+C stops).", err=True)
     run_dashboard(model=model, host=host, port=port, examples=examples, debug=debug)
+
+
+def _warn_about_groups_without_a_patient(groups: list, group_by: str) -> None:
+    """Say when file names outside the NIH rule made one "patient" per file or field."""
+    from malaria_classifier.verdict import groups_without_a_patient
+
+    unnamed = groups_without_a_patient(groups)
+    if group_by not in ("patient", "slide") or not unnamed:
+        return
+    examples = ", ".join(unnamed[:3]) + (", ..." if len(unnamed) > 3 else "")
+    typer.secho(
+        f"Warning: {len(unnamed)} of {len(groups)} groups are not {group_by}s but single "
+        f"fields or files ({examples}): their names do not follow the NIH rule "
+        f"(C<slide>P<patient>..._cell_<n>), so each is judged on its own cells only. "
+        f"Put each {group_by}'s cells in one folder and use --group-by folder.",
+        err=True,
+        fg=typer.colors.YELLOW,
+    )
 
 
 def _collecting(rows: Any, into: list | None) -> Any:

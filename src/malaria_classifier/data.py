@@ -33,6 +33,8 @@ _INFECTED_PATIENT = re.compile(r"^C(\d+)[A-Za-z_]*?P(\d+)")
 _SLIDE = re.compile(r"^C(\d+)")
 _CELL_SUFFIX = re.compile(r"_cell_\d+$")
 _MAX_SEARCH_DEPTH = 3
+# Patient ids of names outside the NIH rule start with this (their source field image).
+FIELD_PREFIX = "field:"
 
 
 class DataLayoutError(ValueError):
@@ -66,7 +68,7 @@ def patient_id_from_name(file_name: str) -> str:
     slide = _SLIDE.match(stem)
     if slide:
         return f"C{int(slide.group(1))}"
-    return f"field:{_CELL_SUFFIX.sub('', stem)}"
+    return f"{FIELD_PREFIX}{_CELL_SUFFIX.sub('', stem)}"
 
 
 def find_class_root(directory: str | Path) -> Path:

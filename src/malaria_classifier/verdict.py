@@ -26,7 +26,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from malaria_classifier.calibration import logits_from_probabilities, sigmoid
-from malaria_classifier.data import patient_id_from_name
+from malaria_classifier.data import FIELD_PREFIX, patient_id_from_name
 from malaria_classifier.decision import NOT_A_CELL, PARASITIZED
 
 SUMMARY_COLUMNS: tuple[str, ...] = (
@@ -114,6 +114,17 @@ def group_name(path: str, group_by: str) -> str:
     if group_by == "all":
         return "all"
     raise ValueError(f"--group-by must be one of {', '.join(GROUPINGS)}, got {group_by!r}.")
+
+
+def groups_without_a_patient(summaries: Iterable[GroupSummary]) -> list[str]:
+    """Groups named after a file, not a patient: names outside the NIH rule.
+
+    ``--group-by patient`` (and ``slide``) fall back to each file's source field
+    image, so a folder of one patient's cells named ``cell1.png``, ``cell2.png`` ...
+    becomes one "patient" per cell, each indeterminate. The CLI names them and
+    suggests ``--group-by folder`` rather than quietly giving per-cell verdicts.
+    """
+    return [summary.group for summary in summaries if summary.group.startswith(FIELD_PREFIX)]
 
 
 def summarize_group(group: str, rows: Sequence[Any], rule: VerdictRule) -> GroupSummary:
