@@ -234,6 +234,11 @@ def test_predict_images_gives_the_same_rows_as_files(tiny_predictor, mixed_folde
     assert from_array.decision == from_file.decision
     with pytest.raises(ValueError, match="one each"):
         tiny_predictor.predict_images([load_for_model(path, 32)], names=[])
+    from_generator = tiny_predictor.predict_images(
+        (load_for_model(path, 32) for _ in range(2)), names=iter(["a", "b"])
+    )
+    assert [row.path for row in from_generator] == ["a", "b"]
+    assert from_generator[1].probability == pytest.approx(from_file.probability, abs=1e-6)
 
 
 def test_temperature_in_the_card_changes_probability_not_order(tmp_path, mixed_folder):

@@ -412,15 +412,19 @@ class Predictor:
         return self._predict_batch(self._fit_arrays(images))
 
     def predict_images(
-        self, images: Sequence[np.ndarray], names: Sequence[str] | None = None
+        self, images: Iterable[np.ndarray], names: Iterable[str] | None = None
     ) -> list[PredictionRow]:
         """Full rows (decision included) for decoded RGB arrays, e.g. dashboard uploads.
 
         Args:
-            images: uint8 arrays ``(height, width, 3)`` of any size.
+            images: uint8 arrays ``(height, width, 3)`` of any size: a list, a batch
+                array ``(n, height, width, 3)`` or any iterable (read once, scored as
+                one batch; for a large stream use :meth:`predict_paths` on files).
             names: Shown in the ``path`` field; defaults to ``image_<n>``.
         """
         self._check_open()
+        if not isinstance(images, (Sequence, np.ndarray)):
+            images = list(images)  # a generator: len() and two passes need a list
         names = list(names) if names is not None else [f"image_{i}" for i in range(len(images))]
         if len(names) != len(images):
             raise ValueError(f"Got {len(images)} images but {len(names)} names; pass one each.")
