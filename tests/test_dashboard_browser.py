@@ -106,10 +106,18 @@ def real_cell(shared_data_dir):
 def test_upload_a_real_cell_then_a_corrupt_file_then_the_same_cell_again(
     browser, server_url, real_cell, tmp_path_factory
 ):
+    from selenium.webdriver.common.by import By
+
     from malaria_classifier.prediction import Predictor
 
     [expected] = list(Predictor().predict_paths([real_cell]))
     browser.get(server_url)
+    # What a screen reader needs to find its way: the language, one h1, a named file input.
+    assert browser.find_element(By.TAG_NAME, "html").get_attribute("lang") == "en"
+    assert browser.find_element(By.TAG_NAME, "h1").text == "Malaria cell classifier"
+    field = browser.find_element(By.CSS_SELECTOR, "#upload input[type=file]")
+    assert field.get_attribute("aria-label") == "Upload cell images to classify"
+    assert field.get_attribute("aria-describedby") == "upload-limits"
 
     upload(browser, [real_cell])
     [card] = wait_for_cards(browser, 1, real_cell.name)
@@ -199,8 +207,25 @@ def test_a_large_batch_pages_its_cards_and_a_new_batch_clears_the_table_filter(
     for path in paths:
         path.write_bytes(real_cell.read_bytes())
     browser.get(server_url)
+    # Record whether the last batch's results were hidden while this one was classified.
+    browser.execute_script(
+        """
+        window.hiddenWhileClassifying = false;
+        new MutationObserver(function () {
+            const area = document.getElementById("results-area");
+            const spinner = document.getElementById("progress");
+            if (area && spinner && area.style.display === "none"
+                    && spinner.style.display === "block") {
+                window.hiddenWhileClassifying = true;
+            }
+        }).observe(document.body, {attributes: true, subtree: true, attributeFilter: ["style"]});
+        """
+    )
     upload(browser, paths)
     cards = wait_for_cards(browser, CARDS_PER_PAGE, "cell_0.png")
+    assert browser.execute_script("return window.hiddenWhileClassifying;") is True
+    assert browser.find_element(By.ID, "results-area").is_displayed()
+    assert not browser.find_element(By.ID, "progress").is_displayed()
     assert "cell_59.png" in cards[-1]  # numeric order, first page only
     pager = browser.find_element(By.ID, "card-pager")
     assert pager.is_displayed()

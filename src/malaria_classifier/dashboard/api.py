@@ -28,7 +28,11 @@ from malaria_classifier.dashboard.uploads import (
 from malaria_classifier.prediction import OUTPUT_COLUMNS
 
 API_PATH = "/api/predict"
-EXAMPLE_CALL = f"curl -F file=@cell.png http://127.0.0.1:8050{API_PATH}"
+
+
+def example_call() -> str:
+    """A working curl call for this server (the address the client used to reach it)."""
+    return f"curl -F file=@cell.png {request.host_url.rstrip('/')}{API_PATH}"
 
 
 def register_api(server: Flask, predictor, limits: UploadLimits) -> None:
@@ -40,10 +44,13 @@ def register_api(server: Flask, predictor, limits: UploadLimits) -> None:
 
     @server.errorhandler(RequestEntityTooLarge)
     def _too_large(_error):
-        if (request.content_length or 0) > limits.request_bytes():
-            cause = f"The request is larger than {limits.request_bytes():,} bytes."
+        size, fields = f"{limits.request_bytes():,} bytes", f"{2 * limits.max_files:,} form fields"
+        if request.content_length is None:  # chunked: the size was never announced
+            cause = f"The request is larger than {size} or has more than {fields}."
+        elif request.content_length > limits.request_bytes():
+            cause = f"The request is larger than {size}."
         else:
-            cause = f"The request has more than {2 * limits.max_files:,} form fields."
+            cause = f"The request has more than {fields}."
         message = (
             f"{cause} Send at most {limits.max_files:,} files and "
             f"{limits.max_batch_bytes // (1024 * 1024)} MB per request (each file up to "
@@ -54,12 +61,15 @@ def register_api(server: Flask, predictor, limits: UploadLimits) -> None:
 
     @server.route(API_PATH, methods=["GET", "PUT", "PATCH", "DELETE"])
     def _wrong_method():
-        message = f"Use POST with multipart form fields named 'file', e.g. {EXAMPLE_CALL}"
+        message = f"Use POST with multipart form fields named 'file', e.g. {example_call()}"
         return jsonify({"error": message}), 405, {"Allow": "POST"}
 
-    @server.route("/api/<path:unknown>", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+    any_method = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+
+    @server.route("/api/", methods=any_method, defaults={"unknown": ""}, strict_slashes=False)
+    @server.route("/api/<path:unknown>", methods=any_method)
     def _unknown(unknown):
-        message = f"No API at /api/{unknown}. The API is POST {API_PATH}, e.g. {EXAMPLE_CALL}"
+        message = f"No API at /api/{unknown}. The API is POST {API_PATH}, e.g. {example_call()}"
         return jsonify({"error": message}), 404
 
     @server.post(API_PATH)
@@ -68,7 +78,7 @@ def register_api(server: Flask, predictor, limits: UploadLimits) -> None:
         if not files:
             message = (
                 f"No file received. Send images as multipart form fields named 'file', "
-                f"e.g. {EXAMPLE_CALL}"
+                f"e.g. {example_call()}"
             )
             return jsonify({"error": message}), 400
         uploads = read_uploaded_files(files, limits)

@@ -61,6 +61,8 @@ def create_app(
         external_stylesheets=[BOOTSTRAP_URL],
         serve_locally=True,
     )
+    # Screen readers pick their voice from the page's language.
+    app.index_string = app.index_string.replace("<html>", '<html lang="en">', 1)
     serve_bootstrap_css(app.server)
     card = predictor.card
     figures = load_evaluation_figures(predictor.model_path, card)

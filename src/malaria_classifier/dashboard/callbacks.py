@@ -155,11 +155,17 @@ def register_callbacks(app: Dash, context: DashboardContext) -> None:
         Output(ids.TABLE, "filterModel", allow_duplicate=True),
     )
 
+    # While a batch is classified: the spinner shows and the last batch's results hide.
+    while_classifying = [
+        (Output(ids.PROGRESS, "style"), {"display": "block"}, {"display": "none"}),
+        (Output(ids.RESULTS_AREA, "style"), {"display": "none"}, {}),
+    ]
+
     @app.callback(
         *new_batch,
         Input(ids.PENDING_UPLOAD, "data"),
         State(ids.SHOW_WHY, "value"),
-        running=[(Output(ids.PROGRESS, "style"), {"display": "block"}, {"display": "none"})],
+        running=while_classifying,
         prevent_initial_call=True,
     )
     def _classify_pending(pending, show_why):

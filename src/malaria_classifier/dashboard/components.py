@@ -48,8 +48,10 @@ def result_card(result: dict[str, Any], show_why: bool) -> dbc.Card:
         return _error_card(result)
     decision = result.get("decision") or result["label"]
     colour = DECISION_COLOURS.get(decision, "secondary")
-    picture = result.get("heat_map") if show_why and result.get("heat_map") else result["image"]
+    heat_map = bool(show_why and result.get("heat_map"))
+    picture = result["heat_map"] if heat_map else result["image"]
     caption = "Grad-CAM: bright = what drove the answer" if show_why else "What the model sees"
+    alt = f"{'Grad-CAM heat map over' if heat_map else 'Model input view of'} {result['filename']}"
     details = [
         html.Div(caption, className="image-caption"),
         html.Div(result["filename"], className="file-name", title=result["filename"]),
@@ -64,7 +66,7 @@ def result_card(result: dict[str, Any], show_why: bool) -> dbc.Card:
         details += _score_lines(result, decision, colour)
     return dbc.Card(
         [
-            dbc.CardImg(src=picture, className="cell-image", alt=f"cell {result['filename']}"),
+            dbc.CardImg(src=picture, className="cell-image", alt=alt),
             dbc.CardBody(details),
         ],
         className="result-card",
@@ -164,6 +166,7 @@ def summary_panel(summary: dict[str, Any]) -> html.Div:
         [
             html.Div(badges, className="summary-badges"),
             _duplicate_names_warning(summary.get("duplicate_names", {})),
+            _repeated_files_note(summary.get("repeated_files", 0)),
             _verdict_line(summary),
             html.Small(
                 "Parasitized share = Parasitized cells / usable cells (not counting Not a cell "
@@ -196,6 +199,19 @@ def _duplicate_names_warning(duplicates: dict[str, int]) -> html.Div:
     )
 
 
+def _repeated_files_note(repeated: int) -> html.Div:
+    """Say that files repeating an earlier file's picture were counted once."""
+    if not repeated:
+        return html.Div()
+    files = "file repeats" if repeated == 1 else "files repeat"
+    return dbc.Alert(
+        f"{repeated} {files} the picture of another file in this batch (the same bytes): "
+        f"each picture counts once in the cells, the parasitized share and the verdict.",
+        color="warning",
+        className="py-1 my-1 small",
+    )
+
+
 def _verdict_line(summary: dict[str, Any]) -> html.Div:
     verdict = summary.get("verdict")
     if not verdict:
@@ -211,15 +227,34 @@ def _verdict_line(summary: dict[str, Any]) -> html.Div:
                 className="verdict-badge",
             ),
             html.Small(
-                f" from {summary['cells']} usable cells; the rule was chosen on validation "
-                f"patients (see the Model tab). Confidence: for a positive verdict, the "
-                f"calibrated P(Parasitized) of the weakest cell it rests on; for a negative "
-                f"one, 1 − that of the most suspicious cell.",
-                className="text-muted",
+                " " + verdict_explanation(summary["cells"], verdict), className="text-muted"
             ),
         ],
         className="my-1",
     )
+
+
+def verdict_explanation(cells: int, verdict: dict[str, Any]) -> str:
+    """Why the batch got its verdict, in words, and what the confidence means."""
+    counted = f"from {cells:,} usable {'cell' if cells == 1 else 'cells'}"
+    needed = verdict.get("min_suspicious_cells", 1)
+    suspicious = "1 very suspicious cell" if needed == 1 else f"{needed} very suspicious cells"
+    if verdict["verdict"] == "indeterminate":
+        return (
+            f"{counted}: too few to rule malaria out (a negative needs at least "
+            f"{verdict.get('min_cells', 20)}). Upload more of the patient's cells."
+        )
+    if verdict["verdict"] == "positive":
+        meaning = (
+            f"at least {suspicious}; confidence is the calibrated P(Parasitized) of the "
+            f"weakest cell this rests on"
+        )
+    else:
+        found = "no very suspicious cell" if needed == 1 else f"fewer than {suspicious}"
+        meaning = (
+            f"{found}; confidence is 1 − the calibrated P(Parasitized) of the most suspicious cell"
+        )
+    return f"{counted}: {meaning}. The rule was chosen on validation patients (see the Model tab)."
 
 
 def results_table(results: Sequence[dict[str, Any]]) -> dag.AgGrid:

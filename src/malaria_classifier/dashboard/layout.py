@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict
+from typing import Any
 
 import dash_bootstrap_components as dbc
 from dash import dcc, html
@@ -54,7 +55,7 @@ def build_layout(
 def _header(model_name: str) -> html.Div:
     return html.Div(
         [
-            html.H2(TITLE, className="mb-0"),
+            html.H1(TITLE, className="h2 mb-0"),
             html.Div(
                 [
                     "Giemsa-stained thin-smear red-cell crops → ",
@@ -94,55 +95,74 @@ def _classify_tab(
             ),
             html.Div(
                 [
-                    dbc.Progress(value=100, striped=True, animated=True, className="mb-1"),
-                    html.Div(id=ids.PROGRESS_TEXT, className="small"),
+                    # A spinner, not a progress bar: one request has no progress to report,
+                    # and a bar at 100% would tell a screen reader the work is done.
+                    dbc.Spinner(size="sm", color="primary", spinner_class_name="me-2"),
+                    # A live region: screen readers announce "Classifying N files…".
+                    html.Span(id=ids.PROGRESS_TEXT, className="small", role="status"),
                 ],
                 id=ids.PROGRESS,
+                className="my-2",
                 style={"display": "none"},
             ),
             example_gallery(example_thumbnails) if example_thumbnails else html.Div(),
-            dbc.Row(
-                [
-                    dbc.Col(html.Div(summary_panel(batch_summary([])), id=ids.SUMMARY), md=9),
-                    dbc.Col(
-                        [
-                            dbc.Switch(
-                                id=ids.SHOW_WHY,
-                                label="Show why (Grad-CAM heat map)",
-                                value=False,
-                            ),
-                            dbc.Button(
-                                "Download CSV",
-                                id=ids.DOWNLOAD_BUTTON,
-                                color="primary",
-                                size="sm",
-                                disabled=True,
-                            ),
-                        ],
-                        md=3,
-                        className="text-md-end",
-                    ),
-                ],
-                className="my-3 align-items-center",
-            ),
-            dcc.Loading(
-                [
-                    dbc.Row(id=ids.CARDS, className="g-3 mb-2"),
-                    dbc.Pagination(
-                        id=ids.CARD_PAGER,
-                        max_value=1,
-                        active_page=1,
-                        fully_expanded=False,
-                        previous_next=True,
-                        size="sm",
-                        style={"display": "none"},
-                        className="mb-3",
-                    ),
-                    html.H5("All results (click a column to sort)"),
-                    results_table([]),
-                ],
-                type="default",
-            ),
+            # Hidden while a new batch is classified, so the last batch's summary, verdict
+            # and CSV cannot be read or downloaded as if they were the new one's.
+            html.Div(_results_area(), id=ids.RESULTS_AREA),
         ],
         className="pt-3",
     )
+
+
+def _results_area() -> list[Any]:
+    """Summary, verdict, the CSV button, the cards and the table of the last batch."""
+    return [
+        dbc.Row(
+            [
+                dbc.Col(
+                    # Announced when it changes: the counts and verdict of a new batch.
+                    html.Div(
+                        summary_panel(batch_summary([])), id=ids.SUMMARY, **{"aria-live": "polite"}
+                    ),
+                    md=9,
+                ),
+                dbc.Col(
+                    [
+                        dbc.Switch(
+                            id=ids.SHOW_WHY,
+                            label="Show why (Grad-CAM heat map)",
+                            value=False,
+                        ),
+                        dbc.Button(
+                            "Download CSV",
+                            id=ids.DOWNLOAD_BUTTON,
+                            color="primary",
+                            size="sm",
+                            disabled=True,
+                        ),
+                    ],
+                    md=3,
+                    className="text-md-end",
+                ),
+            ],
+            className="my-3 align-items-center",
+        ),
+        dcc.Loading(
+            [
+                dbc.Row(id=ids.CARDS, className="g-3 mb-2"),
+                dbc.Pagination(
+                    id=ids.CARD_PAGER,
+                    max_value=1,
+                    active_page=1,
+                    fully_expanded=False,
+                    previous_next=True,
+                    size="sm",
+                    style={"display": "none"},
+                    className="mb-3",
+                ),
+                html.H5("All results (click a column to sort)"),
+                results_table([]),
+            ],
+            type="default",
+        ),
+    ]

@@ -8,10 +8,11 @@ file gets its own result; a file that fails carries an error and never stops the
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -179,6 +180,9 @@ class CellResult:
     error: str
     decision: str = ""
     reason: str = ""
+    # SHA-256 of the file's bytes, shortened: the same picture sent twice (under two
+    # names, or from two folders) counts once in the batch's cells and verdict.
+    content_id: str = ""
     image: str | None = None  # the model's input view, as a PNG data URL
     heat_map: str | None = None  # Grad-CAM overlay on that view, as a PNG data URL
 
@@ -212,6 +216,7 @@ def classify_uploads(
     for upload in uploads:
         result = CellResult(upload.filename, "", None, None, upload.error or "")
         if upload.error is None:
+            result.content_id = hashlib.sha256(upload.data or b"").hexdigest()[:32]
             try:
                 image = decode_image_bytes(upload.data or b"", upload.filename)
                 inputs.append(resize_with_pad(image, predictor.image_size))
@@ -289,36 +294,80 @@ def batch_summary(
     The share estimates parasitemia (infected red cells per 100) only when the batch is
     every cell of a field; with Uncertain cells it is a range (``parasitized_share`` to
     ``parasitized_share_high``), since each of them may go either way. The verdict
-    applies only when the batch holds one patient's cells. Files that failed or are
-    "Not a cell" are not counted as cells. ``duplicate_names`` counts the names sent
-    more than once (the browser sends no folders, so such files cannot be told apart).
+    applies only when the batch holds one patient's cells, and is left out when no cell
+    is usable. Files that failed or are "Not a cell" are not counted as cells, and a
+    picture sent more than once (same bytes) counts once (``repeated_files`` says how
+    many files repeated an earlier one): one suspicious cell sent three times must not
+    make a positive patient. ``decisions`` counts files. ``duplicate_names`` counts the
+    names sent more than once (the browser sends no folders, so such files cannot be
+    told apart).
     """
     rows = [row_from_result(result) for result in results]
-    usable = [row for row in rows if not row.error and row.decision != NOT_A_CELL]
+    distinct = _distinct_pictures(results, rows)
+    usable = [row for row in distinct if not row.error and row.decision != NOT_A_CELL]
     counts = {decision: sum(row.decision == decision for row in rows) for decision in DECISIONS}
-    parasitized = counts[PARASITIZED]
+    parasitized = sum(row.decision == PARASITIZED for row in usable)
+    uncertain = sum(row.decision == UNCERTAIN for row in usable)
     names = Counter(row.path for row in rows)
     summary: dict[str, Any] = {
         "files": len(rows),
         "failed": sum(bool(row.error) for row in rows),
         "cells": len(usable),
+        "repeated_files": len(rows) - len(distinct),
         "decisions": counts,
         "parasitized_share": parasitized / len(usable) if usable else None,
         # Every Uncertain cell parasitized: the top of the range the share lies in.
-        "parasitized_share_high": (
-            (parasitized + counts[UNCERTAIN]) / len(usable) if usable else None
-        ),
+        "parasitized_share_high": (parasitized + uncertain) / len(usable) if usable else None,
         "duplicate_names": {name: count for name, count in names.items() if count > 1},
         "verdict": None,
     }
-    if verdict_rule is not None and rows:
-        verdict = summarize_group("batch", rows, verdict_rule)
-        summary["verdict"] = {"verdict": verdict.verdict, "confidence": verdict.confidence}
+    if verdict_rule is not None and usable:
+        verdict = summarize_group("batch", usable, verdict_rule)
+        summary["verdict"] = {
+            "verdict": verdict.verdict,
+            "confidence": verdict.confidence,
+            "min_cells": verdict_rule.min_cells,
+            "min_suspicious_cells": verdict_rule.min_suspicious_cells,
+        }
     return summary
 
 
+def _distinct_pictures(
+    results: Sequence[dict[str, Any]], rows: Sequence[PredictionRow]
+) -> list[PredictionRow]:
+    """The rows without those whose file repeats an earlier file's bytes."""
+    seen: set[str] = set()
+    distinct = []
+    for result, row in zip(results, rows, strict=True):
+        content_id = result.get("content_id") or ""
+        if content_id and content_id in seen:
+            continue
+        seen.add(content_id)
+        distinct.append(row)
+    return distinct
+
+
 def results_csv(results: Sequence[dict[str, Any]]) -> str:
-    """The batch as CSV, written by the same code as ``malaria predict`` (same columns)."""
+    """The batch as CSV, written by the same code as ``malaria predict`` (same columns).
+
+    Uploaded file names come from anyone who can reach the page and this file is opened
+    in spreadsheets, so a name or message that a spreadsheet would run as a formula
+    (``=``, ``+``, ``-``, ``@``, tab, carriage return first) is written with a leading
+    ``'`` (OWASP's advice for CSV injection).
+    """
     buffer = io.StringIO()
-    write_rows((row_from_result(result) for result in results), buffer, "csv")
+    write_rows((_spreadsheet_safe_row(result) for result in results), buffer, "csv")
     return buffer.getvalue()
+
+
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(text: str) -> str:
+    """``text`` with a leading ``'`` when a spreadsheet would read it as a formula."""
+    return "'" + text if text.startswith(FORMULA_STARTS) else text
+
+
+def _spreadsheet_safe_row(result: dict[str, Any]) -> PredictionRow:
+    row = row_from_result(result)
+    return replace(row, path=spreadsheet_safe(row.path), error=spreadsheet_safe(row.error))
