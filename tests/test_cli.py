@@ -267,9 +267,18 @@ def test_calibrate_then_predict_with_decisions_and_a_patient_summary(tmp_path):
     result = _run(
         "predict", one_patient, "--model", model, "--group-by", "folder", "--summary", summary
     )  # fmt: skip
-    assert result.exit_code == 0 and "Warning" not in result.output
+    assert result.exit_code == 0 and "Warning" not in result.output and "Note" not in result.output
+    shutil.copy(one_patient / "cell0.png", one_patient / "cell0 copy.png")
+    result = _run(
+        "predict", one_patient, "--model", model, "--output", output,
+        "--group-by", "folder", "--summary", summary,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "1 file(s) repeat the picture of another file" in result.output
+    with open(output) as handle:
+        assert len(list(csv.DictReader(handle))) == 4  # one row per file still
     with open(summary) as handle:
-        assert [row["cells"] for row in csv.DictReader(handle)] == ["3"]
+        assert [row["cells"] for row in csv.DictReader(handle)] == ["3"]  # one per picture
 
 
 def test_calibrate_without_a_manifest_says_what_to_pass(tiny_model, cells):

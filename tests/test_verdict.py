@@ -3,6 +3,7 @@
 import csv
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from malaria_classifier.verdict import (
     SUMMARY_COLUMNS,
     VerdictRule,
     choose_verdict_rule,
+    drop_repeated_pictures,
     group_name,
     groups_without_a_patient,
     summarize_group,
@@ -54,6 +56,26 @@ def test_file_names_outside_the_nih_rule_are_groups_without_a_patient():
     summaries = summarize_rows(rows, RULE, "patient")
     assert groups_without_a_patient(summaries) == ["field:cell1", "field:smear2"]
     assert groups_without_a_patient(summarize_rows(rows, RULE, "folder")) == []
+
+
+def test_a_picture_repeated_under_other_names_counts_once():
+    rows = [_row(name, 0.99) for name in ("a.png", "b.png", "copy of a.png", "again.png")]
+    rows += [_row("broken.png", 0.0, error="broken"), _row("b.png", 0.9)]
+    kept, dropped = drop_repeated_pictures(rows, ["1", "2", "1", "1", None, None])
+    assert [row.path for row in kept] == ["a.png", "b.png", "broken.png", "b.png"]
+    assert dropped == 2
+
+
+def test_repeated_pictures_are_found_by_their_bytes(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"one cell")
+    (tmp_path / "copy.png").write_bytes(b"one cell")
+    (tmp_path / "b.png").write_bytes(b"another cell")
+    names = ["a.png", "copy.png", "b.png", "gone.png"]
+    rows = [_row(str(tmp_path / name), 0.99) for name in names]
+    rows.append(_row(str(tmp_path / "copy.png"), 0.0, error="failed"))
+    kept, dropped = drop_repeated_pictures(rows)
+    assert [Path(row.path).name for row in kept] == ["a.png", "b.png", "gone.png", "copy.png"]
+    assert dropped == 1  # a file that is gone, or failed, is kept as it is
 
 
 def test_failed_and_not_a_cell_rows_are_not_counted():

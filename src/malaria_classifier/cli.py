@@ -600,13 +600,26 @@ def predict(
             err=True,
         )
         if summary is not None and group_by is not None and predictor.verdict_rule is not None:
-            from malaria_classifier.verdict import summarize_rows, write_summary
+            from malaria_classifier.verdict import (
+                drop_repeated_pictures,
+                summarize_rows,
+                write_summary,
+            )
 
-            groups = summarize_rows(collected, predictor.verdict_rule, group_by)
+            distinct, repeated = drop_repeated_pictures(collected)
+            groups = summarize_rows(distinct, predictor.verdict_rule, group_by)
             with open_output(summary) as handle:
                 summary_format = "json" if summary.suffix.lower() == ".json" else "csv"
                 write_summary(groups, handle, summary_format)
             typer.echo(f"{len(groups)} {group_by} verdict(s) written to {summary}", err=True)
+            if repeated:
+                typer.secho(
+                    f"Note: {repeated} file(s) repeat the picture of another file (the same "
+                    f"bytes); each picture counts once in the verdicts (the predictions keep "
+                    f"one row per file).",
+                    err=True,
+                    fg=typer.colors.YELLOW,
+                )
             _warn_about_groups_without_a_patient(groups, group_by)
         if counts["predicted"] == 0:
             if counts["failed"] == 0:

@@ -28,6 +28,7 @@ import numpy as np
 from malaria_classifier.calibration import logits_from_probabilities, sigmoid
 from malaria_classifier.data import FIELD_PREFIX, patient_id_from_name
 from malaria_classifier.decision import NOT_A_CELL, PARASITIZED
+from malaria_classifier.images import sha256_of_file
 
 SUMMARY_COLUMNS: tuple[str, ...] = (
     "group",
@@ -125,6 +126,44 @@ def groups_without_a_patient(summaries: Iterable[GroupSummary]) -> list[str]:
     suggests ``--group-by folder`` rather than quietly giving per-cell verdicts.
     """
     return [summary.group for summary in summaries if summary.group.startswith(FIELD_PREFIX)]
+
+
+def drop_repeated_pictures(
+    rows: Sequence[Any], content_keys: Iterable[str | None] | None = None
+) -> tuple[list[Any], int]:
+    """The rows without those whose file repeats an earlier file's bytes, and how many
+    were dropped.
+
+    A copy of one cell under another name (or in another folder) is still one cell: left
+    in, one suspicious cell copied three times would meet a three-cell positive rule.
+
+    Args:
+        rows: Prediction rows (``PredictionRow``-like).
+        content_keys: One key per row saying what its picture is (e.g. a SHA-256), None
+            for a row to keep as it is; by default each file's SHA-256, read now (failed
+            rows and files that cannot be read again are kept: they count as no cell or
+            as their own).
+    """
+    if content_keys is None:
+        content_keys = (_file_key(row) for row in rows)
+    seen: set[str] = set()
+    kept: list[Any] = []
+    for row, key in zip(rows, content_keys, strict=True):
+        if key is not None and key in seen:
+            continue
+        if key is not None:
+            seen.add(key)
+        kept.append(row)
+    return kept, len(rows) - len(kept)
+
+
+def _file_key(row: Any) -> str | None:
+    if row.error:
+        return None
+    try:
+        return sha256_of_file(row.path)
+    except OSError:
+        return None
 
 
 def summarize_group(group: str, rows: Sequence[Any], rule: VerdictRule) -> GroupSummary:

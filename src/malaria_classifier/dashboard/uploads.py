@@ -28,7 +28,7 @@ from malaria_classifier.images import (
     resize_with_pad,
 )
 from malaria_classifier.prediction import PredictionRow, write_rows
-from malaria_classifier.verdict import VerdictRule, summarize_group
+from malaria_classifier.verdict import VerdictRule, drop_repeated_pictures, summarize_group
 
 # The kinds the decoder reads (``images.SUPPORTED_FORMATS``), so its advice to re-export
 # a file "as PNG, JPEG, TIFF, BMP, GIF or WebP" is never refused here.
@@ -303,7 +303,9 @@ def batch_summary(
     told apart).
     """
     rows = [row_from_result(result) for result in results]
-    distinct = _distinct_pictures(results, rows)
+    distinct, repeated = drop_repeated_pictures(
+        rows, (result.get("content_id") or None for result in results)
+    )
     usable = [row for row in distinct if not row.error and row.decision != NOT_A_CELL]
     counts = {decision: sum(row.decision == decision for row in rows) for decision in DECISIONS}
     parasitized = sum(row.decision == PARASITIZED for row in usable)
@@ -313,7 +315,7 @@ def batch_summary(
         "files": len(rows),
         "failed": sum(bool(row.error) for row in rows),
         "cells": len(usable),
-        "repeated_files": len(rows) - len(distinct),
+        "repeated_files": repeated,
         "decisions": counts,
         "parasitized_share": parasitized / len(usable) if usable else None,
         # Every Uncertain cell parasitized: the top of the range the share lies in.
@@ -330,21 +332,6 @@ def batch_summary(
             "min_suspicious_cells": verdict_rule.min_suspicious_cells,
         }
     return summary
-
-
-def _distinct_pictures(
-    results: Sequence[dict[str, Any]], rows: Sequence[PredictionRow]
-) -> list[PredictionRow]:
-    """The rows without those whose file repeats an earlier file's bytes."""
-    seen: set[str] = set()
-    distinct = []
-    for result, row in zip(results, rows, strict=True):
-        content_id = result.get("content_id") or ""
-        if content_id and content_id in seen:
-            continue
-        seen.add(content_id)
-        distinct.append(row)
-    return distinct
 
 
 def results_csv(results: Sequence[dict[str, Any]]) -> str:
