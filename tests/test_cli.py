@@ -598,3 +598,28 @@ def test_calibrate_warns_about_fits_not_to_trust(tmp_path):
     fitted["within_budget"] = True
     (tmp_path / "ood.json").write_text(json.dumps({"fitted_on": fitted}), encoding="utf-8")
     assert _calibration_warnings({"calibration": {"temperature": 1.05}}, model) == []
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly(monkeypatch, capsys):
+    """`malaria predict cells/ | head -1`: no "Broken pipe ... check the path" error."""
+    import typer
+
+    from malaria_classifier.cli import BROKEN_PIPE_STATUS, _user_errors
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader (head) has stopped
+    stdout = os.fdopen(write_end, "w")
+    monkeypatch.setattr("sys.stdout", stdout)
+
+    @_user_errors
+    def print_rows():
+        for _ in range(3):
+            print("path,label", flush=True)
+
+    with pytest.raises(typer.Exit) as stopped:
+        print_rows()
+    assert stopped.value.exit_code == BROKEN_PIPE_STATUS == 141
+    assert capsys.readouterr().err == ""
+    stdout.write("more")  # stdout now goes nowhere: flushing at exit raises nothing
+    stdout.flush()
+    stdout.close()

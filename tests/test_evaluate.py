@@ -33,6 +33,12 @@ def test_folder_of_unknown_patients_is_evaluated_whole():
     records = _records(["X1", "X2"])
     chosen, description = select_records(records, CARD, "test")
     assert chosen == records and "all 4 cells" in description
+    # Unseen patients are no model's train or validation patients: not scored as such.
+    for split in ("train", "validation"):
+        with pytest.raises(ValueError, match=f"--split {split}: none of this folder's 2 pat"):
+            select_records(records, CARD, split)
+        with pytest.raises(ValueError, match="use --split test"):
+            select_records(records, {}, split)
 
 
 def test_unknown_split_name_is_refused():

@@ -100,6 +100,38 @@ def test_per_cell_colour_normalization_survives_export(export_format, real_cells
     np.testing.assert_allclose(actual, expected, rtol=0, atol=TOLERANCE)
 
 
+def test_the_export_card_recipe_for_crops_on_a_smear_gives_what_predict_gives(
+    exports, keras_predictor, shared_data_dir, tmp_path
+):
+    """The graph does not cut a cell out of its smear: the card says to do it first."""
+    from PIL import Image
+
+    from malaria_classifier.images import load_rgb_image, resize_with_pad
+
+    files = sorted((shared_data_dir / "Uninfected").glob("*.png"))[::500][:6]
+    rng = np.random.default_rng(0)
+    crops = []
+    for index, path in enumerate(files):
+        cell = load_rgb_image(path)  # NIH crop: the cell on black, as the original
+        smear = np.array([200.0, 170.0, 180.0]) + rng.normal(0.0, 4.0, cell.shape)
+        on_pink = np.where(cell.max(axis=-1, keepdims=True) < 30, smear, cell)
+        crops.append(tmp_path / f"smear_{index}.png")
+        Image.fromarray(np.clip(np.rint(on_pink), 0, 255).astype(np.uint8)).save(crops[-1])
+    expected = np.array(
+        [row.uncalibrated_probability for row in keras_predictor.predict_paths(crops)]
+    )
+    forward = onnx_forward(exports["onnx"].path.read_bytes())
+    size = keras_predictor.image_size
+    recipe = np.stack([resize_with_pad(load_rgb_image(crop), size) for crop in crops])
+    np.testing.assert_allclose(forward(recipe)[:, POSITIVE_INDEX], expected, atol=TOLERANCE)
+    card = json.loads(exports["onnx"].card_path.read_text())
+    assert "isolate_cell" in card["input"]["before_resize"] and "smear" in card["not_included"]
+    # Skipping the step the card names scores healthy cells on a smear as parasitized.
+    plain = np.stack([resize_with_pad(load_rgb_image(c), size, cut_out_smear=False) for c in crops])
+    skipped = forward(plain)[:, POSITIVE_INDEX]
+    assert expected.max() < 0.1 and skipped.mean() > 0.5
+
+
 def test_saved_model_round_trip_serves_the_same_probabilities(exports, keras_predictor, real_cells):
     loaded = tf.saved_model.load(str(exports["saved_model"].path))
     serve = loaded.signatures["serving_default"]

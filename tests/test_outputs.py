@@ -103,3 +103,24 @@ def test_two_outputs_that_are_one_file_through_a_link_are_refused(tmp_path):
     link.symlink_to(predictions)
     with pytest.raises(ValueError, match="is also another output"):
         check_output_path(link, "--summary", others=[predictions])
+
+
+def test_a_link_to_an_image_is_refused_and_the_image_kept(tmp_path):
+    cell = tmp_path / "cells" / "cell.png"
+    cell.parent.mkdir()
+    cell.write_bytes(b"\x89PNG")
+    link = tmp_path / "results.csv"
+    link.symlink_to(cell)
+    with pytest.raises(ValueError, match=r"results.csv \(a link to .*cell.png\): a results file"):
+        check_output_path(link, "--output", inputs=[cell.parent])
+    assert cell.read_bytes() == b"\x89PNG"
+
+
+def test_only_names_of_streams_are_written_in_place_under_dev(tmp_path):
+    """/dev/shm is an ordinary folder: a file there is replaced whole, not appended to."""
+    from malaria_classifier.outputs import _is_stream
+
+    assert _is_stream(Path("/dev/stdout")) and _is_stream(Path("/proc/self/fd/1"))
+    assert _is_stream(Path("/dev/fd/3")) and _is_stream(Path(os.devnull))
+    assert not _is_stream(Path("/dev/shm/predictions.csv"))
+    assert not _is_stream(Path("/proc/self/fd")) and not _is_stream(tmp_path / "out.csv")

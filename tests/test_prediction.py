@@ -61,6 +61,12 @@ def test_inputs_named_twice_or_inside_another_are_kept_once(mixed_folder, monkey
     inputs = [mixed_folder, relative, file, missing, mixed_folder, missing]
     # A repeated cell would count twice in a patient's verdict.
     assert distinct_inputs(inputs) == [mixed_folder, missing]
+    # In whatever order: a file or sub-folder named before its folder is left to it.
+    sub_folder = mixed_folder / "sub"
+    assert distinct_inputs([file, sub_folder, relative, missing]) == [relative, missing]
+    # A folder is not a parent of a sibling whose name merely starts the same.
+    sibling = mixed_folder.parent / (mixed_folder.name + "-2")
+    assert distinct_inputs([sibling, mixed_folder]) == [sibling, mixed_folder]
 
 
 def test_a_closed_predictor_says_so(tmp_path, mixed_folder):

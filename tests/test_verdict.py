@@ -50,6 +50,15 @@ def test_group_names_by_patient_slide_and_folder():
         group_name(path, "hospital")
 
 
+def test_one_folder_spelled_three_ways_is_one_group(tmp_path, monkeypatch):
+    folder = tmp_path / "slide9"
+    folder.mkdir()
+    (tmp_path / "link").symlink_to(folder)
+    monkeypatch.chdir(tmp_path)
+    names = [f"{folder}/a.png", "slide9/b.png", "link/c.png", "./slide9/../slide9/d.png"]
+    assert {group_name(name, "folder") for name in names} == {str(folder.resolve())}
+
+
 def test_file_names_outside_the_nih_rule_are_groups_without_a_patient():
     rows = [_row("C33P1thinF_IMG_1_cell_1.png", 0.1), _row("C1_thinF_IMG_2_cell_3.png", 0.2)]
     rows += [_row("mine/cell1.png", 0.3), _row("mine/smear2_cell_4.png", 0.4)]

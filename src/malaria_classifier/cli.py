@@ -42,6 +42,9 @@ def _user_errors(function: Callable[..., Any]) -> Callable[..., Any]:
         except (ValueError, DownloadError, LeakageError, FileExistsError) as error:
             typer.secho(f"Error: {error}", err=True, fg=typer.colors.RED)
             raise typer.Exit(code=2) from None
+        except BrokenPipeError:  # `malaria predict cells/ | head`: the reader has stopped
+            _silence_stdout()
+            raise typer.Exit(code=BROKEN_PIPE_STATUS) from None
         except OSError as error:  # a file the user named cannot be written or read
             where = f" ({error.filename})" if error.filename else ""
             typer.secho(
@@ -59,6 +62,19 @@ def _user_errors(function: Callable[..., Any]) -> Callable[..., Any]:
 
 
 PREDICT_RUNTIMES = ("auto", "keras", "onnx")
+# What a shell reports for a command stopped by SIGPIPE (128 + 13), as `yes | head` does.
+BROKEN_PIPE_STATUS = 141
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so flushing it at exit raises no second broken pipe."""
+    try:
+        descriptor = sys.stdout.fileno()
+    except (OSError, ValueError):  # not a real file (e.g. captured by a test runner)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, descriptor)
+    os.close(devnull)
 
 
 @contextlib.contextmanager
@@ -502,7 +518,9 @@ def predict(
     ] = None,
     summary: Annotated[
         Path | None,
-        typer.Option(help="Write per-group verdicts here (CSV); needs --group-by."),
+        typer.Option(
+            help="Write per-group verdicts here (CSV, or JSON for a .json name); needs --group-by."
+        ),
     ] = None,
     views: Annotated[
         bool,
@@ -777,7 +795,10 @@ def export(
     model: Annotated[Path | None, typer.Option(help="Model (.keras); default: bundled.")] = None,
     output: Annotated[
         Path | None,
-        typer.Option(help="File or folder to create; default: <model name>.<format> here."),
+        typer.Option(
+            help="File or folder to create; default here: <model name>.onnx / .tflite, or "
+            "the folder <model name>_saved_model."
+        ),
     ] = None,
 ) -> None:
     """Export a model for TensorFlow Serving, LiteRT (phones) or ONNX Runtime.

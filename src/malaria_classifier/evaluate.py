@@ -43,6 +43,14 @@ def select_records(
     folder_patients = {record.patient for record in records}
     if not known or not folder_patients & known:
         reason = "the model has no split record" if not known else "none was used by the model"
+        if split != "test":
+            # Reported as "train" figures they would pass for what the model has seen.
+            raise ValueError(
+                f"--split {split}: none of this folder's {len(folder_patients)} patients is "
+                f"among the model's {split} patients ({reason}), so there is no {split} "
+                f"cell to score. To score these cells as unseen patients, use --split test "
+                f"(the default)."
+            )
         return records, (
             f"Evaluating all {len(records)} cells of {len(folder_patients)} patients ({reason})."
         )

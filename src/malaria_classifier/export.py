@@ -1,10 +1,14 @@
 """Export a trained model for servers and phones: SavedModel, TFLite or ONNX.
 
 Every export takes what the Keras model takes — a uint8 batch ``image`` of shape
-``(n, size, size, 3)``, raw RGB 0-255, resized with black padding as in
+``(n, size, size, 3)``, raw RGB 0-255, prepared as in
 :func:`malaria_classifier.images.load_for_model` — and returns the 2-way softmax
-(index 1 = P(Parasitized)). Normalization is inside the graph, so a server needs no
-preprocessing beyond decode + resize-with-pad.
+(index 1 = P(Parasitized)). Normalization is inside the graph; preparing a picture is
+not: a crop that keeps the smear around the cell must first be cut down to its cell on
+black (:func:`malaria_classifier.background.isolate_cell`, a numpy step no graph
+holds), then resized with black padding. Left on its smear, a healthy cell scores as
+parasitized (10 of 10 healthy NIH cells pasted on a pink smear: 0.75–0.99), so the
+export card says so.
 
 - ``saved_model``: a folder for TensorFlow Serving (signature ``serving_default``).
 - ``tflite``: a LiteRT flatbuffer for phones and small devices (float32, not quantized,
@@ -234,6 +238,12 @@ def _export_card(model, model_path: Path, export_format: str, output: Path) -> d
             "dtype": "uint8",
             "pixels": "raw RGB 0-255; normalization is inside the model",
             "resize": "longer side scaled to the input side (bilinear), padded with black",
+            "before_resize": (
+                "a crop that keeps the smear around the cell must first be cut down to its "
+                "cell on black (malaria_classifier.background.isolate_cell, as "
+                "malaria_classifier.images.resize_with_pad does); NIH-style crops on black "
+                "need nothing. Without it a cell on its smear is scored wrongly."
+            ),
         },
         "output": {
             # ONNX: the graph output; SavedModel and TFLite: the serving_default signature's.
@@ -245,7 +255,8 @@ def _export_card(model, model_path: Path, export_format: str, output: Path) -> d
         "positive_class": POSITIVE_CLASS,
         "decision_threshold": card.get("decision_threshold", DEFAULT_THRESHOLD),
         "calibration": _calibration_recipe(card),
-        "not_included": "the Not-a-cell check and the Uncertain band of `malaria predict` "
+        "not_included": "cutting a cell out of a smear background (see input.before_resize), "
+        "the Not-a-cell check and the Uncertain band of `malaria predict` "
         "(they need the penultimate features and ood.json); serve the .keras model with "
         "malaria-classifier to get them",
         "model_card": card,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import stat
 import sys
 from collections.abc import Iterable, Iterator
@@ -17,6 +18,11 @@ from pathlib import Path
 from typing import TextIO
 
 from malaria_classifier.constants import IMAGE_SUFFIXES
+
+# Names for one of this process's streams, whatever they are redirected to (a regular
+# file too): /dev/stdout, /dev/fd/3, /proc/self/fd/1. Other paths under /dev (e.g. the
+# tmpfs /dev/shm) are ordinary files unless they are devices or pipes.
+_STREAM_NAME = re.compile(r"^/(dev/(stdout|stderr|fd/\d+)|proc/(self|thread-self|\d+)/fd/\d+)$")
 
 
 def check_output_path(
@@ -33,12 +39,15 @@ def check_output_path(
     Raises:
         ValueError: Saying what is wrong with the path and what to pass instead.
     """
-    if output.suffix.lower() in IMAGE_SUFFIXES:
-        raise ValueError(
-            f"{option} {output}: a results file cannot have an image's name "
-            f"({output.suffix}); it would be taken for (or replace) a cell image. "
-            f"Name it .csv or .json."
-        )
+    # A link is followed when the file is written, so its target must pass as well.
+    for name in (output, Path(os.path.realpath(output))):
+        if name.suffix.lower() in IMAGE_SUFFIXES:
+            shown = output if name == output else f"{output} (a link to {name})"
+            raise ValueError(
+                f"{option} {shown}: a results file cannot have an image's name "
+                f"({name.suffix}); it would be taken for (or replace) a cell image. "
+                f"Name it .csv or .json."
+            )
     if _is_folder(output):
         raise ValueError(f"{option} {output} is a folder; give a file name inside it.")
     for item in inputs:
@@ -138,7 +147,7 @@ def _is_stream(path: Path) -> bool:
     """A device, a pipe, or a name for one of this process's streams (``/dev/stdout``,
     ``/dev/fd/3``, ``/proc/self/fd/1``), whatever it is redirected to."""
     name = os.path.abspath(path)
-    return _is_special(Path(name)) or name.startswith(("/dev/", "/proc/"))
+    return _is_special(Path(name)) or _STREAM_NAME.match(name) is not None
 
 
 def _is_special(path: Path) -> bool:

@@ -206,21 +206,24 @@ def expand_inputs(
 
 
 def distinct_inputs(inputs: Iterable[str | Path]) -> list[Path]:
-    """The inputs without those that are, or lie in, an earlier one (``cells cells/``, a
-    folder spelled relative and absolute, a file inside a folder also named).
+    """The inputs without repeats and without those inside another input folder
+    (``cells cells/``, a folder spelled relative and absolute, a file or sub-folder of a
+    folder also named, before or after it).
 
     ``malaria predict`` uses it so that each file is predicted once and a patient's
     verdict never counts a cell twice; ``Predictor.predict_paths`` itself keeps one
-    row per path it is given. A set and each path's own parents, so 100,000 files
+    row per path it is given. Sets and each path's own parents, so 100,000 files
     named one by one (a shell glob) cost 100,000 look-ups, not 100,000 squared.
     """
-    given: set[Path] = set()
+    items = list(inputs)
+    resolved = [Path(os.path.realpath(item)) for item in items]
+    named = set(resolved)  # a named path that is another one's parent is a folder
+    seen: set[Path] = set()
     kept = []
-    for item in inputs:
-        resolved = Path(os.path.realpath(item))
-        if resolved in given or any(parent in given for parent in resolved.parents):
+    for item, path in zip(items, resolved, strict=True):
+        if path in seen or any(parent in named for parent in path.parents):
             continue
-        given.add(resolved)
+        seen.add(path)
         kept.append(Path(item))
     return kept
 

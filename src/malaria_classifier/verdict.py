@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -100,7 +101,8 @@ def verdict_for(probabilities: np.ndarray, rule: VerdictRule) -> tuple[str, floa
 
 
 def group_name(path: str, group_by: str) -> str:
-    """The group of one image: its patient (NIH naming), slide (``C<n>``), folder, or all.
+    """The group of one image: its patient (NIH naming), slide (``C<n>``), folder (its
+    real path, links resolved), or all.
 
     Raises:
         ValueError: For an unknown ``group_by``.
@@ -111,7 +113,9 @@ def group_name(path: str, group_by: str) -> str:
         match = _SLIDE.match(Path(path).name)
         return f"C{int(match.group(1))}" if match else patient_id_from_name(Path(path).name)
     if group_by == "folder":
-        return str(Path(path).parent)
+        # The folder as it is on disk: `cells/`, its absolute path and a link to it
+        # must be one group, not three partial ones.
+        return os.path.realpath(Path(path).parent)
     if group_by == "all":
         return "all"
     raise ValueError(f"--group-by must be one of {', '.join(GROUPINGS)}, got {group_by!r}.")
