@@ -41,6 +41,11 @@ def test_folder_of_unknown_patients_is_evaluated_whole():
             select_records(records, {}, split)
 
 
+def test_a_model_path_instead_of_a_predictor_is_refused_with_what_to_pass(tmp_path):
+    with pytest.raises(ValueError, match=r"Predictor\('model.keras'\), got str"):
+        evaluate_model("model.keras", tmp_path, output_dir=tmp_path / "out")
+
+
 def test_unknown_split_name_is_refused():
     with pytest.raises(ValueError, match="--split must be one of"):
         select_records(_records(["P1"]), CARD, "holdout")

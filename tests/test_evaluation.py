@@ -129,3 +129,31 @@ def test_no_parasitized_call_names_the_reason_for_precision_and_mcc():
     assert block["undefined"]["mcc"].startswith("every cell was called the same label")
     assert block["metrics"]["roc_auc"]["value"] == pytest.approx(1.0)
     assert set(block["undefined"]) == {"precision", "mcc"}
+
+
+@pytest.mark.parametrize(
+    ("y_true", "y_score", "groups", "message"),
+    [
+        ([1, 2], [0.9, 0.1], ["a", "b"], "y_true must hold 1 for Parasitized"),
+        (["Parasitized", "Uninfected"], [0.9, 0.1], ["a", "b"], "got values such as"),
+        ([1, 0], [90.0, 10.0], ["a", "b"], "between 0 and 1 for every cell"),
+        ([1, 0], [0.9, float("nan")], ["a", "b"], "no NaN"),
+        ([1, 0, 1], [0.9, 0.1], ["a", "b"], "of one length"),
+        ([1, 0], [0.9, 0.1], ["a"], "one patient per cell: 2 cells"),
+        ([1, 0], [0.9, 0.1], "ab", "not be one string"),
+        ([], [], [], "at least one cell"),
+    ],
+)
+def test_wrong_labels_scores_or_groups_are_named(y_true, y_score, groups, message):
+    with pytest.raises(ValueError, match=message):
+        bootstrap_intervals(y_true, y_score, groups)
+    with pytest.raises(ValueError, match=message):
+        per_patient_table(y_true, y_score, groups)
+
+
+def test_a_confidence_in_percent_or_no_resamples_is_refused():
+    with pytest.raises(ValueError, match="confidence must be between 0 and 1, e.g. 0.95; got 95"):
+        bootstrap_intervals([1, 0], [0.9, 0.1], ["a", "b"], confidence=95)
+    with pytest.raises(ValueError, match="n_resamples must be a positive integer"):
+        bootstrap_intervals([1, 0], [0.9, 0.1], ["a", "b"], n_resamples=0)
+    assert compute_metrics([True, False], [0.9, 0.1])["accuracy"] == 1.0  # booleans are fine

@@ -18,3 +18,9 @@ def test_public_api_is_reachable_from_the_package_root():
     assert callable(malaria_classifier.evaluate_model)
     assert malaria_classifier.CLASS_NAMES == ("Uninfected", "Parasitized")
     assert malaria_classifier.POSITIVE_CLASS == "Parasitized"
+
+
+def test_dir_lists_the_public_api_including_the_lazy_names():
+    names = dir(malaria_classifier)
+    assert {"Predictor", "train_model", "evaluate_model", "TrainingConfig"} <= set(names)
+    assert "Any" not in names and "_LAZY" not in names

@@ -1,6 +1,9 @@
 """Figures name their axes, split and positive class; files are written where asked."""
 
 import json
+from pathlib import Path
+
+import pytest
 
 from malaria_classifier.plots import (
     confusion_matrix_figure,
@@ -54,6 +57,26 @@ def test_save_figures_writes_png_and_plotly_json(tmp_path):
     assert (
         json.loads((tmp_path / "confusion_matrix.json").read_text())["data"][0]["type"] == "heatmap"
     )
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(p.name for p in written)
+
+
+def test_a_figure_that_fails_half_way_leaves_the_old_one_and_no_partial_file(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    (tmp_path / "confusion_matrix.png").write_bytes(b"old figure")
+
+    def fail_half_way(self, path, **options):
+        Path(path).write_bytes(b"half a PNG")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Figure, "savefig", fail_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        save_figures(tmp_path, COUNTS, ROC, 0.95, "test")
+    assert (tmp_path / "confusion_matrix.png").read_bytes() == b"old figure"
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "confusion_matrix.json",
+        "confusion_matrix.png",
+    ]
 
 
 def test_reliability_diagram_labels_its_axes_and_names_the_ece():

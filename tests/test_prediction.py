@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 from _synthetic import draw_cell, save_tiny_model, write_synthetic_dataset
+from PIL import Image
 
 from malaria_classifier.images import load_for_model
 from malaria_classifier.prediction import (
@@ -53,6 +54,12 @@ def test_expand_inputs_recurses_folders_and_reports_missing_paths(mixed_folder, 
     assert pairs[-1][1] is not None and "does not exist" in pairs[-1][1]
 
 
+def test_a_bytes_path_is_one_input(mixed_folder):
+    name = os.fsencode(mixed_folder / "cell_0.png")
+    assert list(expand_inputs(name)) == [(str(mixed_folder / "cell_0.png"), None)]
+    assert list(expand_inputs([name])) == [(str(mixed_folder / "cell_0.png"), None)]
+
+
 def test_inputs_named_twice_or_inside_another_are_kept_once(mixed_folder, monkeypatch):
     monkeypatch.chdir(mixed_folder.parent)
     relative = type(mixed_folder)(mixed_folder.name)
@@ -74,7 +81,7 @@ def test_a_closed_predictor_says_so(tmp_path, mixed_folder):
         assert len(list(predictor.predict_paths([mixed_folder / "cell_0.png"]))) == 1
     predictor.close()  # closing twice is harmless
     for use in (
-        lambda: list(predictor.predict_paths([mixed_folder])),
+        lambda: predictor.predict_paths([mixed_folder]),  # at the call, before any row
         lambda: predictor.predict_images([np.zeros((8, 8, 3), np.uint8)]),
         lambda: predictor.predict_arrays([np.zeros((8, 8, 3), np.uint8)]),
     ):
@@ -155,6 +162,27 @@ def test_write_rows_rejects_unknown_format():
 def test_predictor_rejects_missing_model(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         Predictor(tmp_path / "nope.keras")
+
+
+def test_predictor_arguments_are_checked_before_the_model_is_loaded(tmp_path, monkeypatch):
+    import malaria_classifier.prediction as prediction
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(prediction.Predictor, "_load", never)
+    with pytest.raises(ValueError, match=r"nope.keras does not exist\. .*model_path in Python"):
+        Predictor(tmp_path / "nope.keras")
+    with pytest.raises(ValueError, match="is a folder"):
+        Predictor(tmp_path)
+    with pytest.raises(ValueError, match=r"threshold must be between 0 and 1 .* got '0.5'"):
+        Predictor(threshold="0.5")
+    with pytest.raises(ValueError, match=r"threshold must be .* got 1.5"):
+        Predictor(threshold=1.5)
+    with pytest.raises(ValueError, match="test_time_views must be True or False, got 'no'"):
+        Predictor(test_time_views="no")
+    with pytest.raises(ValueError, match="check_ood must be True or False"):
+        Predictor(check_ood=None)
 
 
 def test_predictor_rejects_a_file_that_is_not_a_model(tmp_path):
@@ -245,6 +273,33 @@ def test_predict_images_gives_the_same_rows_as_files(tiny_predictor, mixed_folde
     )
     assert [row.path for row in from_generator] == ["a", "b"]
     assert from_generator[1].probability == pytest.approx(from_file.probability, abs=1e-6)
+
+
+def test_an_array_of_the_input_size_on_a_smear_is_cut_out_as_its_file_is(
+    tiny_predictor, shared_data_dir, tmp_path
+):
+    from malaria_classifier.background import isolate_cell
+
+    rng = np.random.default_rng(0)
+    files, arrays = [], []
+    for index, path in enumerate(sorted((shared_data_dir / "Uninfected").glob("*.png"))[:4]):
+        cell = load_for_model(path, tiny_predictor.image_size)  # 32x32, the cell on black
+        smear = np.array([200.0, 170.0, 180.0]) + rng.normal(0.0, 4.0, cell.shape)
+        on_smear = np.where(cell.max(axis=-1, keepdims=True) < 30, smear, cell)
+        arrays.append(np.clip(np.rint(on_smear), 0, 255).astype(np.uint8))
+        files.append(tmp_path / f"smear_{index}.png")
+        Image.fromarray(arrays[-1]).save(files[-1])
+    assert any(isolate_cell(array) is not array for array in arrays)  # there is a smear to cut
+    from_files = list(tiny_predictor.predict_paths(files))
+    from_arrays = tiny_predictor.predict_images(arrays)
+    for from_file, from_array in zip(from_files, from_arrays, strict=True):
+        assert from_array.probability == pytest.approx(from_file.probability, abs=1e-6)
+        assert from_array.decision == from_file.decision
+    np.testing.assert_allclose(
+        tiny_predictor.predict_arrays(iter(arrays)),
+        [row.probability for row in from_files],
+        atol=1e-6,
+    )
 
 
 def test_temperature_in_the_card_changes_probability_not_order(tmp_path, mixed_folder):

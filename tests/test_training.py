@@ -265,3 +265,10 @@ def test_a_list_that_empties_a_class_of_training_is_refused(
         train_model(
             synthetic_cells, TINY, tmp_path / "r", verbose=0, exclude_cells=every_parasitized
         )
+
+
+def test_a_cell_list_file_name_is_refused_not_read_letter_by_letter(synthetic_cells, tmp_path):
+    for name in ("flags.csv", tmp_path / "flags.csv"):
+        with pytest.raises(ValueError, match="got the file name .*flags.csv.*read_cell_list"):
+            train_model(synthetic_cells, TINY, tmp_path / "r", verbose=0, exclude_cells=name)
+    assert not (tmp_path / "r").exists()  # refused before anything was written

@@ -59,6 +59,17 @@ def test_one_folder_spelled_three_ways_is_one_group(tmp_path, monkeypatch):
     assert {group_name(name, "folder") for name in names} == {str(folder.resolve())}
 
 
+def test_a_missing_or_impossible_rule_is_refused_with_what_to_do():
+    with pytest.raises(ValueError, match="run `malaria calibrate`"):
+        summarize_rows([_row("C1_thinF_x_cell_1.png", 0.1)], None)
+    with pytest.raises(ValueError, match="cell_threshold must be a probability"):
+        VerdictRule(cell_threshold=1.5)
+    with pytest.raises(ValueError, match="min_suspicious_cells must be a whole number"):
+        VerdictRule(cell_threshold=0.9, min_suspicious_cells=0)
+    with pytest.raises(ValueError, match="min_cells must be a whole number of at least 1"):
+        VerdictRule(cell_threshold=0.9, min_cells=-1)
+
+
 def test_file_names_outside_the_nih_rule_are_groups_without_a_patient():
     rows = [_row("C33P1thinF_IMG_1_cell_1.png", 0.1), _row("C1_thinF_IMG_2_cell_3.png", 0.2)]
     rows += [_row("mine/cell1.png", 0.3), _row("mine/smear2_cell_4.png", 0.4)]

@@ -86,6 +86,11 @@ def evaluate_model(
         The metrics block (see :func:`malaria_classifier.evaluation.summarize`) with
         ``selection``, ``model`` and ``unreadable`` added.
     """
+    if not isinstance(predictor, Predictor):
+        raise ValueError(
+            f"predictor must be a loaded Predictor, e.g. Predictor({str(predictor)!r}), got "
+            f"{type(predictor).__name__}."
+        )
     output_dir = Path(output_dir)
     check_output_folder(output_dir, Path(data_dir), "a folder of reports")
     records = discover_images(data_dir).records

@@ -27,6 +27,50 @@ METRIC_NAMES: tuple[str, ...] = (
 )
 
 
+def checked_inputs(
+    y_true: Sequence[int] | np.ndarray,
+    y_score: Sequence[float] | np.ndarray,
+    groups: Sequence[str] | np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Labels as 0/1 ints, scores as floats in [0, 1], groups as an array, all one length.
+
+    Every function here takes these three, and a wrong one (labels 1/2 or class names,
+    scores in percent, a patient list of another length) would otherwise give wrong
+    metrics or a numpy message about shapes.
+
+    Raises:
+        ValueError: Naming what is wrong and what to pass.
+    """
+    labels = np.asarray(y_true)
+    scores = np.asarray(y_score)
+    if labels.ndim != 1 or scores.ndim != 1 or len(labels) != len(scores) or not len(labels):
+        raise ValueError(
+            f"y_true and y_score must be 1-D and of one length, at least one cell; got "
+            f"shapes {labels.shape} and {scores.shape}."
+        )
+    if labels.dtype.kind not in "biuf" or not np.isin(labels, (0, 1)).all():
+        found = sorted({str(value) for value in labels.tolist()})[:5]
+        raise ValueError(
+            f"y_true must hold 1 for {POSITIVE_CLASS} and 0 for {CLASS_NAMES[0]}, got values "
+            f"such as {', '.join(found)}."
+        )
+    if scores.dtype.kind not in "biuf" or not ((scores >= 0) & (scores <= 1)).all():
+        raise ValueError(
+            f"y_score must hold P({POSITIVE_CLASS}) between 0 and 1 for every cell (no NaN)."
+        )
+    patients = None
+    if groups is not None:
+        if isinstance(groups, str | bytes):
+            raise ValueError("groups must list the patient of each cell, not be one string.")
+        patients = np.asarray(groups)
+        if patients.shape != labels.shape:
+            raise ValueError(
+                f"groups must give one patient per cell: {len(labels)} cells, groups of "
+                f"shape {patients.shape}."
+            )
+    return labels.astype(int), scores.astype(float), patients
+
+
 def compute_metrics(y_true: np.ndarray, y_score: np.ndarray, threshold: float = 0.5) -> dict:
     """Cell-level metrics for binary labels (1 = Parasitized) and scores P(Parasitized).
 
@@ -35,8 +79,7 @@ def compute_metrics(y_true: np.ndarray, y_score: np.ndarray, threshold: float = 
         confusion counts ``tp, fp, tn, fn`` and ``cells``. A metric whose denominator
         is zero (e.g. precision with no positive calls) is ``nan``.
     """
-    y_true = np.asarray(y_true).astype(int)
-    y_score = np.asarray(y_score, dtype=float)
+    y_true, y_score, _ = checked_inputs(y_true, y_score)
     y_pred = (y_score >= threshold).astype(int)
     tn, fp, fn, tp = confusion_matrix(y_true, y_pred, labels=[0, 1]).ravel()
     metrics = _metrics_from_counts(np.array([tp]), np.array([fp]), np.array([tn]), np.array([fn]))
@@ -94,10 +137,17 @@ def bootstrap_intervals(
 
     Returns:
         ``{metric: (low, high)}`` for every name in METRIC_NAMES.
+
+    Raises:
+        ValueError: For inputs :func:`checked_inputs` refuses, a ``confidence`` outside
+            (0, 1) (e.g. 95 for 0.95) or fewer than one resample.
     """
-    y_true = np.asarray(y_true).astype(int)
-    y_score = np.asarray(y_score, dtype=float)
-    patient_names, patient_index = np.unique(np.asarray(groups), return_inverse=True)
+    y_true, y_score, groups = checked_inputs(y_true, y_score, groups)
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be between 0 and 1, e.g. 0.95; got {confidence!r}.")
+    if isinstance(n_resamples, bool) or not isinstance(n_resamples, int) or n_resamples < 1:
+        raise ValueError(f"n_resamples must be a positive integer, got {n_resamples!r}.")
+    patient_names, patient_index = np.unique(groups, return_inverse=True)
     n_patients = len(patient_names)
     y_pred = y_score >= threshold
     counts = np.zeros((n_patients, 4))  # tp, fp, tn, fn per patient
@@ -155,9 +205,8 @@ def per_patient_table(
     y_true: np.ndarray, y_score: np.ndarray, groups: Sequence[str], threshold: float = 0.5
 ) -> list[PatientRow]:
     """One row per patient, sorted by patient id."""
-    y_true = np.asarray(y_true).astype(int)
-    y_pred = (np.asarray(y_score) >= threshold).astype(int)
-    groups = np.asarray(groups)
+    y_true, y_score, groups = checked_inputs(y_true, y_score, groups)
+    y_pred = (y_score >= threshold).astype(int)
     rows = []
     for patient in sorted(set(groups.tolist())):
         mask = groups == patient

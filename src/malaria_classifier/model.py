@@ -313,26 +313,9 @@ def load_model(path: str) -> keras.Model:
     Raises:
         ValueError: If the file is missing or is not a Keras model.
     """
-    from pathlib import Path
+    from malaria_classifier.model_card import check_model_path
 
-    model_path = Path(path)
-    if model_path.is_dir():
-        inside = sorted(model_path.glob("*.keras"))
-        hint = f" such as {inside[0]}" if inside else ""
-        raise ValueError(
-            f"--model {model_path} is a folder; pass the .keras file{hint} (written by "
-            f"`malaria train` into its run folder)."
-        )
-    if not model_path.is_file():
-        raise ValueError(
-            f"Model file {model_path} does not exist. Pass a .keras file written by "
-            f"`malaria train`, or leave --model out to use the bundled default."
-        )
-    if model_path.suffix.lower() != ".keras":
-        raise ValueError(
-            f"--model {model_path} is not a .keras file. Pass a .keras file written by "
-            f"`malaria train`, or leave --model out to use the bundled default."
-        )
+    model_path = check_model_path(path)
     try:
         return keras.saving.load_model(model_path, compile=False, safe_mode=True)
     except Exception as error:  # Keras raises many types for a bad archive

@@ -19,6 +19,33 @@ MODEL_FILE = "model.keras"
 CARD_FILE = "model_card.json"
 
 
+def check_model_path(path: str | Path) -> Path:
+    """The path of a ``.keras`` model file, checked without loading anything.
+
+    Raises:
+        ValueError: For a folder, a missing file or another kind of file, saying
+            what to pass instead (``--model`` on the command line, ``model_path`` in
+            Python).
+    """
+    model_path = Path(path)
+    advice = (
+        "Pass a .keras file written by `malaria train` (--model, or model_path in "
+        "Python), or leave it out to use the bundled default."
+    )
+    if model_path.is_dir():
+        inside = sorted(model_path.glob("*.keras"))
+        hint = f" such as {inside[0]}" if inside else ""
+        raise ValueError(
+            f"Model {model_path} is a folder; pass the .keras file{hint} (written by "
+            f"`malaria train` into its run folder)."
+        )
+    if not model_path.is_file():
+        raise ValueError(f"Model file {model_path} does not exist. {advice}")
+    if model_path.suffix.lower() != ".keras":
+        raise ValueError(f"Model {model_path} is not a .keras file. {advice}")
+    return model_path
+
+
 def default_model_path() -> Path:
     """The bundled default model, shipped inside the package.
 

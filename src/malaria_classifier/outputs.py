@@ -125,11 +125,19 @@ def open_output(path: Path, newline: str | None = "") -> Iterator[TextIO]:
         with open(path, "a", **options) as handle:
             yield handle
         return
+    with written_in_full(path) as temporary, open(temporary, "w", **options) as handle:
+        yield handle
+
+
+@contextlib.contextmanager
+def written_in_full(path: Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` for a writer that wants a file name (a figure's
+    PNG or HTML); renamed over ``path`` when the block ends without error, removed on an
+    error or Ctrl+C, so ``path`` is never half written. A link is followed."""
     target = Path(os.path.realpath(path))
     temporary = target.with_name(f".{target.name}.partial")
     try:
-        with open(temporary, "w", **options) as handle:
-            yield handle
+        yield temporary
         temporary.replace(target)
     except BaseException:
         temporary.unlink(missing_ok=True)

@@ -16,6 +16,7 @@ import plotly.graph_objects as go  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from malaria_classifier.constants import CLASS_NAMES, POSITIVE_CLASS  # noqa: E402
+from malaria_classifier.outputs import open_output, written_in_full  # noqa: E402
 
 
 def _title(kind: str, split: str, threshold: float | None = None) -> str:
@@ -138,9 +139,11 @@ def save_figures(
         )
     for stem, plotly_figure, matplotlib_figure in figures:
         json_path = output_dir / f"{stem}.json"
-        json_path.write_text(plotly_figure.to_json(), encoding="utf-8")
+        with open_output(json_path) as handle:
+            handle.write(plotly_figure.to_json())
         png_path = output_dir / f"{stem}.png"
-        matplotlib_figure.savefig(png_path, dpi=120)
+        with written_in_full(png_path) as temporary:
+            matplotlib_figure.savefig(temporary, dpi=120, format="png")
         plt.close(matplotlib_figure)
         written += [json_path, png_path]
     return written

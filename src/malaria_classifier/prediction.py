@@ -34,7 +34,7 @@ from malaria_classifier.data import is_image_file, walk_files
 from malaria_classifier.decision import load_decision_rule, transformed_views
 from malaria_classifier.decoding import DecodePool, iter_images, load_chunk
 from malaria_classifier.images import resize_with_pad
-from malaria_classifier.model_card import default_model_path, read_model_card
+from malaria_classifier.model_card import check_model_path, default_model_path, read_model_card
 from malaria_classifier.ood import (
     FinalLayer,
     combine_signals,
@@ -172,19 +172,20 @@ class PredictionRow:
 
 
 def expand_inputs(
-    inputs: Iterable[str | Path] | str | os.PathLike,
+    inputs: Iterable[str | bytes | Path] | str | bytes | os.PathLike,
 ) -> Iterator[tuple[str, str | None]]:
     """Turn files and folders (searched recursively) into ``(path, error)`` pairs.
 
     A path that does not exist, or a folder that cannot be read, yields an error
     instead of stopping the batch; files inside folders that are not images (by
     suffix) are skipped silently, while a file named explicitly is always tried. One
-    path on its own (a ``str`` or ``Path``) is one input, not a sequence of characters.
+    path on its own (a ``str``, ``bytes`` or ``Path``) is one input, not a sequence of
+    characters.
     """
-    if isinstance(inputs, str | os.PathLike):
+    if isinstance(inputs, str | bytes | os.PathLike):
         inputs = [inputs]
     for item in inputs:
-        path = Path(item)
+        path = Path(os.fsdecode(item))  # a bytes name (os.listdir(b".")) too
         try:
             is_folder = stat.S_ISDIR(os.stat(path).st_mode)  # one system call a file
         except (FileNotFoundError, NotADirectoryError):
@@ -226,6 +227,35 @@ def distinct_inputs(inputs: Iterable[str | Path]) -> list[Path]:
         seen.add(path)
         kept.append(Path(item))
     return kept
+
+
+def _check_arguments(
+    model_path: str | Path | None,
+    threshold: float | None,
+    test_time_views: bool,
+    check_ood: bool,
+    decode_processes: bool,
+) -> None:
+    """Refuse wrong arguments before seconds of model loading, naming the value."""
+    if model_path is not None and str(model_path).strip():
+        check_model_path(model_path)  # seconds before TensorFlow would be loaded to say so
+    if threshold is not None and (
+        isinstance(threshold, bool)
+        or not isinstance(threshold, int | float)
+        or not 0.0 < threshold < 1.0
+    ):
+        raise ValueError(
+            f"threshold must be between 0 and 1 (exclusive), or None for the "
+            f"model's own operating threshold; got {threshold!r}."
+        )
+    switches = {
+        "test_time_views": test_time_views,
+        "check_ood": check_ood,
+        "decode_processes": decode_processes,
+    }
+    for name, value in switches.items():
+        if not isinstance(value, bool | np.bool_):
+            raise ValueError(f"{name} must be True or False, got {value!r}.")
 
 
 def check_rgb_array(image: np.ndarray, index: int) -> np.ndarray:
@@ -310,6 +340,7 @@ class Predictor:
         not_a_cell: str = "strict",
     ) -> None:
         check_runtime(runtime)
+        _check_arguments(model_path, threshold, test_time_views, check_ood, decode_processes)
         # The "Not a cell" image statistics (numpy, which releases the GIL) run on this
         # thread while the forward pass of the same batch runs.
         self._statistics_thread = ThreadPoolExecutor(1, thread_name_prefix="ood-statistics")
@@ -409,8 +440,9 @@ class Predictor:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def predict_arrays(self, images: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
-        """Calibrated P(Parasitized) for RGB uint8 arrays of any size (resized with padding)."""
+    def predict_arrays(self, images: np.ndarray | Iterable[np.ndarray]) -> np.ndarray:
+        """Calibrated P(Parasitized) for RGB uint8 arrays of any size, prepared as files
+        are (a cell cut out of a smear background, resized with padding)."""
         self._check_open()
         return self._predict_batch(self._fit_arrays(images))
 
@@ -435,7 +467,16 @@ class Predictor:
             return []
         return self._rows_for_batch(names, self._fit_arrays(images))
 
-    def _fit_arrays(self, images: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+    def _fit_arrays(self, images: np.ndarray | Iterable[np.ndarray]) -> np.ndarray:
+        """Prepare arrays exactly as files are prepared (:func:`load_for_model`).
+
+        Every array goes through :func:`resize_with_pad`, also one already of the input
+        size: a 64x64 crop on a smear must be cut out like a file of that crop, or the
+        API and ``predict_paths`` would give the same pixels different answers. For an
+        array that is already a prepared model input the step changes nothing.
+        """
+        if not isinstance(images, (Sequence, np.ndarray)):
+            images = list(images)  # a generator: len() needs a list
         if isinstance(images, np.ndarray) and images.ndim == 3:
             raise ValueError(
                 f"Got one array of shape {images.shape}; pass a list of images (e.g. "
@@ -445,10 +486,8 @@ class Predictor:
             raise ValueError("Got no images; pass at least one (height, width, 3) array.")
         return np.stack(
             [
-                image
-                if image.shape[:2] == (self.image_size, self.image_size)
-                else resize_with_pad(image, self.image_size)
-                for image in (check_rgb_array(image, index) for index, image in enumerate(images))
+                resize_with_pad(check_rgb_array(image, index), self.image_size)
+                for index, image in enumerate(images)
             ]
         )
 
@@ -511,14 +550,22 @@ class Predictor:
         return rows
 
     def predict_paths(
-        self, inputs: Iterable[str | Path] | str | os.PathLike
+        self, inputs: Iterable[str | bytes | Path] | str | bytes | os.PathLike
     ) -> Iterator[PredictionRow]:
         """Yield one row per image under ``inputs``, in order, streaming in batches.
 
         Folders are walked lazily and decoding runs a bounded window ahead, so memory
         stays flat however many files there are.
+
+        Raises:
+            ValueError: At the call, not at the first row, when the Predictor is closed.
         """
         self._check_open()
+        return self._predict_paths(inputs)
+
+    def _predict_paths(
+        self, inputs: Iterable[str | bytes | Path] | str | bytes | os.PathLike
+    ) -> Iterator[PredictionRow]:
         # Two views of one lazy walk: the loader runs ahead by its look-ahead window,
         # and tee buffers only the paths between the two.
         pairs, pairs_to_load = itertools.tee(expand_inputs(inputs))

@@ -318,6 +318,14 @@ def train_model(
         ValueError: For an unknown strategy or a bad ``TF_CONFIG``.
     """
     started = time.monotonic()
+    if isinstance(exclude_cells, str | os.PathLike):
+        # A file name would be taken letter by letter and leave nothing out, silently.
+        raise ValueError(
+            f"exclude_cells takes the digests or paths of the cells themselves, got the "
+            f"file name {str(exclude_cells)!r}. Read it first with "
+            f"malaria_classifier.splits.read_cell_list({str(exclude_cells)!r})[None] (its "
+            f"cells for a list without a fold column)."
+        )
     run_dir = Path(run_dir)
     check_output_folder(run_dir, Path(data_dir), "a run folder")
     # Then: a multi-worker strategy must configure TensorFlow before anything runs.

@@ -28,7 +28,7 @@ from malaria_classifier.config import TrainingConfig, save_config
 from malaria_classifier.data import check_dataset
 from malaria_classifier.model import build_model, compile_model
 from malaria_classifier.model_card import write_json_atomically
-from malaria_classifier.outputs import check_output_folder, open_output
+from malaria_classifier.outputs import check_output_folder, open_output, written_in_full
 from malaria_classifier.splits import (
     ManifestRow,
     build_manifest,
@@ -557,7 +557,9 @@ def save_figures(study: Any, folder: Path) -> list[Path]:
         except (ValueError, RuntimeError, ZeroDivisionError) as error:
             print(f"Figure {name} skipped: {error}", file=sys.stderr)
             continue
-        (folder / f"{name}.json").write_text(figure.to_json(), encoding="utf-8")
-        figure.write_html(folder / f"{name}.html", include_plotlyjs="directory")
+        with open_output(folder / f"{name}.json") as handle:
+            handle.write(figure.to_json())
+        with written_in_full(folder / f"{name}.html") as temporary:
+            figure.write_html(temporary, include_plotlyjs="directory")
         written.extend([folder / f"{name}.json", folder / f"{name}.html"])
     return written

@@ -55,6 +55,17 @@ class VerdictRule:
     min_suspicious_cells: int = 1
     min_cells: int = DEFAULT_MIN_CELLS
 
+    def __post_init__(self) -> None:
+        if not 0.0 < self.cell_threshold < 1.0:
+            raise ValueError(
+                f"cell_threshold must be a probability between 0 and 1 (exclusive), got "
+                f"{self.cell_threshold!r}."
+            )
+        for name in ("min_suspicious_cells", "min_cells"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}.")
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form for the model card."""
         return asdict(self)
@@ -194,10 +205,24 @@ def summarize_rows(
 ) -> list[GroupSummary]:
     """One :class:`GroupSummary` per group, sorted by group name.
 
+    Every row counts: drop repeated pictures first (:func:`drop_repeated_pictures`, as
+    ``malaria predict --summary`` does), so that a copied cell does not count twice.
+
+    Raises:
+        ValueError: For a rule that is not a :class:`VerdictRule` (e.g. None: the model
+            was not calibrated) or an unknown ``group_by``.
+
     Example:
         >>> rows = list(predictor.predict_paths(["slide_folder/"]))  # doctest: +SKIP
+        >>> rows, repeated = drop_repeated_pictures(rows)  # doctest: +SKIP
         >>> summarize_rows(rows, predictor.verdict_rule, "folder")  # doctest: +SKIP
     """
+    if not isinstance(rule, VerdictRule):
+        raise ValueError(
+            f"rule must be a VerdictRule, got {rule!r}. A model without one (not calibrated, "
+            f"e.g. a fresh `malaria train` run) cannot give verdicts: run `malaria calibrate` "
+            f"on it first."
+        )
     groups: dict[str, list[Any]] = {}
     for row in rows:
         groups.setdefault(group_name(row.path, group_by), []).append(row)
