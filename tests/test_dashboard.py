@@ -664,8 +664,10 @@ def test_gif_and_webp_are_accepted_as_the_decoder_advises():
 def test_api_answers_wrong_methods_and_paths_in_json(app):
     client = app.server.test_client()
     response = client.get("/api/predict")
-    assert response.status_code == 405 and response.headers["Allow"] == "POST"
+    assert response.status_code == 405 and response.headers["Allow"] == "POST, OPTIONS"
     assert "Use POST" in response.get_json()["error"]
+    response = client.options("/api/predict")
+    assert response.status_code == 204 and response.headers["Allow"] == "POST, OPTIONS"
     response = client.post("/api/predictions")
     assert response.status_code == 404 and "/api/predict" in response.get_json()["error"]
     for path in ("/api", "/api/"):

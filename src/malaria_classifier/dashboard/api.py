@@ -59,10 +59,20 @@ def register_api(server: Flask, predictor, limits: UploadLimits) -> None:
         )
         return jsonify({"error": message}), 413
 
-    @server.route(API_PATH, methods=["GET", "PUT", "PATCH", "DELETE"])
+    # Flask's automatic OPTIONS answer would list every method routed here, the wrong
+    # ones included; the API's own says what is allowed.
+    allowed = {"Allow": "POST, OPTIONS"}
+
+    @server.route(
+        API_PATH, methods=["GET", "PUT", "PATCH", "DELETE"], provide_automatic_options=False
+    )
     def _wrong_method():
         message = f"Use POST with multipart form fields named 'file', e.g. {example_call()}"
-        return jsonify({"error": message}), 405, {"Allow": "POST"}
+        return jsonify({"error": message}), 405, allowed
+
+    @server.route(API_PATH, methods=["OPTIONS"], provide_automatic_options=False)
+    def _options():
+        return "", 204, allowed
 
     any_method = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 
@@ -72,7 +82,7 @@ def register_api(server: Flask, predictor, limits: UploadLimits) -> None:
         message = f"No API at /api/{unknown}. The API is POST {API_PATH}, e.g. {example_call()}"
         return jsonify({"error": message}), 404
 
-    @server.post(API_PATH)
+    @server.route(API_PATH, methods=["POST"], provide_automatic_options=False)
     def _predict():
         files = request.files.getlist("file")
         if not files:
