@@ -7,6 +7,7 @@ import pytest
 
 from malaria_classifier.calibrate import (
     SplitScores,
+    _by_patient,
     _check_cells_present,
     _check_splits,
     calibrate_model,
@@ -16,6 +17,7 @@ from malaria_classifier.calibrate import (
 from malaria_classifier.model_card import DEFAULT_MODEL_DIR
 from malaria_classifier.ood import STATISTIC_NAMES
 from malaria_classifier.splits import ManifestRow
+from malaria_classifier.verdict import VerdictRule, verdict_for
 
 
 class _FinalLayer:
@@ -120,3 +122,25 @@ def test_a_validation_split_without_healthy_donors_is_refused_before_scoring(tmp
         _check_splits(rows, tmp_path / "manifest.csv")
     with pytest.raises(ValueError, match=r"has no test cells \(splits found: validation\)"):
         _check_splits(rows[:1], tmp_path / "manifest.csv")
+
+
+def test_the_model_of_an_unfinished_run_is_refused_before_scoring(tmp_path):
+    """Its card would be written with nothing but the trust layer, then lost on --resume."""
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "model.keras").write_bytes(b"best epoch so far")
+    with pytest.raises(ValueError, match=r"has not finished .* --resume; then calibrate"):
+        calibrate_model(tmp_path / "model.keras", tmp_path, tmp_path)
+    assert not (tmp_path / "model_card.json").exists()
+
+
+def test_a_patient_whose_cells_are_all_not_a_cell_is_still_counted():
+    """Left out, a donor with only rejected cells made the report read "0/0 negative"."""
+    patients = np.array(["P1", "P1", "D1", "D1"])
+    usable = np.array([True, True, False, False])
+    probabilities, infected = _by_patient(
+        patients, np.array([0.9, 0.8, 0.1, 0.2]), np.array([1, 1, 0, 0]), usable
+    )
+    assert infected == {"P1": True, "D1": False}
+    assert probabilities["D1"].size == 0
+    assert verdict_for(probabilities["D1"], VerdictRule(0.5, 1, 1)) == ("indeterminate", None)
+    np.testing.assert_allclose(probabilities["P1"], [0.9, 0.8])

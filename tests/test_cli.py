@@ -60,6 +60,8 @@ def test_predict_writes_csv_and_exits_zero_when_some_images_work(cells, tiny_mod
     assert ",".join(rows[0]) == "path,label,probability,confidence,error,decision,reason"
     assert rows[-1]["label"] == "" and "junk.png" in rows[-1]["error"]
     assert sum(1 for row in rows if row["label"]) == 42  # 3 infected x 12 + 1 healthy x 6
+    # The tiny model has no calibration: the README's "calibrated" does not hold for it.
+    assert "is not calibrated: probability is the model's raw softmax output" in result.output
 
 
 def test_predict_exits_non_zero_when_nothing_could_be_predicted(tiny_model, tmp_path):

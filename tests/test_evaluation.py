@@ -10,6 +10,7 @@ from malaria_classifier.evaluation import (
     METRIC_NAMES,
     bootstrap_intervals,
     compute_metrics,
+    interval_caveat,
     per_patient_table,
     roc_points,
     summarize,
@@ -157,3 +158,19 @@ def test_a_confidence_in_percent_or_no_resamples_is_refused():
     with pytest.raises(ValueError, match="n_resamples must be a positive integer"):
         bootstrap_intervals([1, 0], [0.9, 0.1], ["a", "b"], n_resamples=0)
     assert compute_metrics([True, False], [0.9, 0.1])["accuracy"] == 1.0  # booleans are fine
+
+
+def test_intervals_from_few_patients_or_of_zero_width_come_with_a_warning():
+    rng = np.random.default_rng(0)
+    labels = np.tile([0, 1], 200)
+    scores = np.clip(labels * 0.3 + rng.random(400) * 0.7, 0, 1)
+    many = summarize(labels, scores, [f"P{i % 40}" for i in range(400)], "test")
+    assert interval_caveat(many) is None
+
+    few = summarize(labels, scores, [f"P{i % 3}" for i in range(400)], "test")
+    assert "the test split has only 3 patient(s)" in interval_caveat(few)
+
+    perfect = summarize(labels, labels.astype(float), [f"P{i % 40}" for i in range(400)], "test")
+    caveat = interval_caveat(perfect)
+    assert "accuracy" in caveat and "zero-width intervals" in caveat
+    assert "only" not in caveat  # 40 patients: only the zero width is the problem

@@ -1,6 +1,7 @@
 """End-to-end training on synthetic cells: run folder contents, resume, atomic saves."""
 
 import json
+import shutil
 import zipfile
 
 import h5py
@@ -135,10 +136,13 @@ def test_resume_without_a_run_is_refused(synthetic_cells, tmp_path):
 
 def test_resume_on_other_data_is_refused_before_training(finished_run, tmp_path):
     other = write_synthetic_dataset(tmp_path / "other", patients=3)
-    before = finished_run.model_path.read_bytes()
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run.run_dir, run_dir)
+    (run_dir / "model_card.json").unlink()  # as if killed before the card was written
+    before = (run_dir / "model.keras").read_bytes()
     with pytest.raises(RunFolderError, match=r"cells are not in .* Pass the --data folder"):
-        train_model(other, TINY, finished_run.run_dir, resume=True, verbose=0)
-    assert finished_run.model_path.read_bytes() == before
+        train_model(other, TINY, run_dir, resume=True, verbose=0)
+    assert (run_dir / "model.keras").read_bytes() == before
 
 
 def test_a_run_folder_inside_the_data_is_refused(synthetic_cells):
@@ -159,12 +163,34 @@ def test_interrupted_run_keeps_its_last_good_model_and_resumes(
     assert not list(run_dir.rglob("*.partial.keras"))
     state = json.loads((run_dir / "checkpoint" / "state.json").read_text())
     assert state["epoch"] == 1
+    assert state["seconds"] > 0
 
     monkeypatch.setattr(RunCheckpoint, "on_epoch_end", original)
     result = train_model(synthetic_cells, TINY, run_dir, resume=True, verbose=0)
     history = json.loads((run_dir / "history.json").read_text())
     assert [entry["epoch"] for entry in history] == [1, 2]
     assert result.model_path.is_file()
+    # The card counts the first session's epoch too, not only the resumed session.
+    card = json.loads((run_dir / "model_card.json").read_text())
+    assert card["training"]["seconds"] >= round(state["seconds"], 1)
+    assert result.seconds >= state["seconds"]
+
+
+def test_resuming_a_finished_run_changes_nothing(finished_run, synthetic_cells, tmp_path, capsys):
+    """A card extended by `malaria calibrate` must survive a stray --resume."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run.run_dir, run_dir)
+    card_path = run_dir / "model_card.json"
+    card = json.loads(card_path.read_text())
+    card["decision_threshold"] = 0.73  # as calibrate leaves it
+    card_path.write_text(json.dumps(card))
+    before = {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()}
+
+    result = train_model(synthetic_cells, TINY, run_dir, resume=True, verbose=0)
+
+    assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == before
+    assert result.metrics == json.loads((run_dir / "metrics.json").read_text())
+    assert "finished run" in capsys.readouterr().err
 
 
 def test_training_learns_the_synthetic_signal(synthetic_cells, tmp_path):

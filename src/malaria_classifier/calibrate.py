@@ -46,6 +46,7 @@ from malaria_classifier.decoding import iter_images
 from malaria_classifier.images import ImageLoadError, load_rgb_image, resize_with_pad
 from malaria_classifier.model_card import (
     DEFAULT_MODEL_DIR,
+    MODEL_FILE,
     card_path_for,
     read_model_card,
     write_json_atomically,
@@ -326,6 +327,24 @@ def _check_calibration_target(model_path: Path, min_specificity: float) -> None:
         )
 
 
+def _check_run_finished(model_path: Path, run_dir: Path) -> None:
+    """Refuse the model of a run that is still training or was interrupted.
+
+    Its ``model.keras`` is only the best epoch so far, it has no model card to extend
+    (calibrate would write a card with nothing but the trust layer), and finishing
+    the run later rewrites the card without the calibration.
+    """
+    from malaria_classifier.training import CHECKPOINT_DIR, is_run_finished
+
+    is_runs_model = model_path.resolve() == (run_dir / MODEL_FILE).resolve()
+    if is_runs_model and (run_dir / CHECKPOINT_DIR).is_dir() and not is_run_finished(run_dir):
+        raise ValueError(
+            f"The run in {run_dir} has not finished (no model_card.json or metrics.json "
+            f"yet). Finish it first: malaria train --data DATA --output {run_dir} --resume; "
+            f"then calibrate it."
+        )
+
+
 def fit_trust_layer(
     model: Any, scores: dict[str, SplitScores], min_specificity: float
 ) -> dict[str, Any]:
@@ -406,12 +425,23 @@ def _accepted(ood: Any, model: Any, scores: SplitScores) -> np.ndarray:
 
 
 def _by_patient(
-    patients: np.ndarray, probabilities: np.ndarray, labels: np.ndarray
+    patients: np.ndarray,
+    probabilities: np.ndarray,
+    labels: np.ndarray,
+    usable: np.ndarray | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, bool]]:
-    """Per patient: the calibrated scores, and whether any cell is parasitized."""
+    """Per patient: the calibrated scores of the usable cells, and whether any cell is
+    parasitized.
+
+    With ``usable`` (a mask of cells that passed the "Not a cell" check), every patient
+    is listed, also one whose cells were all "Not a cell": that patient gets no usable
+    score and so an indeterminate verdict, and still counts among the infected
+    patients or healthy donors (else the report reads "0/0 healthy negative").
+    """
     names = sorted(set(patients.tolist()))
+    usable = np.ones(len(patients), dtype=bool) if usable is None else usable
     return (
-        {name: probabilities[patients == name] for name in names},
+        {name: probabilities[(patients == name) & usable] for name in names},
         {name: bool(labels[patients == name].any()) for name in names},
     )
 
@@ -429,9 +459,7 @@ def report_split(
     decisions, _ = rule.decide(calibrated, reasons)
     decisions = np.array(decisions)
     kept = decisions != "Not a cell"
-    probabilities, infected = _by_patient(
-        scores.patients[kept], calibrated[kept], scores.labels[kept]
-    )
+    probabilities, infected = _by_patient(scores.patients, calibrated, scores.labels, kept)
     verdicts = {name: verdict_for(p, verdict_rule)[0] for name, p in probabilities.items()}
     clear = np.isin(decisions, ["Parasitized", "Uninfected"])
     return {
@@ -458,6 +486,7 @@ def report_split(
             "healthy_called_negative": sum(
                 verdicts[p] == "negative" for p in verdicts if not infected[p]
             ),
+            "indeterminate": sum(verdict == "indeterminate" for verdict in verdicts.values()),
             "per_patient": verdicts,
         },
     }
@@ -502,6 +531,7 @@ def calibrate_model(
     """
     model_path = Path(model_path)
     _check_calibration_target(model_path, min_specificity)
+    _check_run_finished(model_path, Path(run_dir))
     model, scores = score_run_splits(
         model_path, Path(run_dir), Path(data_dir), ood_variants=ood_variants
     )

@@ -453,6 +453,11 @@ def _echo_metrics(block: dict[str, Any]) -> None:
             typer.echo(f"  {name:<12} {values['value']:.4f}  [no interval]")
         else:
             typer.echo(f"  {name:<12} {values['value']:.4f}  [{low:.4f}, {high:.4f}]")
+    from malaria_classifier.evaluation import interval_caveat
+
+    caveat = interval_caveat(block)
+    if caveat:
+        typer.secho(f"Warning: {caveat}", err=True, fg=typer.colors.YELLOW)
 
 
 @app.command()
@@ -598,6 +603,16 @@ def predict(
         if summary is not None and predictor.verdict_rule is None:
             raise ValueError(
                 f"{predictor.model_path} has no verdict rule. Run `malaria calibrate` on it first."
+            )
+        if "calibration" not in predictor.card:
+            # The README promises calibrated probabilities; say when they are not.
+            typer.secho(
+                f"Warning: {predictor.model_path} is not calibrated: probability is the "
+                f"model's raw softmax output, the threshold is {predictor.threshold:g} and "
+                f"no cell is called Uncertain or Not a cell. Run `malaria calibrate --data "
+                f"DATA --run RUN` on its training run first.",
+                err=True,
+                fg=typer.colors.YELLOW,
             )
         collected: list = []
         rows = _collecting(
@@ -752,10 +767,17 @@ def calibrate(
         f"{_figure(report['sensitivity'])}, specificity {_figure(report['specificity'])}; "
         f"{verdicts['infected_called_positive']}/{verdicts['infected_patients']} infected "
         f"positive, {verdicts['healthy_called_negative']}/{verdicts['healthy_donors']} "
-        f"healthy negative"
+        f"healthy negative" + _indeterminate_note(verdicts.get("indeterminate", 0))
     )
     for warning in _calibration_warnings(card, model_path):
         typer.secho(f"Warning: {warning}", err=True, fg=typer.colors.YELLOW)
+
+
+def _indeterminate_note(count: int) -> str:
+    """Why patients are neither positive nor negative, when some are."""
+    if not count:
+        return ""
+    return f" ({count} indeterminate: too few usable cells, most often all 'Not a cell')"
 
 
 def _figure(value: float | None) -> str:

@@ -26,6 +26,42 @@ METRIC_NAMES: tuple[str, ...] = (
     "roc_auc",
 )
 
+# Below this many patients a patient bootstrap has too few distinct resamples to give
+# a trustworthy interval (with 3 patients there are only 10 distinct resamples).
+FEW_PATIENTS = 10
+
+
+def interval_caveat(block: dict) -> str | None:
+    """A warning for intervals that cannot be trusted, or None.
+
+    A split with a handful of patients gives intervals that look precise but are not:
+    the bootstrap can only redraw those few patients, and an interval of zero width
+    means every redraw gave the same figure, not that the figure is certain.
+    """
+    patients = block["patients"]
+    flat = sorted(
+        name
+        for name, values in block["metrics"].items()
+        if values["value"] is not None
+        and None not in values["ci95"]
+        and values["ci95"][0] == values["ci95"][1]
+    )
+    if patients >= FEW_PATIENTS and not flat:
+        return None
+    parts = []
+    if patients < FEW_PATIENTS:
+        parts.append(
+            f"the {block['split']} split has only {patients} patient(s): intervals from a "
+            f"bootstrap over so few patients are rough and often too narrow; evaluate on at "
+            f"least {FEW_PATIENTS} patients"
+        )
+    if flat:
+        parts.append(
+            f"{', '.join(flat)} have zero-width intervals: every resample of the patients "
+            f"gave the same figure, which is not certainty (more patients would show the spread)"
+        )
+    return "; ".join(parts) + "."
+
 
 def checked_inputs(
     y_true: Sequence[int] | np.ndarray,

@@ -66,6 +66,7 @@ CHECKPOINT_DIR = "checkpoint"
 LAST_CHECKPOINT = "last.keras"
 STATE_FILE = "state.json"
 LEFT_OUT_FILE = "left_out_of_training.csv"
+METRICS_FILE = "metrics.json"
 
 
 class RunFolderError(ValueError):
@@ -109,11 +110,16 @@ class RunCheckpoint(keras.callbacks.Callback):
     improvement) must survive an interruption together with the checkpoint.
     """
 
-    def __init__(self, run_dir: Path, patience: int, state: dict[str, Any]) -> None:
+    def __init__(
+        self, run_dir: Path, patience: int, state: dict[str, Any], session_started: float
+    ) -> None:
         super().__init__()
         self.run_dir = run_dir
         self.patience = patience
         self.state = state
+        # Seconds of earlier sessions, so a resumed run's card reports all its training.
+        self.earlier_seconds = float(state.get("seconds", 0.0))
+        self.session_started = session_started
 
     def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
         logs = {key: float(value) for key, value in (logs or {}).items()}
@@ -131,6 +137,7 @@ class RunCheckpoint(keras.callbacks.Callback):
             self.model, self.run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT, include_optimizer=True
         )
         self.state["epoch"] = epoch + 1
+        self.state["seconds"] = self.earlier_seconds + time.monotonic() - self.session_started
         write_json_atomically(self.state, self.run_dir / CHECKPOINT_DIR / STATE_FILE)
         write_json_atomically(self.state["history"], self.run_dir / "history.json")
         if self.state["wait"] >= self.patience:
@@ -296,7 +303,9 @@ def train_model(
         data_dir: A folder in the NIH layout (``Parasitized/``, ``Uninfected/``).
         config: Training settings (ignored when resuming: the run's own are used).
         run_dir: Output folder; created if needed.
-        resume: Continue an interrupted run in ``run_dir`` from its last epoch.
+        resume: Continue an interrupted run in ``run_dir`` from its last epoch. A
+            finished run (card and metrics written) is returned as it is: nothing is
+            trained, evaluated or rewritten.
         verbose: Keras verbosity; ``"auto"`` shows a progress bar on a terminal.
         strategy: ``none``, ``mirrored`` or ``multiworker`` (see
             :mod:`malaria_classifier.distribute`); batch size and learning rate are
@@ -328,6 +337,8 @@ def train_model(
         )
     run_dir = Path(run_dir)
     check_output_folder(run_dir, Path(data_dir), "a run folder")
+    if resume and is_run_finished(run_dir):
+        return _finished_result(run_dir)
     # Then: a multi-worker strategy must configure TensorFlow before anything runs.
     distribution = make_distribution(strategy)
     # Only the chief writes the run folder; other workers write into a scratch folder
@@ -340,8 +351,10 @@ def train_model(
         )
         training_rows = _training_rows(rows, opened_dir)
         (write_dir / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
-        _fit(distribution, config, root, training_rows, state, run_dir, write_dir, verbose)
-        training_seconds = time.monotonic() - started
+        earlier_seconds = float(state.get("seconds", 0.0))
+        _fit(distribution, config, root, training_rows, state, run_dir, write_dir, verbose, started)
+        # This session's time (data check and split included) plus earlier sessions' epochs.
+        training_seconds = earlier_seconds + time.monotonic() - started
         if not distribution.is_chief:
             return TrainingResult(run_dir, run_dir / MODEL_FILE, {}, training_seconds)
     finally:
@@ -357,6 +370,28 @@ def train_model(
     card["distribution"] = describe(distribution, config)
     write_json_atomically(card, run_dir / CARD_FILE)
     return TrainingResult(run_dir, run_dir / MODEL_FILE, metrics, training_seconds)
+
+
+def is_run_finished(run_dir: Path) -> bool:
+    """A run is finished once its model card and metrics are written (they come last)."""
+    return (run_dir / CARD_FILE).is_file() and (run_dir / METRICS_FILE).is_file()
+
+
+def _finished_result(run_dir: Path) -> TrainingResult:
+    """What a finished run produced, read back without touching any of its files.
+
+    Resuming a finished run must not train, re-evaluate or rewrite its card: a card
+    extended by ``malaria calibrate`` (threshold, calibration) would lose all of that.
+    """
+    print(
+        f"{run_dir} holds a finished run (model card and metrics written); nothing to "
+        f"resume. Its files are unchanged. To train again, choose another --output folder.",
+        file=sys.stderr,
+    )
+    metrics = json.loads((run_dir / METRICS_FILE).read_text(encoding="utf-8"))
+    card = json.loads((run_dir / CARD_FILE).read_text(encoding="utf-8"))
+    seconds = float(card.get("training", {}).get("seconds", 0.0))
+    return TrainingResult(run_dir, run_dir / MODEL_FILE, metrics, seconds)
 
 
 def _write_serving_copy(model_path: Path) -> None:
@@ -384,6 +419,7 @@ def _fit(
     read_dir: Path,
     write_dir: Path,
     verbose: int | str,
+    session_started: float,
 ) -> None:
     """Run the remaining epochs under the strategy, with global batch and scaled rate."""
     keras.utils.set_random_seed(config.randomness_seed)
@@ -409,7 +445,7 @@ def _fit(
             shuffle=False,  # the tf.data pipeline reshuffles the training split itself
             callbacks=[
                 keras.callbacks.LearningRateScheduler(cosine_learning_rate(scaled)),
-                RunCheckpoint(write_dir, config.early_stopping_patience, state),
+                RunCheckpoint(write_dir, config.early_stopping_patience, state, session_started),
                 keras.callbacks.TensorBoard(log_dir=str(write_dir / "tensorboard")),
             ],
             verbose=_keras_verbosity(verbose),
@@ -471,7 +507,7 @@ def evaluate_run(
                 per_patient_table(y_true, y_score, groups, predictor.threshold),
                 output_dir / PATIENT_TABLE,
             )
-    write_json_atomically(metrics, run_dir / "metrics.json")
+    write_json_atomically(metrics, run_dir / METRICS_FILE)
     return metrics
 
 
