@@ -311,3 +311,31 @@ def test_a_config_that_is_not_utf8_is_named(tmp_path):
 
     with pytest.raises(ValueError, match=re.escape(f"{path} is not UTF-8 text")):
         load_config(path)
+
+
+def test_scientific_notation_is_read_as_a_number(write_yaml):
+    # PyYAML (YAML 1.1) would read these as the text "1e-3"; YAML 1.2 and users read numbers.
+    path = write_yaml("learning_rate: 1e-3\nlabel_smoothing: 5E-2\nblur_max_sigma: +2e0\n")
+
+    config = load_config(path)
+
+    assert config.learning_rate == 0.001 and isinstance(config.learning_rate, float)
+    assert config.label_smoothing == 0.05
+    assert config.blur_max_sigma == 2.0
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("learning_rate: fast\n", "learning_rate must be a number, got 'fast' (str)."),
+        ('learning_rate: "1e-3"\n', "learning_rate must be a number, got '1e-3' (str)."),
+        ("epochs: 1e1\n", "epochs must be an integer, got 10.0 (float)."),
+    ],
+)
+def test_text_where_a_number_belongs_is_named_with_how_to_write_it(write_yaml, text, message):
+    path = write_yaml(text)
+
+    with pytest.raises(ValueError, match=re.escape(f"{path}: {message}")) as raised:
+        load_config(path)
+    if text.startswith("learning_rate"):
+        assert str(raised.value).endswith("Write a number without quotes, such as 0.001 or 1e-3.")

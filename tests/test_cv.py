@@ -3,11 +3,12 @@
 import csv
 import json
 import math
+import shutil
 from collections import defaultdict
 
 import numpy as np
 import pytest
-from _synthetic import write_synthetic_dataset
+from _synthetic import draw_cell, write_synthetic_dataset
 from typer.testing import CliRunner
 
 from malaria_classifier.cli import app
@@ -18,6 +19,7 @@ from malaria_classifier.cv import (
     fold_dir,
     format_table,
     most_errors,
+    plan_folds,
     summarize_folds,
     write_results,
 )
@@ -104,7 +106,8 @@ def test_cross_validation_runs_every_fold_resumes_and_summarizes(report, tmp_pat
     assert sum(row["cells"] for row in result.folds) == len(report.records)
     for name in METRIC_NAMES:
         values = [row[name] for row in result.folds]
-        assert result.mean[name] == pytest.approx(np.mean(values), nan_ok=True)
+        assert result.mean[name] == pytest.approx(_mean_of_defined(values), nan_ok=True)
+    assert json.loads((run_dir / "data_report.json").read_text())["counts"] == report.counts
     with open(run_dir / "cv_results.csv", newline="") as handle:
         lines = list(csv.reader(handle))
     assert [line[0] for line in lines] == ["fold", "1", "2", "mean", "sd"]
@@ -248,5 +251,160 @@ def test_undefined_fold_figures_are_null_in_strict_json(tmp_path):
     text = (tmp_path / "cv_results.json").read_text()
     saved = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in JSON"))
     assert saved["folds"][1]["precision"] is None
-    assert saved["mean"]["precision"] is None and saved["sd"]["precision"] is None
+    # Mean over the one fold with a value; no sd from one fold.
+    assert saved["mean"]["precision"] == pytest.approx(0.9) and saved["sd"]["precision"] is None
     assert saved["mean"]["accuracy"] == pytest.approx(0.85)
+
+
+def _mean_of_defined(values):
+    defined = [value for value in values if not math.isnan(value)]
+    return float(np.mean(defined)) if defined else math.nan
+
+
+class _TrainingStartedError(Exception):
+    """Raised by a stand-in for train_model: every check before training has passed."""
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Replace each fold's training with a record of the call, then stop."""
+    calls = []
+
+    def fake_train_model(data_dir, config, run_dir, **options):
+        calls.append({"run_dir": run_dir, **options})
+        raise _TrainingStartedError
+
+    monkeypatch.setattr("malaria_classifier.cv.train_model", fake_train_model)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def few_infected(tmp_path_factory):
+    """Two infected patients (P1, P2) and four healthy donors: fewer infected than 5 folds."""
+    root = write_synthetic_dataset(
+        tmp_path_factory.mktemp("few") / "cells", patients=3, cells_per_class=4, size=20
+    )
+    rng = np.random.default_rng(5)
+    for donor in (905, 906, 907):
+        for cell in range(4):
+            name = f"C{donor}NThinF_IMG_2015_{donor}_cell_{cell}.png"
+            draw_cell(20, False, rng).save(root / "Uninfected" / name)
+    return check_dataset(root, progress=False)
+
+
+def test_with_fewer_infected_patients_than_folds_every_fold_is_tested_and_trainable(
+    few_infected, tmp_path, no_training
+):
+    assert few_infected.patients["with_parasitized_cells"] == 2
+    assert few_infected.patients["total"] == 6
+
+    manifests = plan_folds(few_infected, 5, range(5), TINY)
+
+    tested = [{row.patient for row in manifests[fold] if row.split == "test"} for fold in range(5)]
+    assert all(tested)  # no empty fold: each fold_<k> tests somebody
+    assert sorted(patient for patients in tested for patient in patients) == sorted(
+        {record.patient for record in few_infected.records}
+    )
+    for rows in manifests.values():
+        check_no_leakage(rows)
+        assert {row.split for row in rows} == {"train", "validation", "test"}
+        assert {row.label for row in rows if row.split == "train"} == {"Parasitized", "Uninfected"}
+
+    # The cross-validation passes every check and starts fold 1 with that manifest.
+    with pytest.raises(_TrainingStartedError):
+        cross_validate(few_infected.root, TINY, tmp_path / "cv", folds=5, progress=False)
+    assert no_training[0]["manifest"] == manifests[0]
+
+
+def test_all_folds_are_checked_before_the_first_trains(report, tmp_path, no_training):
+    """Fold 3's list leaves no parasitized training cell: refused before fold 1 trains."""
+    parasitized = {
+        record.path.relative_to(report.root).as_posix()
+        for record in report.records
+        if record.label == "Parasitized"
+    }
+    run_dir = tmp_path / "cv"
+    with pytest.raises(
+        ValueError,
+        match="Fold 3 of 3: the cell list leaves no Parasitized cell in its training split",
+    ):
+        cross_validate(
+            report.root, TINY, run_dir, folds=3, progress=False, exclude_cells={3: parasitized}
+        )
+    assert no_training == []
+    assert not run_dir.exists()
+
+
+def test_a_refused_cv_writes_nothing_and_the_right_settings_then_start(
+    report, tmp_path, no_training
+):
+    run_dir = tmp_path / "cv"
+    with pytest.raises(ValueError, match="13 folds need at least 13 patient groups, but only 12"):
+        cross_validate(report.root, TINY, run_dir, folds=13, progress=False)
+    with pytest.raises(ValueError, match=r"Data folder .*nowhere does not exist"):
+        cross_validate(tmp_path / "nowhere", TINY, run_dir, folds=2, progress=False)
+    assert not run_dir.exists()  # no cv_plan.json or config.yaml to refuse the next call
+
+    with pytest.raises(_TrainingStartedError):
+        cross_validate(report.root, TINY, run_dir, folds=2, progress=False)
+
+    assert no_training[0]["run_dir"] == fold_dir(run_dir, 0)
+    assert {row.split for row in no_training[0]["manifest"]} == {"train", "validation", "test"}
+    plan = json.loads((run_dir / "cv_plan.json").read_text())
+    assert plan["folds"] == 2 and plan["data_sha256"] == report.fingerprint()
+    assert (run_dir / "config.yaml").is_file()
+    saved_report = json.loads((run_dir / "data_report.json").read_text())
+    assert saved_report == json.loads(json.dumps(report.to_dict()))
+    assert not (fold_dir(run_dir, 0) / "data_report.json").exists()  # once, not per fold
+
+
+def test_resuming_on_other_data_is_refused(report, tmp_path, no_training):
+    run_dir = tmp_path / "cv"
+    with pytest.raises(_TrainingStartedError):
+        cross_validate(report.root, TINY, run_dir, folds=2, progress=False)
+    moved = shutil.copytree(report.root, tmp_path / "moved" / "cells")
+    other = shutil.copytree(report.root, tmp_path / "other" / "cells")
+    next((other / "Uninfected").iterdir()).unlink()
+
+    with pytest.raises(ValueError, match="holds a cross-validation of other data") as refused:
+        cross_validate(other, TINY, run_dir, folds=2, progress=False)
+    assert str(run_dir) in str(refused.value)
+    assert "Resume it with the --data folder it started with" in str(refused.value)
+
+    # The same cells elsewhere are the same data; a plan from before fingerprints passes.
+    with pytest.raises(_TrainingStartedError):
+        cross_validate(moved, TINY, run_dir, folds=2, progress=False)
+    plan = json.loads((run_dir / "cv_plan.json").read_text())
+    del plan["data_sha256"]
+    (run_dir / "cv_plan.json").write_text(json.dumps(plan))
+    with pytest.raises(_TrainingStartedError):
+        cross_validate(other, TINY, run_dir, folds=2, progress=False)
+    assert len(no_training) == 3
+
+
+def test_a_metric_undefined_in_a_fold_is_averaged_over_the_others(tmp_path):
+    folds = [
+        {"fold": k, "patients": 3, "cells": 9, **dict.fromkeys(METRIC_NAMES, value)}
+        for k, value in ((1, 0.9), (2, 0.8), (3, 0.7))
+    ]
+    folds[1]["precision"] = math.nan  # no cell called Parasitized in fold 2
+    for row in folds:
+        row["roc_auc"] = math.nan  # e.g. no infected test patient anywhere
+    folds[2]["recall"] = math.nan
+    folds[0]["recall"] = math.nan
+
+    mean, sd = summarize_folds(folds)
+
+    assert mean["precision"] == pytest.approx(0.8) and sd["precision"] == pytest.approx(0.1414214)
+    assert mean["recall"] == pytest.approx(0.8) and math.isnan(sd["recall"])
+    assert math.isnan(mean["roc_auc"]) and math.isnan(sd["roc_auc"])
+    assert mean["accuracy"] == pytest.approx(0.8) and sd["accuracy"] == pytest.approx(0.1)
+    result = CrossValidationResult(tmp_path, folds, mean, sd, 1.0)
+    write_results(result)
+    saved = json.loads((tmp_path / "cv_results.json").read_text())
+    assert saved["folds_defined"]["precision"] == 2 and saved["folds_defined"]["accuracy"] == 3
+    assert saved["folds_defined"]["roc_auc"] == 0
+    assert (
+        "Means over the folds where a metric is defined: precision 2 of 3 (undefined in fold 2); "
+        "recall 1 of 3 (undefined in fold 1, 3); roc_auc 0 of 3 (undefined in fold 1, 2, 3)"
+    ) in format_table(result)

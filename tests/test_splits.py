@@ -9,15 +9,24 @@ import csv
 from collections import Counter, defaultdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from malaria_classifier.constants import CLASS_NAMES
 from malaria_classifier.data import ImageRecord
 from malaria_classifier.splits import (
     MANIFEST_COLUMNS,
     LeakageError,
     ManifestRow,
+    _balance_groups,
+    _best_split,
+    _class_counts,
+    _group_patients,
+    _strata,
+    assign_folds,
     build_manifest,
     check_no_leakage,
+    fold_manifest,
     leave_out_of_training,
     read_cell_list,
     read_manifest,
@@ -245,6 +254,176 @@ def test_three_patients_give_three_non_empty_splits():
     assert set(splits) == {"train", "validation", "test"}
 
 
+def test_two_infected_patients_and_healthy_donors_fill_every_split():
+    """Too few infected patients to seed three splits: healthy donors seed the rest."""
+    records, hashes = make_records(2, 4)
+
+    splits = split_by_patient(records, hashes, seed=0)
+
+    assert set(splits) == {"train", "validation", "test"}
+    infected_in = {
+        split
+        for split, names in _patients_by_split(records, splits).items()
+        if any(name.startswith("P") for name in names)
+    }
+    assert infected_in == {"train", "validation"}  # the two infected patients apart
+
+
+def _patients_by_split(records, splits) -> dict[str, set[str]]:
+    found: dict[str, set[str]] = defaultdict(set)
+    for record, split in zip(records, splits, strict=True):
+        found[split].add(record.patient)
+    return found
+
+
+# --- balancing and folds -----------------------------------------------------------------
+
+
+def varied_records(n_infected: int, n_healthy: int) -> tuple[list[ImageRecord], dict[Path, str]]:
+    """Like ``make_records``, with patients of different sizes, so balancing has choices."""
+    records: list[ImageRecord] = []
+
+    def add(patient: str, label: str, count: int) -> None:
+        records.extend(
+            ImageRecord(ROOT / label / f"{patient}_cell_{cell}.png", label, patient)
+            for cell in range(count)
+        )
+
+    for n in range(1, n_infected + 1):
+        add(f"P{n}", "Parasitized", 2 + (n * 7) % 9)
+        add(f"P{n}", "Uninfected", 1 + (n * 5) % 6)
+    for n in range(1, n_healthy + 1):
+        add(f"C{n}", "Uninfected", 3 + (n * 4) % 7)
+    hashes = {record.path: f"h-{record.path.name}-{record.label}" for record in records}
+    return records, hashes
+
+
+def patient_groups(records, hashes) -> dict[str, list[int]]:
+    group_of_patient = _group_patients(records, hashes)
+    groups: dict[str, list[int]] = defaultdict(list)
+    for index, record in enumerate(records):
+        groups[group_of_patient[record.patient]].append(index)
+    return groups
+
+
+def balance_groups_as_shipped(groups, records, targets, rng) -> dict[str, int]:
+    """``_balance_groups`` as released (frozen copy): only the first stratum seeded bins.
+
+    The shipped model's split and existing cross-validations were made with it.
+    """
+    assignment: dict[str, int] = {}
+    bins = len(targets)
+    for stratum_index, stratum in enumerate(_strata(groups, records)):
+        counts = np.array([_class_counts(groups[name], records) for name in stratum])
+        totals = np.maximum(counts.sum(axis=0), 1)
+        filled = np.zeros((bins, len(CLASS_NAMES)))
+        order = rng.permutation(len(stratum))
+        if stratum_index == 0 and len(stratum) >= bins:
+            for bin_index, position in enumerate(order[:bins]):
+                assignment[stratum[position]] = bin_index
+                filled[bin_index] += counts[position]
+            order = order[bins:]
+        for position in order:
+            chosen = _best_split(counts[position], filled, targets, totals)
+            assignment[stratum[position]] = chosen
+            filled[chosen] += counts[position]
+    return assignment
+
+
+@pytest.mark.parametrize(
+    "targets",
+    [[0.2] * 5, [1 / 3] * 3, [0.1] * 10, [0.7, 0.15, 0.15], [0.85, 0.15], [0.75, 0.25]],
+    ids=["5-folds", "3-folds", "10-folds", "split", "fold-rest-0.15", "fold-rest-0.25"],
+)
+@pytest.mark.parametrize("n_infected", [10, 14])
+def test_balancing_is_unchanged_when_the_first_stratum_fills_every_bin(targets, n_infected):
+    records, hashes = varied_records(n_infected, 6)
+    groups = patient_groups(records, hashes)
+    for seed in range(10):
+        new = _balance_groups(groups, records, np.array(targets), np.random.default_rng(seed))
+        old = balance_groups_as_shipped(
+            groups, records, np.array(targets), np.random.default_rng(seed)
+        )
+        assert new == old, seed
+
+
+def by_patient(records, values) -> dict[str, object]:
+    return dict(
+        sorted(
+            {record.patient: value for record, value in zip(records, values, strict=True)}.items()
+        )
+    )
+
+
+def test_recorded_folds_fold_split_and_split_are_unchanged():
+    """Recorded with the released code: folds, a fold's train/validation, the split."""
+    records, hashes = varied_records(9, 5)
+
+    folds = assign_folds(records, hashes, 5, 42)
+    rows = fold_manifest(records, hashes, folds, 2, ROOT, 0.25, 42)
+
+    assert by_patient(records, folds) == {
+        "C1": 2, "C2": 3, "C3": 0, "C4": 4, "C5": 1, "P1": 1, "P2": 3,
+        "P3": 3, "P4": 0, "P5": 4, "P6": 2, "P7": 0, "P8": 2, "P9": 4,
+    }  # fmt: skip
+    assert {row.patient: row.split for row in rows} == {
+        "C1": "test", "C2": "train", "C3": "train", "C4": "train", "C5": "validation",
+        "P1": "validation", "P2": "train", "P3": "train", "P4": "train", "P5": "train",
+        "P6": "test", "P7": "train", "P8": "test", "P9": "train",
+    }  # fmt: skip
+    assert by_patient(records, split_by_patient(records, hashes, 0.15, 0.15, 42)) == {
+        "C1": "train", "C2": "validation", "C3": "train", "C4": "test", "C5": "train",
+        "P1": "validation", "P2": "train", "P3": "train", "P4": "train", "P5": "train",
+        "P6": "train", "P7": "train", "P8": "test", "P9": "train",
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("folds", [3, 5, 6])
+def test_every_fold_gets_patients_when_infected_patients_are_fewer_than_folds(folds):
+    """Two infected patients, four healthy donors: the donors seed the folds left empty."""
+    records, hashes = varied_records(2, 4)
+    for seed in range(10):
+        fold_of_record = assign_folds(records, hashes, folds, seed)
+
+        assert set(fold_of_record) == set(range(folds)), seed
+        fold_of_patient = by_patient(records, fold_of_record)
+        assert fold_of_patient["P1"] != fold_of_patient["P2"]  # infected spread first
+        for record, fold in zip(records, fold_of_record, strict=True):
+            assert fold_of_patient[record.patient] == fold  # patients stay whole
+
+
+def test_balancing_seeds_every_bin_from_later_strata():
+    """One infected patient and two donors, three bins: each gets one group."""
+    records, hashes = varied_records(1, 2)
+    groups = patient_groups(records, hashes)
+    chosen = _balance_groups(groups, records, np.full(3, 1 / 3), np.random.default_rng(0))
+    assert sorted(chosen.values()) == [0, 1, 2]
+    assert chosen["P1"] == 0  # the infected stratum seeds first, from bin 0
+
+
+def test_an_empty_fold_is_refused_naming_it_from_one(monkeypatch):
+    records, hashes = varied_records(6, 2)
+    monkeypatch.setattr(
+        "malaria_classifier.splits._balance_groups",
+        lambda groups, *_: dict.fromkeys(groups, 0),
+    )
+    with pytest.raises(ValueError, match=r"Fold\(s\) \[2, 3\] of 3 got no patients \(8 patient"):
+        assign_folds(records, hashes, 3, 42)
+
+
+def test_fold_manifest_numbers_folds_from_one_like_the_fold_folders():
+    records, hashes = varied_records(4, 0)
+    fold_of_record = [0 if record.patient in {"P1", "P2"} else 2 for record in records]
+
+    with pytest.raises(
+        ValueError, match=r"Fold 2 has no records; the records lie in folds \[1, 3\]"
+    ):
+        fold_manifest(records, hashes, fold_of_record, 1, ROOT)
+    only_p3 = [0 if record.patient == "P3" else 1 for record in records]
+    with pytest.raises(ValueError, match=r"Only 1 patient group\(s\) outside fold 2;"):
+        fold_manifest(records, hashes, only_p3, 1, ROOT)
+
+
 # --- check_no_leakage --------------------------------------------------------------------
 
 
@@ -463,3 +642,13 @@ def test_a_manifest_that_is_not_text_is_named(tmp_path):
     path.write_bytes(b"\xbd\x00binary")
     with pytest.raises(ValueError, match=r"manifest\.csv is not a manifest: it is not UTF-8"):
         read_manifest(path)
+
+
+def test_a_spreadsheets_utf8_cell_list_is_read_and_another_encoding_is_named(tmp_path):
+    excel = tmp_path / "excel.csv"
+    excel.write_bytes("\ufeffsha256\nh1\n".encode())  # "CSV UTF-8" starts with a BOM
+    assert read_cell_list(excel) == {None: {"h1"}}
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("path\nParasitized/caf\xe9.png\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin\.csv is not UTF-8 text .* CSV UTF-8"):
+        read_cell_list(latin)

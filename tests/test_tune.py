@@ -2,6 +2,9 @@
 
 import csv
 import json
+import re
+import shutil
+from pathlib import Path
 
 import optuna
 import pytest
@@ -10,12 +13,15 @@ from _synthetic import write_synthetic_dataset
 import malaria_classifier.training as training_module
 import malaria_classifier.tune as tune_module
 from malaria_classifier.config import TrainingConfig, load_config
+from malaria_classifier.data import check_dataset
 from malaria_classifier.splits import read_manifest
 from malaria_classifier.tune import (
     AUGMENTATION_AT_STRENGTH_ONE,
+    DATA_FINGERPRINT,
     SearchSpace,
     scaled_augmentation,
     seed_configs,
+    sqlite_url,
     suggest_config,
     tune,
 )
@@ -200,5 +206,158 @@ def test_bad_tuning_arguments_are_refused_before_any_trial(tmp_path, arguments, 
     output = data / "inside" if arguments.pop("output_dir", None) else tmp_path / "tune"
     with pytest.raises(ValueError, match=message):
         tune(data, 1, output, progress=False, **arguments)
-    assert not (tmp_path / "tune" / "manifest.csv").exists()
+    assert not (tmp_path / "tune").exists()  # not even an empty folder
     assert not (data / "inside").exists()
+
+
+def _fast_objective(monkeypatch, calls=None):
+    """Score a trial by its dropout rate instead of training it (milliseconds, not seconds)."""
+
+    def score(config, root, rows, trial, seeds=1):
+        if calls is not None:
+            calls.append(trial.number)
+        return config.dropout_rate
+
+    monkeypatch.setattr(tune_module, "score_trial", score)
+
+
+def _param_sets(output, study_name="malaria"):
+    study = optuna.load_study(study_name=study_name, storage=sqlite_url(output / "study.db"))
+    return [tuple(sorted(trial.params.items())) for trial in study.trials]
+
+
+def test_a_resumed_search_draws_new_parameters_and_a_first_session_draws_as_before(
+    tmp_path, monkeypatch
+):
+    _fast_objective(monkeypatch)
+    data = write_synthetic_dataset(tmp_path / "cells", patients=8, cells_per_class=4, size=20)
+    arguments = {"base": BASE, "space": TINY_SPACE, "progress": False}
+
+    tune(data, 2, tmp_path / "resumed", **arguments)
+    tune(data, 4, tmp_path / "resumed", **arguments)
+    resumed = _param_sets(tmp_path / "resumed")
+    assert len(resumed) == 4 and len(set(resumed)) == 4  # no replayed start-up draws
+
+    tune(data, 4, tmp_path / "at_once", **arguments)
+    at_once = _param_sets(tmp_path / "at_once")
+    assert resumed[:2] == at_once[:2]
+    # A first session draws exactly what the config's seed alone gives the sampler.
+    reference = optuna.create_study(
+        direction="maximize",
+        sampler=optuna.samplers.TPESampler(seed=BASE.seed, n_startup_trials=5),
+    )
+    reference.optimize(lambda trial: suggest_config(trial, BASE, TINY_SPACE).dropout_rate, 4)
+    assert at_once == [tuple(sorted(trial.params.items())) for trial in reference.trials]
+
+
+def test_a_study_records_its_data_and_refuses_to_continue_on_other_data(tmp_path, monkeypatch):
+    calls = []
+    _fast_objective(monkeypatch, calls)
+    data = write_synthetic_dataset(tmp_path / "cells", patients=8, cells_per_class=4, size=20)
+    output = tmp_path / "tune"
+    output.mkdir()
+    # A study from before the data were recorded: one finished trial, no attributes.
+    older = optuna.create_study(
+        storage=sqlite_url(output / "study.db"), study_name="malaria", direction="maximize"
+    )
+    older.tell(older.ask(), 0.5)
+
+    tune(data, 2, output, base=BASE, space=TINY_SPACE, progress=False)
+    study = optuna.load_study(study_name="malaria", storage=sqlite_url(output / "study.db"))
+    recorded = study.user_attrs[DATA_FINGERPRINT]
+    assert recorded["sha256"] == check_dataset(data).fingerprint()
+    assert recorded["images"] == 8 * 4 + 6 * 4  # 6 infected patients have both classes
+
+    # The same images in another folder are the same data.
+    moved = shutil.copytree(data, tmp_path / "moved")
+    tune(moved, 3, output, base=BASE, space=TINY_SPACE, progress=False)
+    assert calls == [1, 2]
+
+    changed = shutil.copytree(data, tmp_path / "changed")
+    next(iter(sorted((changed / "Uninfected").iterdir()))).unlink()
+    manifest = (output / "manifest.csv").read_bytes()
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            f"Study 'malaria' was scored on other data: its trials used the 56 images of "
+            f"{data} as they were then, and --data {changed} (55 images) differs"
+        )
+        + r".* Pass the --data it started with to continue it, or a new --study-name or --output",
+    ):
+        tune(changed, 4, output, base=BASE, space=TINY_SPACE, progress=False)
+    assert calls == [1, 2]  # refused before any training
+    assert (output / "manifest.csv").read_bytes() == manifest
+    assert (
+        len(optuna.load_study(study_name="malaria", storage=sqlite_url(output / "study.db")).trials)
+        == 3
+    )
+
+
+def test_an_output_folder_with_url_characters_keeps_the_study_in_it(tmp_path, monkeypatch):
+    _fast_objective(monkeypatch)
+    data = write_synthetic_dataset(tmp_path / "cells", patients=8, cells_per_class=4, size=20)
+    output = tmp_path / "a?b %20c#d"
+
+    tune(data, 1, output, base=BASE, space=TINY_SPACE, progress=False)
+    again = tune(data, 2, output, base=BASE, space=TINY_SPACE, progress=False)
+
+    assert again.finished_trials == 2  # the second session found the first one's trial
+    assert [path.relative_to(tmp_path) for path in tmp_path.rglob("*.db")] == [
+        Path("a?b %20c#d/study.db")
+    ]
+    assert len(_param_sets(output)) == 2
+
+
+def test_a_refused_start_removes_only_the_empty_folders_it_created(tmp_path):
+    data = write_synthetic_dataset(tmp_path / "cells", patients=8, cells_per_class=4, size=20)
+    fresh = tmp_path / "new" / "tune"
+    with pytest.raises(ValueError, match="--storage 'not a url' could not be opened"):
+        tune(data, 1, fresh, base=BASE, space=TINY_SPACE, storage="not a url", progress=False)
+    assert not (tmp_path / "new").exists()
+
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    with pytest.raises(ValueError, match="could not be opened"):
+        tune(data, 1, existing, base=BASE, space=TINY_SPACE, storage="not a url", progress=False)
+    assert existing.is_dir()
+
+    # A study kept elsewhere refuses other fixed settings: nothing is left in --output.
+    storage = sqlite_url(tmp_path / "studies.db")
+    tune_module._check_fixed_settings(
+        tune_module.open_study(storage, "malaria", 42), BASE, TINY_SPACE
+    )
+    with pytest.raises(ValueError, match="other fixed settings"):
+        tune(
+            data,
+            1,
+            fresh,
+            base=BASE.replace(seed=7),
+            space=TINY_SPACE,
+            storage=storage,
+            progress=False,
+        )
+    assert not (tmp_path / "new").exists()
+
+    # Data refused before a new study's file is created: no study.db, no folder.
+    with pytest.raises(ValueError, match="No Parasitized/ and Uninfected/ folders found"):
+        tune(tmp_path / "existing", 1, fresh, base=BASE, space=TINY_SPACE, progress=False)
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_trial_stopped_by_ctrl_c_is_failed_and_replaced_on_resume(tmp_path, monkeypatch):
+    data = write_synthetic_dataset(tmp_path / "cells", patients=8, cells_per_class=4, size=20)
+    output = tmp_path / "tune"
+
+    def interrupted(config, root, rows, trial, seeds=1):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tune_module, "score_trial", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tune(data, 2, output, base=BASE, space=TINY_SPACE, progress=False)
+    _fast_objective(monkeypatch)
+    result = tune(data, 2, output, base=BASE, space=TINY_SPACE, progress=False)
+
+    study = optuna.load_study(study_name="malaria", storage=sqlite_url(output / "study.db"))
+    states = [trial.state.name for trial in study.trials]
+    assert states == ["FAIL", "COMPLETE", "COMPLETE"] and result.finished_trials == 2
+    assert len(set(_param_sets(output))) == 3  # the failed trial's recipe is not run again

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -281,9 +282,30 @@ def _convert(name: str, value: Any, expected: type, source: str) -> Any:
         return float(value)
     if expected is str and isinstance(value, str):
         return value
+    hint = ""
+    if expected is float and isinstance(value, str):
+        # Quoted numbers ("0.01") are text in YAML; say how to write one that is read as a number.
+        hint = " Write a number without quotes, such as 0.001 or 1e-3."
     raise ValueError(
-        f"{source}: {name} must be {_ARTICLE[expected]}, got {value!r} ({type(value).__name__})."
+        f"{source}: {name} must be {_ARTICLE[expected]}, got {value!r} "
+        f"({type(value).__name__}).{hint}"
     )
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that also reads ``1e-3`` as a number, as YAML 1.2 does.
+
+    PyYAML follows YAML 1.1, whose floats need a dot and a signed exponent
+    (``1.0e-3``); ``learning_rate: 1e-3``, as users write it, would otherwise be the
+    text ``"1e-3"``. Quoted scalars stay text: the resolver only sees plain ones.
+    """
+
+
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
 
 
 def load_config(path: str | Path | None = None, **overrides: Any) -> TrainingConfig:
@@ -298,7 +320,8 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> TrainingCon
         if not path.is_file():
             raise ValueError(f"Config file {path} does not exist. Check the path.")
         try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+            # A SafeLoader subclass: plain data only, never Python objects.
+            loaded = yaml.load(path.read_text(encoding="utf-8"), Loader=_ConfigLoader)
         except UnicodeDecodeError:
             raise ValueError(
                 f"{path} is not UTF-8 text. Save the config file as UTF-8 YAML "

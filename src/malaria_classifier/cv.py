@@ -7,7 +7,10 @@ cross-validation. Here every fold's patients are the test set of one training ru
 and validation for early stopping, and the folds' test metrics are summarized as
 mean ± standard deviation. A fold is finished when its ``metrics.json`` exists, so a
 killed cross-validation resumes where it stopped (an interrupted fold continues from
-its last epoch).
+its last epoch). ``cv_plan.json`` records the folds, the recipe, any cell list and a
+fingerprint of the data, so a resumed run refuses other settings or other data rather
+than mixing them; it is written only once every fold has been checked, so a refused
+call leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,15 +29,24 @@ from typing import Any
 import numpy as np
 
 from malaria_classifier.config import TrainingConfig, load_config, save_config
-from malaria_classifier.data import check_dataset
+from malaria_classifier.constants import CLASS_NAMES
+from malaria_classifier.data import DatasetReport, check_dataset
 from malaria_classifier.evaluate import PATIENT_TABLE, write_rows_csv
 from malaria_classifier.evaluation import METRIC_NAMES
 from malaria_classifier.model_card import write_json_atomically
 from malaria_classifier.outputs import check_output_folder, open_output
-from malaria_classifier.splits import assign_folds, fold_manifest
+from malaria_classifier.splits import (
+    ManifestRow,
+    assign_folds,
+    fold_manifest,
+    leave_out_of_training,
+)
 from malaria_classifier.training import train_model
 
 PLAN_FILE = "cv_plan.json"
+# The plan's entry for the fingerprint of the data (``DatasetReport.fingerprint``).
+DATA_KEY = "data_sha256"
+DATA_REPORT_FILE = "data_report.json"
 RESULTS_CSV = "cv_results.csv"
 RESULTS_JSON = "cv_results.json"
 PATIENTS_CSV = "cv_per_patient.csv"
@@ -84,6 +96,13 @@ def cross_validate(
 ) -> CrossValidationResult:
     """Train and test one model per fold; skip folds that are already finished.
 
+    Everything that can refuse the cross-validation is checked before anything is
+    written or trained: the plan of a resumed run, the data (the same cells as the
+    run started with), the fold assignment and every fold's split. So a refused
+    call leaves no half-made run folder behind, and a doomed call never trains
+    k-1 folds first. ``cv_plan.json``, ``config.yaml`` and ``data_report.json`` are
+    written only when training is about to start.
+
     Example:
         >>> result = cross_validate("cell_images", TrainingConfig(), "runs/cv")  # doctest: +SKIP
         >>> result.mean["accuracy"], result.sd["accuracy"]  # doctest: +SKIP
@@ -104,11 +123,14 @@ def cross_validate(
             ``bench/noise_flags.py``).
 
     Returns:
-        The per-fold metrics and their mean and standard deviation.
+        The per-fold metrics and their mean and standard deviation (over the folds
+        where each metric is defined, see :func:`summarize_folds`).
 
     Raises:
-        ValueError: If ``run_dir`` holds a cross-validation with other settings, or
-            there are fewer patients than folds.
+        ValueError: If ``run_dir`` holds a cross-validation with other settings or of
+            other data, the data folder is missing or not in the NIH layout, there are
+            fewer patients than folds, or a fold's other patients cannot be split into
+            training and validation with cells of both classes in training.
     """
     started = time.monotonic()
     run_dir = Path(run_dir)
@@ -116,11 +138,25 @@ def cross_validate(
         raise ValueError(f"--folds must be an integer of at least 2, got {folds!r}.")
     check_output_folder(run_dir, Path(data_dir), "a cross-validation's run folders")
     exclude_cells = _check_cell_folds(exclude_cells or {}, folds)
-    config = _open_plan(run_dir, config, folds, _digest(exclude_cells))
+    cells_digest = _digest(exclude_cells)
+    earlier = _read_plan(run_dir, config, folds, cells_digest)
+    if earlier is not None:
+        config = load_config(run_dir / "config.yaml")
     pending = [fold for fold in range(folds) if not is_fold_finished(run_dir, fold)]
+    report: DatasetReport | None = None
+    manifests: dict[int, list[ManifestRow]] = {}
     if pending:
         report = check_dataset(data_dir, progress=progress)
-        fold_of_record = assign_folds(report.records, report.hashes, folds, config.seed)
+        if earlier is not None:
+            _check_same_data(run_dir, earlier, report.fingerprint(), data_dir)
+        manifests = plan_folds(report, folds, pending, config, exclude_cells)
+    if earlier is None:
+        # Only now, with every check passed, does the run folder come into being.
+        _write_plan(run_dir, config, folds, cells_digest, report)
+    if report is not None and report.unreadable:
+        _say(
+            f"Skipping {len(report.unreadable)} unreadable image(s), e.g. {report.unreadable[0][1]}"
+        )
     for fold in range(folds):
         where = fold_dir(run_dir, fold)
         if fold not in pending:
@@ -129,15 +165,6 @@ def cross_validate(
         # A fold folder with a manifest was started: continue it from its last epoch.
         resume = (where / "manifest.csv").is_file()
         _say(f"Fold {fold + 1}/{folds}: {'resuming' if resume else 'training'} in {where}")
-        manifest = fold_manifest(
-            report.records,
-            report.hashes,
-            fold_of_record,
-            fold,
-            report.root,
-            config.validation_fraction,
-            config.seed,
-        )
         fold_started = time.monotonic()
         result = train_model(
             data_dir,
@@ -145,8 +172,8 @@ def cross_validate(
             where,
             resume=resume,
             verbose=verbose,
-            manifest=manifest,
-            exclude_cells=exclude_cells.get(None, set()) | exclude_cells.get(fold + 1, set()),
+            manifest=manifests[fold],
+            exclude_cells=_cells_of_fold(exclude_cells, fold),
         )
         test = result.metrics["test"]["metrics"]
         _say(
@@ -161,6 +188,82 @@ def cross_validate(
     )
     write_results(result)
     return result
+
+
+def plan_folds(
+    report: DatasetReport,
+    folds: int,
+    pending: Sequence[int],
+    config: TrainingConfig,
+    exclude_cells: Mapping[int | None, set[str]] | None = None,
+) -> dict[int, list[ManifestRow]]:
+    """Assign the folds and check each pending fold's split before any training.
+
+    A fold that cannot be trained (no test patients, too few other patients for
+    training and validation, no cells of a class left to train on) would otherwise
+    stop the cross-validation only when its turn comes, after hours of training the
+    folds before it.
+
+    Args:
+        report: The checked data.
+        folds: Number of folds.
+        pending: The folds (from 0) still to train.
+        config: The recipe; its ``seed`` and ``validation_fraction`` make the split.
+        exclude_cells: Cells to leave out of training, as for :func:`cross_validate`.
+
+    Returns:
+        The manifest of each pending fold (its patients are ``test``).
+
+    Raises:
+        ValueError: Naming the fold (from 1, like ``fold_1``) and what to change.
+    """
+    fold_of_record = assign_folds(report.records, report.hashes, folds, config.seed)
+    manifests = {}
+    for fold in pending:
+        rows = fold_manifest(
+            report.records,
+            report.hashes,
+            fold_of_record,
+            fold,
+            report.root,
+            config.validation_fraction,
+            config.seed,
+        )
+        _check_training_classes(rows, _cells_of_fold(exclude_cells or {}, fold), fold, folds)
+        manifests[fold] = rows
+    return manifests
+
+
+def _cells_of_fold(cells: Mapping[int | None, set[str]], fold: int) -> set[str]:
+    """The cells fold ``fold`` (from 0) leaves out: the common list and its own."""
+    return cells.get(None, set()) | cells.get(fold + 1, set())
+
+
+def _check_training_classes(
+    rows: Sequence[ManifestRow], cells: set[str], fold: int, folds: int
+) -> None:
+    """Refuse a fold whose training cells would lack a class.
+
+    ``train_model`` refuses a cell list that empties a class only when the fold
+    starts; checked here for every fold so a late fold cannot stop a long run.
+    """
+    training = [row for row in rows if row.split == "train"]
+    left_out = leave_out_of_training(rows, cells)[0] if cells else []
+    left = {(row.path, row.sha256) for row in left_out}
+    kept = {row.label for row in training if (row.path, row.sha256) not in left}
+    missing = " or ".join(label for label in CLASS_NAMES if label not in kept)
+    if not missing:
+        return
+    if {row.label for row in training} >= set(CLASS_NAMES):
+        raise ValueError(
+            f"Fold {fold + 1} of {folds}: the cell list leaves no {missing} cell in its "
+            f"training split. Leave fewer cells out."
+        )
+    raise ValueError(
+        f"Fold {fold + 1} of {folds}: its training patients have no {missing} cells, so "
+        f"its model could not learn that class. Use fewer folds or add images from more "
+        f"patients."
+    )
 
 
 def collect_patient_rows(run_dir: Path, folds: int) -> tuple[list[dict[str, Any]], list[int]]:
@@ -232,38 +335,80 @@ def _digest(cells: Mapping[int | None, set[str]]) -> str | None:
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
-def _open_plan(
+def _read_plan(
     run_dir: Path, config: TrainingConfig, folds: int, cells_digest: str | None = None
-) -> TrainingConfig:
-    """Record the plan on first use; on resume, insist on the same folds and recipe.
+) -> dict[str, Any] | None:
+    """The plan of a cross-validation begun in ``run_dir``, if it matches; else refuse.
 
     Mixing folds trained with different recipes, fold assignments or cell lists would
     average incomparable numbers, so a changed plan is refused rather than silently
-    merged. Plans without a cell list have no ``excluded_cells`` entry.
+    merged. Plans without a cell list have no ``excluded_cells`` entry. Reads only:
+    the plan is written by :func:`_write_plan` once every check has passed.
+
+    Returns:
+        The earlier plan, or None if ``run_dir`` holds none.
     """
     plan_path = run_dir / PLAN_FILE
+    if not plan_path.is_file():
+        return None
+    earlier = json.loads(plan_path.read_text(encoding="utf-8"))
+    if earlier["folds"] != folds or earlier["config"] != config.to_dict():
+        raise ValueError(
+            f"{run_dir} holds a cross-validation with other settings ({earlier['folds']} "
+            f"folds; recipe in {run_dir / 'config.yaml'}). Resume it with the same "
+            f"--folds and --config, or choose another --output folder."
+        )
+    if earlier.get("excluded_cells") != cells_digest:
+        raise ValueError(
+            f"{run_dir} holds a cross-validation made with another --exclude-cells list "
+            f"(or none). Resume it with the list it started with, or choose another "
+            f"--output folder."
+        )
+    return earlier
+
+
+def _check_same_data(
+    run_dir: Path, plan: Mapping[str, Any], fingerprint: str, data_dir: str | Path
+) -> None:
+    """Refuse to resume on other data: its folds would mix two data sets' patients.
+
+    Plans written before data fingerprints were recorded carry none and are accepted.
+    """
+    recorded = plan.get(DATA_KEY)
+    if recorded is None or recorded == fingerprint:
+        return
+    raise ValueError(
+        f"{run_dir} holds a cross-validation of other data: the cells in --data {data_dir} "
+        f"differ from those it started with (data fingerprint {fingerprint[:12]}, "
+        f"{run_dir / PLAN_FILE} records {recorded[:12]}). Resume it with the --data "
+        f"folder it started with, or choose another --output folder for these data."
+    )
+
+
+def _write_plan(
+    run_dir: Path,
+    config: TrainingConfig,
+    folds: int,
+    cells_digest: str | None,
+    report: DatasetReport | None,
+) -> None:
+    """Record folds, recipe, cell list and data, so a resumed run can be checked.
+
+    The data report (``data_report.json``, as a training run has) is written once,
+    here, for all folds: they share one data check. ``report`` is None only when every
+    fold is finished but the plan is missing; the plan then has no data fingerprint.
+    """
     plan: dict[str, Any] = {"folds": folds, "config": config.to_dict()}
     if cells_digest is not None:
         plan["excluded_cells"] = cells_digest
-    if plan_path.is_file():
-        earlier = json.loads(plan_path.read_text(encoding="utf-8"))
-        if earlier["folds"] != folds or earlier["config"] != config.to_dict():
-            raise ValueError(
-                f"{run_dir} holds a cross-validation with other settings ({earlier['folds']} "
-                f"folds; recipe in {run_dir / 'config.yaml'}). Resume it with the same "
-                f"--folds and --config, or choose another --output folder."
-            )
-        if earlier.get("excluded_cells") != cells_digest:
-            raise ValueError(
-                f"{run_dir} holds a cross-validation made with another --exclude-cells list "
-                f"(or none). Resume it with the list it started with, or choose another "
-                f"--output folder."
-            )
-        return load_config(run_dir / "config.yaml")
+    if report is not None:
+        plan[DATA_KEY] = report.fingerprint()
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "config.yaml")
-    write_json_atomically(plan, plan_path)
-    return config
+    if report is not None:
+        write_json_atomically(report.to_dict(), run_dir / DATA_REPORT_FILE)
+    # The plan last: its presence marks a cross-validation as begun.
+    write_json_atomically(plan, run_dir / PLAN_FILE)
 
 
 def _fold_row(run_dir: Path, fold: int) -> dict[str, Any]:
@@ -283,13 +428,31 @@ def _fold_row(run_dir: Path, fold: int) -> dict[str, Any]:
 
 
 def summarize_folds(rows: list[dict[str, Any]]) -> tuple[dict[str, float], dict[str, float]]:
-    """Mean and sample standard deviation (ddof 1) of each metric over the folds."""
+    """Mean and sample standard deviation (ddof 1) of each metric over the folds where
+    it is defined.
+
+    A metric with no value in a fold (NaN: precision when that fold's model called no
+    cell Parasitized, AUC on a fold without infected patients) is left out of that
+    metric's mean and sd. Averaging the NaN in would make the whole figure NaN and hide
+    what the other folds measured; how many folds each figure covers is given by
+    :func:`count_defined_folds`, written beside the means (``folds_defined`` in
+    ``cv_results.json``) and noted under the table, so a mean over fewer folds is not
+    taken for one over all of them. With no defined fold the mean is NaN; with fewer
+    than two the sd is NaN. Both become null in the JSON.
+    """
     mean, sd = {}, {}
     for name in METRIC_NAMES:
         values = np.array([row[name] for row in rows], dtype=float)
-        mean[name] = float(np.mean(values))
-        sd[name] = float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
+        defined = values[~np.isnan(values)]
+        mean[name] = float(np.mean(defined)) if defined.size else math.nan
+        sd[name] = float(np.std(defined, ddof=1)) if defined.size > 1 else math.nan
     return mean, sd
+
+
+def count_defined_folds(rows: list[dict[str, Any]]) -> dict[str, int]:
+    """How many folds have a value of each metric: what each mean of
+    :func:`summarize_folds` covers."""
+    return {name: sum(not math.isnan(float(row[name])) for row in rows) for name in METRIC_NAMES}
 
 
 def write_results(result: CrossValidationResult) -> None:
@@ -308,11 +471,13 @@ def write_results(result: CrossValidationResult) -> None:
     write_json_atomically(
         {
             "unit": "cell metrics on each fold's test patients, threshold 0.5; "
-            "mean and sample sd (ddof 1) over folds",
+            "mean and sample sd (ddof 1) over the folds where the metric is defined "
+            "(their number in folds_defined)",
             "positive_class": "Parasitized",
             "folds": [_nulls_for_nan(row) for row in result.folds],
             "mean": _nulls_for_nan(result.mean),
             "sd": _nulls_for_nan(result.sd),
+            "folds_defined": count_defined_folds(result.folds),
             "seconds_this_session": round(result.seconds, 1),
             "folds_without_patient_table": result.folds_without_patient_table,
         },
@@ -330,7 +495,11 @@ def _nulls_for_nan(values: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def format_table(result: CrossValidationResult) -> str:
-    """A plain-text table: one line per fold, then mean ± sd."""
+    """A plain-text table: one line per fold, then mean ± sd.
+
+    A mean over fewer folds than all (a metric undefined in some) is noted under the
+    table, with the folds it leaves out.
+    """
     header = f"{'fold':>5} {'patients':>8} {'cells':>6} " + " ".join(
         f"{name:>13}" for name in METRIC_NAMES
     )
@@ -346,6 +515,15 @@ def format_table(result: CrossValidationResult) -> str:
             f"{result.mean[name]:.4f}±{result.sd[name]:.4f}".rjust(13) for name in METRIC_NAMES
         )
     )
+    defined = count_defined_folds(result.folds)
+    partial = [
+        f"{name} {count} of {len(result.folds)} (undefined in fold "
+        f"{', '.join(str(row['fold']) for row in result.folds if math.isnan(float(row[name])))})"
+        for name, count in defined.items()
+        if count < len(result.folds)
+    ]
+    if partial:
+        lines.append(f"Means over the folds where a metric is defined: {'; '.join(partial)}")
     errors = sum(row["errors"] for row in result.patients)
     if errors:
         # A fold far below the others is often one patient (label noise, a bad slide).

@@ -17,6 +17,7 @@ Patient rule (see ``shared/data/README.md``):
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Iterable, Iterator
@@ -251,6 +252,22 @@ class DatasetReport:
         called Parasitized and Uninfected, so at least one label is wrong."""
         labels = {str(record.path): record.label for record in self.records}
         return [group for group in self.duplicates if len({labels.get(path) for path in group}) > 1]
+
+    def fingerprint(self) -> str:
+        """SHA-256 over the sorted ``relative path:content SHA-256`` of every readable image.
+
+        A resumed search or cross-validation compares it with the one it started with.
+        Relative to the data root, so the same images in a moved or copied folder give
+        the same fingerprint; any image added, removed, renamed, relabelled (moved to
+        the other class folder) or changed gives another one.
+        """
+        lines = sorted(
+            f"{record.path.relative_to(self.root).as_posix()}:{self.hashes[record.path]}"
+            for record in self.records
+        )
+        # NUL cannot occur in a path, so no two different lists join to the same text.
+        joined = "\0".join(lines).encode("utf-8", "surrogateescape")
+        return hashlib.sha256(joined).hexdigest()
 
     def to_dict(self) -> dict:
         """A JSON-ready summary (without the per-file lists of records and hashes)."""

@@ -101,21 +101,29 @@ def _balance_groups(
 
     Patients with and without parasitized cells are placed separately; within each
     stratum, groups in a seeded random order go to the bin that brings its per-class
-    cell shares closest to ``targets``. The first stratum seeds every bin with one
-    group, so no bin is left empty on small data sets.
+    cell shares closest to ``targets``. Before that, every bin that is still empty
+    takes the next group in the order (lowest bin first): the first stratum seeds
+    all bins if it can, and later strata seed the bins it could not. So with at least
+    as many groups as bins, no bin is left empty (a fold without test patients, a
+    split without patients), whatever the mix of infected and healthy patients.
+
+    When the first stratum has at least as many groups as bins, this is exactly the
+    earlier algorithm (same random draws, same order, same bins), so the shipped
+    model's split and existing cross-validations are unchanged.
     """
     assignment: dict[str, int] = {}
     bins = len(targets)
-    for stratum_index, stratum in enumerate(_strata(groups, records)):
+    empty_bins = list(range(bins))
+    for stratum in _strata(groups, records):
         counts = np.array([_class_counts(groups[name], records) for name in stratum])
         totals = np.maximum(counts.sum(axis=0), 1)
         filled = np.zeros((bins, len(CLASS_NAMES)))
         order = rng.permutation(len(stratum))
-        if stratum_index == 0 and len(stratum) >= bins:
-            for bin_index, position in enumerate(order[:bins]):
-                assignment[stratum[position]] = bin_index
-                filled[bin_index] += counts[position]
-            order = order[bins:]
+        seeds, order = order[: len(empty_bins)], order[len(empty_bins) :]
+        for bin_index, position in zip(empty_bins, seeds, strict=False):
+            assignment[stratum[position]] = bin_index
+            filled[bin_index] += counts[position]
+        empty_bins = empty_bins[len(seeds) :]
         for position in order:
             chosen = _best_split(counts[position], filled, targets, totals)
             assignment[stratum[position]] = chosen
@@ -134,7 +142,9 @@ def assign_folds(
     each class's cells.
 
     Raises:
-        ValueError: If ``folds`` is below 2 or there are fewer patient groups than folds.
+        ValueError: If ``folds`` is below 2, there are fewer patient groups than folds,
+            or a fold got no patients (which the balancing rules out; checked so that a
+            cross-validation can never train k-1 folds and then stop at an empty one).
     """
     if not isinstance(folds, int) or folds < 2:
         raise ValueError(f"folds must be an integer of at least 2, got {folds!r}.")
@@ -150,6 +160,13 @@ def assign_folds(
     chosen = _balance_groups(
         groups, records, np.full(folds, 1.0 / folds), np.random.default_rng(seed)
     )
+    empty = sorted(set(range(folds)) - set(chosen.values()))
+    if empty:
+        raise ValueError(
+            f"Fold(s) {[fold + 1 for fold in empty]} of {folds} got no patients "
+            f"({len(groups)} patient groups). Use fewer folds or add images from more "
+            f"patients."
+        )
     return [chosen[group_of_patient[record.patient]] for record in records]
 
 
@@ -168,11 +185,19 @@ def fold_manifest(
     stopping and the best epoch) with ``validation_fraction`` of *their* cells in
     validation, by patient and stratified like :func:`split_by_patient`.
 
+    ``fold`` counts from 0, as :func:`assign_folds` numbers folds; messages count from
+    1, as the run folders do (``fold_1``, ...), since that is what a user sees.
+
     Raises:
-        ValueError: If ``fold`` is not one of the folds, or the rest cannot be split.
+        ValueError: If ``fold`` has no records, or the rest cannot be split.
     """
     if fold not in set(fold_of_record):
-        raise ValueError(f"Fold {fold} has no records; folds are {sorted(set(fold_of_record))}.")
+        present = sorted(value + 1 for value in set(fold_of_record))
+        raise ValueError(
+            f"Fold {fold + 1} has no records; the records lie in folds {present} "
+            f"(numbered from 1, like fold_1). Make the folds with assign_folds, which gives "
+            f"every fold patients, or use fewer folds."
+        )
     if not 0.0 < validation_fraction < 0.9:
         raise ValueError(
             f"validation_fraction must be between 0 and 0.9, got {validation_fraction}."
@@ -185,7 +210,7 @@ def fold_manifest(
         groups[group_of_patient[record.patient]].append(position)
     if len(groups) < 2:
         raise ValueError(
-            f"Only {len(groups)} patient group(s) outside fold {fold}; training needs at "
+            f"Only {len(groups)} patient group(s) outside fold {fold + 1}; training needs at "
             f"least 2 (train and validation). Use fewer folds or more patients."
         )
     targets = np.array([1.0 - validation_fraction, validation_fraction])
@@ -373,8 +398,20 @@ def read_cell_list(path: str | Path) -> dict[int | None, set[str]]:
             f"Cell list {path} does not exist. Give a CSV with a sha256 or path column "
             f"(one cell per row, as in a run's manifest.csv)."
         )
+    try:
+        return _read_cell_rows(path)
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"Cell list {path} is not UTF-8 text (byte {error.start} cannot be read). Save "
+            f"it as UTF-8 CSV (in a spreadsheet: CSV UTF-8) and pass it again."
+        ) from None
+
+
+def _read_cell_rows(path: Path) -> dict[int | None, set[str]]:
     cells: dict[int | None, set[str]] = defaultdict(set)
-    with open(path, newline="", encoding="utf-8") as handle:
+    # utf-8-sig: a spreadsheet's "CSV UTF-8" starts with a byte-order mark, which would
+    # otherwise become part of the first column's name.
+    with open(path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         columns = [key for key in CELL_LIST_KEYS if key in (reader.fieldnames or [])]
         if not columns:

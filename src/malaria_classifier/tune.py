@@ -25,7 +25,7 @@ from typing import Any
 import keras
 
 from malaria_classifier.config import TrainingConfig, save_config
-from malaria_classifier.data import check_dataset
+from malaria_classifier.data import DatasetReport, check_dataset
 from malaria_classifier.model import build_model, compile_model
 from malaria_classifier.model_card import write_json_atomically
 from malaria_classifier.outputs import check_output_folder, open_output, written_in_full
@@ -43,6 +43,9 @@ SEED_VALUES = "validation_auc_by_seed"  # trial attribute: each seed's best AUC
 SEEDS_PER_TRIAL = "seeds_per_trial"  # study attribute: the seeds every trial is scored on
 # Study attribute: the settings not searched and the epoch budget, as the study began.
 FIXED_SETTINGS = "fixed_settings"
+# Study attribute: which images (relative path and content) the study's trials use.
+DATA_FINGERPRINT = "data_fingerprint"
+STUDY_FILE = "study.db"  # the default SQLite storage, in the output folder
 FIGURES_DIR = "figures"
 # Augmentation at strength 1.0: the robustness recipe of docs/benchmarks.md section 9.
 # A trial's strength scales every range and probability (probabilities capped at 1).
@@ -263,10 +266,15 @@ def tune(
     Args:
         data_dir: A folder in the NIH layout.
         trials: Finished (completed or pruned) trials wanted in the study in all; a
-            resumed search runs only the missing ones.
+            resumed search runs only the missing ones, with new parameters. A trial
+            stopped by Ctrl+C is marked failed (Optuna's rule for an exception in the
+            objective) and does not count: the resumed search draws a new trial in its
+            place. One whose process was killed is retried with its parameters (see
+            :func:`open_study`).
         output_dir: Where the manifest, best config, trial table and figures go.
         base: Settings not searched (split fractions, seed, patience); defaults if None.
-        storage: Optuna storage URL; default ``sqlite:///OUTPUT/study.db``.
+        storage: Optuna storage URL; default the SQLite file ``OUTPUT/study.db``
+            (see :func:`sqlite_url`).
         study_name: Name of the study within the storage.
         timeout: Stop starting new trials after this many seconds (None: no limit).
         space: The search space; :class:`SearchSpace` defaults if None.
@@ -281,8 +289,10 @@ def tune(
 
     Raises:
         ValueError: If ``trials`` or ``seeds_per_trial`` is below 1, a resumed study
-            was scored with another ``seeds_per_trial``, or no trial has completed
-            (e.g. every trial failed or was pruned): the message says what to change.
+            was scored with another ``seeds_per_trial``, other fixed settings or other
+            data, or no trial has completed (e.g. every trial failed or was pruned):
+            the message says what to change. A refusal before the first trial leaves
+            no output folder that did not exist before.
     """
     if trials < 1:
         raise ValueError(f"--trials must be at least 1, got {trials}.")
@@ -296,13 +306,31 @@ def tune(
         raise ValueError(f"--max-epochs must be at least 1, got {space.max_epochs}.")
     output_dir = Path(output_dir)
     check_output_folder(output_dir, Path(data_dir), "the study's outputs")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    study = open_study(storage or f"sqlite:///{output_dir / 'study.db'}", study_name, base.seed)
-    _check_seeds_per_trial(study, seeds_per_trial)
-    _check_fixed_settings(study, base, space)
-    done = _finished(study)
-    if done < trials:
-        root, rows = _validation_split(data_dir, base, output_dir, progress)
+    default_file = output_dir / STUDY_FILE
+    created = _missing_folders(output_dir)
+    data: tuple[DatasetReport, list[ManifestRow]] | None = None
+    try:
+        if storage is None and not default_file.exists():
+            # A new study reads the data anyway: reading them before the study file is
+            # created leaves nothing behind when they are refused.
+            data = _read_and_split(data_dir, base, progress)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        study = open_study(storage or sqlite_url(default_file), study_name, base.seed)
+        _check_seeds_per_trial(study, seeds_per_trial)
+        _check_fixed_settings(study, base, space)
+        done = _finished(study)
+        if done < trials:
+            data = data or _read_and_split(data_dir, base, progress)
+            _check_data_fingerprint(study, data[0], data_dir)
+    except BaseException:
+        # A refused (or interrupted) start leaves no empty folder of ours behind.
+        _remove_empty_folders(created)
+        raise
+    if data is not None and done < trials:
+        report, manifest = data
+        write_manifest(manifest, output_dir / "manifest.csv")
+        # Test patients are dropped here so no trial can ever score them.
+        root, rows = report.root, [row for row in manifest if row.split != "test"]
         started = time.monotonic()
 
         def objective(trial: Any) -> float:
@@ -364,12 +392,73 @@ def _check_fixed_settings(study: Any, base: TrainingConfig, space: SearchSpace) 
     )
 
 
+def _check_data_fingerprint(study: Any, report: DatasetReport, data_dir: str | Path) -> None:
+    """Record the data a study's trials use, or refuse to resume it on other data.
+
+    Trials scored on other images score other patients, so their values cannot be
+    compared. A study without trials (new, or whose first start was refused) and one
+    from before the record was kept record the data they now get.
+    """
+    current = {
+        "sha256": report.fingerprint(),
+        "images": len(report.records),
+        "folder": str(report.root),
+    }
+    recorded = study.user_attrs.get(DATA_FINGERPRINT)
+    if recorded is None or not study.get_trials(deepcopy=False):
+        study.set_user_attr(DATA_FINGERPRINT, current)
+        return
+    if recorded["sha256"] == current["sha256"]:
+        return
+    raise ValueError(
+        f"Study {study.study_name!r} was scored on other data: its trials used the "
+        f"{recorded['images']} images of {recorded['folder']} as they were then, and "
+        f"--data {data_dir} ({current['images']} images) differs from them, so new trials "
+        f"would score other patients. Pass the --data it started with to continue it, "
+        f"or a new --study-name or --output for a study on these data."
+    )
+
+
+def sqlite_url(path: Path) -> str:
+    """The SQLAlchemy URL of the SQLite database file ``path``, whatever its characters.
+
+    Pasted into ``sqlite:///...`` as they are, a ``?`` would start URL options, ``#``
+    is a fragment and ``%20`` is decoded to a space, so the study would be kept
+    elsewhere or not opened; SQLAlchemy escapes them and decodes them back.
+    """
+    from sqlalchemy.engine import URL
+
+    return URL.create("sqlite", database=str(path)).render_as_string(hide_password=False)
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and those of its parents that do not exist yet, deepest first."""
+    missing: list[Path] = []
+    while not folder.exists() and not folder.is_symlink() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def _remove_empty_folders(folders: list[Path]) -> None:
+    """Remove these folders, deepest first, while they are empty (never their files)."""
+    for folder in folders:
+        try:
+            folder.rmdir()  # refuses a folder that holds anything
+        except OSError:
+            return
+
+
 def open_study(storage: str, study_name: str, seed: int) -> Any:
     """Create or load the study: TPE sampler, median pruner, heartbeats in the database.
 
     A trial whose process was killed stops beating; after the grace period the next
     session marks it failed and queues its parameters again, so nothing is lost but
     the killed trial's partial epochs.
+
+    The sampler is seeded with ``seed`` plus the number of trials the study already
+    holds: a new study draws exactly what ``seed`` alone gives, and a resumed one
+    does not replay the first session's random start-up parameters.
     """
     import optuna
     import sqlalchemy.exc
@@ -394,14 +483,17 @@ def open_study(storage: str, study_name: str, seed: int) -> Any:
                 f"such as sqlite:///runs/tune/study.db whose folder exists, or leave "
                 f"--storage out to keep the study in the --output folder."
             ) from None
-    return optuna.create_study(
+    study = optuna.create_study(
         storage=rdb,
         study_name=study_name,
         direction="maximize",
-        sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=5),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2),
         load_if_exists=True,
     )
+    earlier = len(study.get_trials(deepcopy=False))
+    # NumPy seeds are below 2**32 (a config's seed may be 2**32 - 1).
+    study.sampler = optuna.samplers.TPESampler(seed=(seed + earlier) % 2**32, n_startup_trials=5)
+    return study
 
 
 def _finished(study: Any) -> int:
@@ -411,19 +503,18 @@ def _finished(study: Any) -> int:
     return len(study.get_trials(deepcopy=False, states=states))
 
 
-def _validation_split(
-    data_dir: str | Path, base: TrainingConfig, output_dir: Path, progress: bool
-) -> tuple[Path, list[ManifestRow]]:
-    """The usual patient split (same seed as training) without its test patients."""
+def _read_and_split(
+    data_dir: str | Path, base: TrainingConfig, progress: bool
+) -> tuple[DatasetReport, list[ManifestRow]]:
+    """The data's report and its usual patient split (same seed as training), as the
+    rows of ``manifest.csv``: test patients included, for the record."""
     report = check_dataset(data_dir, progress=progress)
     splits = split_by_patient(
         report.records, report.hashes, base.validation_fraction, base.test_fraction, base.seed
     )
     rows = build_manifest(report.records, report.hashes, splits, report.root)
     check_no_leakage(rows)
-    write_manifest(rows, output_dir / "manifest.csv")
-    # Test patients are dropped here so no trial can ever score them.
-    return report.root, [row for row in rows if row.split != "test"]
+    return report, rows
 
 
 def _progress_printer(trials: int, started: float):
