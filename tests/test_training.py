@@ -193,6 +193,21 @@ def test_resuming_a_finished_run_changes_nothing(finished_run, synthetic_cells, 
     assert "finished run" in capsys.readouterr().err
 
 
+def test_a_finished_run_given_more_epochs_trains_them_on_resume(
+    finished_run, synthetic_cells, tmp_path
+):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run.run_dir, run_dir)
+    config = (run_dir / "config.yaml").read_text()
+    (run_dir / "config.yaml").write_text(config.replace("epochs: 2", "epochs: 3"))
+
+    train_model(synthetic_cells, TINY, run_dir, resume=True, verbose=0)
+
+    history = json.loads((run_dir / "history.json").read_text())
+    assert [entry["epoch"] for entry in history] == [1, 2, 3]
+    assert json.loads((run_dir / "model_card.json").read_text())["training"]["epochs_run"] == 3
+
+
 def test_training_learns_the_synthetic_signal(synthetic_cells, tmp_path):
     """Dark dots (parasites) on pink discs are easy: a few epochs must beat chance clearly."""
     config = TINY.replace(epochs=8, augment=False)

@@ -373,8 +373,20 @@ def train_model(
 
 
 def is_run_finished(run_dir: Path) -> bool:
-    """A run is finished once its model card and metrics are written (they come last)."""
-    return (run_dir / CARD_FILE).is_file() and (run_dir / METRICS_FILE).is_file()
+    """A run is finished once its model card and metrics are written (they come last)
+    and its config asks for no more epochs.
+
+    Raising ``epochs`` in the run's ``config.yaml`` makes a finished run unfinished
+    again: ``--resume`` then trains the extra epochs and writes a new card.
+    """
+    if not ((run_dir / CARD_FILE).is_file() and (run_dir / METRICS_FILE).is_file()):
+        return False
+    state_path = run_dir / CHECKPOINT_DIR / STATE_FILE
+    if not state_path.is_file():
+        return True
+    state = _read_state(state_path)
+    config = load_config(run_dir / "config.yaml")
+    return state["epoch"] >= config.epochs or state["wait"] >= config.early_stopping_patience
 
 
 def _finished_result(run_dir: Path) -> TrainingResult:
@@ -385,7 +397,8 @@ def _finished_result(run_dir: Path) -> TrainingResult:
     """
     print(
         f"{run_dir} holds a finished run (model card and metrics written); nothing to "
-        f"resume. Its files are unchanged. To train again, choose another --output folder.",
+        f"resume. Its files are unchanged. To train longer, raise epochs in "
+        f"{run_dir / 'config.yaml'} and resume; to train anew, choose another --output folder.",
         file=sys.stderr,
     )
     metrics = json.loads((run_dir / METRICS_FILE).read_text(encoding="utf-8"))
