@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _cells import cell_files, spread
 
 from malaria_classifier.background import isolate_cell
 from malaria_classifier.images import load_rgb_image
@@ -40,8 +41,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
-    paths = sorted(args.data.glob("*/*.png"))
-    paths = paths[:: max(1, len(paths) // args.images)][: args.images]
+    paths = spread(cell_files(args.data), args.images)
     cells = [load_rgb_image(path) for path in paths]
     rng = np.random.default_rng(0)
     smear_crops = [add_context(cell, rng) for cell in cells]

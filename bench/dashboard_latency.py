@@ -89,6 +89,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from malaria_classifier.dashboard import create_app
+    from malaria_classifier.data import find_class_root
     from malaria_classifier.images import load_for_model
     from malaria_classifier.prediction import Predictor
 
@@ -97,9 +98,10 @@ def main() -> None:
     app = create_app(predictor)
     startup = time.perf_counter() - started
     client = app.server.test_client()
+    root = find_class_root(args.data)
     cells = (
-        sorted((args.data / "Parasitized").glob("*.png"))[::50][:50]
-        + sorted((args.data / "Uninfected").glob("*.png"))[::50][:50]
+        sorted((root / "Parasitized").glob("*.png"))[::50][:50]
+        + sorted((root / "Uninfected").glob("*.png"))[::50][:50]
     )
     batch = cells[:100]
 

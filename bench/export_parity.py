@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _cells import cell_files, spread
 
 from malaria_classifier.constants import POSITIVE_INDEX
 from malaria_classifier.export import export_model
@@ -38,8 +39,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("../shared/data/nih-cell-images"))
     parser.add_argument("--images", type=int, default=5000)
     args = parser.parse_args()
-    files = sorted(args.data.glob("*/*.png"))
-    files = files[:: max(1, len(files) // args.images)][: args.images]
+    files = spread(cell_files(args.data), args.images)
     cells = np.stack([load_for_model(path, 64) for path in files])
 
     import keras

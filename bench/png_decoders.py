@@ -20,14 +20,14 @@ from pathlib import Path
 
 import imagecodecs
 import numpy as np
+from _cells import cell_files, spread
 from PIL import Image
 
 from malaria_classifier import images
 
 
 def pick_files(data_dir: Path, count: int) -> list[Path]:
-    files = sorted(data_dir.glob("*/*.png"))
-    return files[:: max(1, len(files) // count)][:count]
+    return spread(cell_files(data_dir), count)
 
 
 def pillow_load_for_model(path: Path) -> np.ndarray:

@@ -24,13 +24,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
+from _cells import cell_files
 
 
 def make_link_folder(data_dir: Path, count: int, root: Path) -> Path:
     """``count`` symlinks to the shared PNGs, cycled, in subfolders of 100."""
-    sources = sorted((data_dir / "Parasitized").glob("*.png")) + sorted(
-        (data_dir / "Uninfected").glob("*.png")
-    )
+    sources = cell_files(data_dir)
     folder = root / "cells"
     for index in range(count):
         subfolder = folder / f"{index // 100:05d}"

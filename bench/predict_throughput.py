@@ -34,15 +34,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _cells import cell_files, spread
 from PIL import Image
 
 
 def pick_files(data_dir: Path, count: int) -> list[Path]:
-    files = sorted((data_dir / "Parasitized").glob("*.png")) + sorted(
-        (data_dir / "Uninfected").glob("*.png")
-    )
-    step = max(1, len(files) // count)
-    return files[::step][:count]
+    return spread(cell_files(data_dir), count)
 
 
 def pillow_decode(files: list[Path]) -> tuple[float, float]:
