@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -115,10 +116,65 @@ def test_find_class_root_with_one_class_folder_names_the_missing_one(
         find_class_root(tmp_path)
 
 
-def test_wrong_case_class_folders_are_not_accepted(tmp_path):
-    (tmp_path / "parasitized").mkdir()
+def test_wrong_case_class_folders_are_refused_with_a_rename_hint(tmp_path):
+    (tmp_path / "cells" / "parasitized").mkdir(parents=True)
+    (tmp_path / "cells" / "uninfected").mkdir()
+
+    with pytest.raises(DataLayoutError) as raised:
+        find_class_root(tmp_path)
+
+    assert str(raised.value) == (
+        f"No Parasitized/ and Uninfected/ folders found in {tmp_path} (searched 3 levels "
+        f"deep), but {tmp_path / 'cells'} has parasitized/, uninfected/: class folder names "
+        f"are case-sensitive (the folder name is the label), so rename parasitized/ to "
+        f"Parasitized/ and uninfected/ to Uninfected/."
+    )
+
+
+def test_one_wrong_case_class_folder_alone_names_the_other_class_too(tmp_path):
+    (tmp_path / "PARASITIZED").mkdir()
+
+    with pytest.raises(
+        DataLayoutError,
+        match=r"has PARASITIZED/: class folder names are case-sensitive .* so rename "
+        r"PARASITIZED/ to Parasitized/\. Both classes are needed: also add Uninfected/\.$",
+    ):
+        find_class_root(tmp_path)
+
+
+def test_one_class_folder_and_one_in_wrong_case_says_to_rename_it(tmp_path):
+    (tmp_path / "Parasitized").mkdir()
     (tmp_path / "uninfected").mkdir()
 
+    with pytest.raises(
+        DataLayoutError,
+        match=r"has Parasitized/ but no Uninfected/ folder\. .* It has uninfected/: class "
+        r"folder names are case-sensitive .* so rename uninfected/ to Uninfected/\.$",
+    ):
+        find_class_root(tmp_path)
+
+
+def test_find_class_root_follows_a_linked_data_folder(synthetic_dataset, tmp_path):
+    holder = tmp_path / "F"
+    holder.mkdir()
+    (holder / "cell_images").symlink_to(synthetic_dataset, target_is_directory=True)
+
+    assert find_class_root(holder) == holder / "cell_images"
+    report = check_dataset(holder)
+    assert report.counts == {"Uninfected": 34, "Parasitized": 24}
+    assert report.fingerprint() == check_dataset(synthetic_dataset).fingerprint()
+
+
+def test_find_class_root_walks_each_real_folder_once_despite_link_loops(tmp_path):
+    from malaria_classifier.data import _walk_dirs
+
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "up").symlink_to(tmp_path, target_is_directory=True)  # a loop
+    (tmp_path / "b_again").symlink_to(tmp_path / "a" / "b", target_is_directory=True)
+
+    walked = list(_walk_dirs(tmp_path, 3))
+
+    assert walked == [tmp_path, tmp_path / "a", tmp_path / "b_again"]
     with pytest.raises(DataLayoutError, match="No Parasitized/ and Uninfected/ folders"):
         find_class_root(tmp_path)
 
@@ -302,6 +358,69 @@ def test_check_dataset_lists_skipped_files(synthetic_dataset):
 
     assert report.skipped_files == [str(thumbs)]
     assert report.to_dict()["skipped_files"] == [str(thumbs)]
+
+
+def test_images_outside_the_class_folders_are_reported(synthetic_dataset, make_png):
+    stray = make_png(synthetic_dataset / "stray.png")
+    other = make_png(synthetic_dataset / "Other" / "x.png")
+    wrong_case = make_png(synthetic_dataset / "parasitized" / "y.jpg")
+    (synthetic_dataset / "README.txt").write_text("not an image\n", encoding="utf-8")
+    # A link to a class folder holds labelled images already: not reported again.
+    (synthetic_dataset / "again").symlink_to(synthetic_dataset / "Parasitized")
+
+    discovery = discover_images(synthetic_dataset)
+    report = check_dataset(synthetic_dataset)
+
+    assert discovery.outside_class_folders == [stray, other, wrong_case]
+    assert report.outside_class_folders == [str(stray), str(other), str(wrong_case)]
+    assert report.to_dict()["outside_class_folders"] == [str(stray), str(other), str(wrong_case)]
+    assert report.counts == {"Uninfected": 34, "Parasitized": 24}
+
+
+def test_no_images_outside_the_class_folders_gives_an_empty_list(synthetic_dataset):
+    assert check_dataset(synthetic_dataset.parent).to_dict()["outside_class_folders"] == []
+
+
+def _bytes_name(folder: Path, name: bytes) -> Path:
+    """``folder/name`` for a name that is not UTF-8 (a surrogate escape in Python)."""
+    path = folder / os.fsdecode(name)
+    try:
+        path.touch()
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this file system does not take file names that are not UTF-8")
+    return path
+
+
+def _shown(path: Path) -> str:
+    """How the report names ``path``: each byte that is not UTF-8 as U+FFFD."""
+    return str(path).replace("\udcff", "\ufffd").replace("\udce9", "\ufffd")
+
+
+def test_report_of_non_utf8_file_names_prints_and_writes_as_json(synthetic_dataset):
+    source = synthetic_dataset / "Parasitized" / "C34P2thinF_IMG_20150619_114752a_cell_2.png"
+    copy = _bytes_name(synthetic_dataset / "Uninfected", b"copy_\xff.png")
+    shutil.copyfile(source, copy)
+    broken = _bytes_name(synthetic_dataset / "Uninfected", b"bad_\xe9.png")
+    notes = _bytes_name(synthetic_dataset / "Uninfected", b"n\xe9tes.txt")
+    stray = _bytes_name(synthetic_dataset, b"stray_\xe9.png")
+
+    report = check_dataset(synthetic_dataset)
+    summary = report.to_dict()
+
+    assert summary["unreadable"][0]["path"] == _shown(broken)
+    assert summary["unreadable"][0]["error"].startswith(f"{_shown(broken)}: is empty")
+    assert summary["duplicate_groups"] == [sorted([str(source), _shown(copy)])]
+    assert summary["label_conflicts"] == [sorted([str(source), _shown(copy)])]
+    assert summary["skipped_files"] == [_shown(notes)]
+    assert summary["outside_class_folders"] == [_shown(stray)]
+    # Strict UTF-8 (a terminal, ensure_ascii=False, other JSON readers) takes all of it.
+    json.dumps(summary, ensure_ascii=False).encode("utf-8")
+    printed = [*report.unreadable[0], *report.duplicates[0], *report.skipped_files]
+    for text in printed + report.outside_class_folders + report.label_conflicts[0]:
+        text.encode("utf-8")
+    # The records keep the real names, so the files can still be opened.
+    assert copy in report.hashes
+    assert copy in {record.path for record in report.records}
 
 
 def test_check_dataset_does_not_change_the_files(synthetic_dataset):

@@ -76,7 +76,12 @@ def find_class_root(directory: str | Path) -> Path:
     """Find the folder that holds one sub-folder per class.
 
     Accepts the class root itself or a parent up to three levels above it, so both
-    ``cell_images/`` and the folder it was extracted into work.
+    ``cell_images/`` and the folder it was extracted into work. Linked folders are
+    followed (a data folder is often a link to a shared copy).
+
+    Class folder names are case-sensitive: a label is the folder's name, and it is
+    kept in manifests and data fingerprints, so ``parasitized/`` is refused with a
+    message that says to rename it rather than silently read as ``Parasitized/``.
 
     Raises:
         DataLayoutError: If no such folder exists, or only one class folder does.
@@ -92,42 +97,104 @@ def find_class_root(directory: str | Path) -> Path:
             return candidate
         if present:
             missing = sorted(set(CLASS_NAMES) - set(present))
+            misspelled = [
+                (found, proper)
+                for found, proper in _case_variants(candidate)
+                if proper == missing[0]
+            ]
+            hint = f" It has {_rename_hint(misspelled)}." if misspelled else ""
             raise DataLayoutError(
                 f"{candidate} has {present[0]}/ but no {missing[0]}/ folder. Both classes are "
                 f"needed: put the images in {candidate}/Parasitized and {candidate}/Uninfected."
+                f"{hint}"
+            )
+    searched = (
+        f"No Parasitized/ and Uninfected/ folders found in {root} "
+        f"(searched {_MAX_SEARCH_DEPTH} levels deep)"
+    )
+    for candidate in _walk_dirs(root, _MAX_SEARCH_DEPTH):
+        misspelled = _case_variants(candidate)
+        if misspelled:
+            absent = [
+                name for name in CLASS_NAMES if name not in {proper for _, proper in misspelled}
+            ]
+            also = f" Both classes are needed: also add {absent[0]}/." if absent else ""
+            raise DataLayoutError(
+                f"{searched}, but {candidate} has {_rename_hint(misspelled)}.{also}"
             )
     raise DataLayoutError(
-        f"No Parasitized/ and Uninfected/ folders found in {root} (searched "
-        f"{_MAX_SEARCH_DEPTH} levels deep). Expected the NIH layout: "
+        f"{searched}. Expected the NIH layout: "
         f"DIR/Parasitized/*.png and DIR/Uninfected/*.png; run `malaria data download` "
         f"to get the official data."
     )
 
 
+def _case_variants(folder: Path) -> list[tuple[str, str]]:
+    """Sub-folders named like a class but in other case, as ``(name, class name)``."""
+    proper_of = {name.casefold(): name for name in CLASS_NAMES}
+    try:
+        children = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    except OSError:
+        return []
+    return [
+        (name, proper_of[name.casefold()])
+        for name in children
+        if name.casefold() in proper_of and name not in CLASS_NAMES
+    ]
+
+
+def _rename_hint(misspelled: list[tuple[str, str]]) -> str:
+    found = ", ".join(f"{name}/" for name, _ in misspelled)
+    renames = " and ".join(f"{name}/ to {proper}/" for name, proper in misspelled)
+    return (
+        f"{found}: class folder names are case-sensitive (the folder name is the label), "
+        f"so rename {renames}"
+    )
+
+
 def _walk_dirs(root: Path, max_depth: int) -> Iterator[Path]:
-    """Breadth-first folders under ``root`` (itself first), not following links."""
+    """Breadth-first folders under ``root`` (itself first), following linked folders.
+
+    Each real folder comes once (by device and inode, as in :func:`walk_files`), so a
+    link loop or two links to one folder cannot repeat it.
+    """
+    seen: set[tuple[int, int]] = set()
     level = [root]
     for _ in range(max_depth + 1):
         next_level: list[Path] = []
         for folder in level:
+            try:
+                info = folder.stat()
+            except OSError:
+                continue
+            if (info.st_dev, info.st_ino) in seen:
+                continue
+            seen.add((info.st_dev, info.st_ino))
             yield folder
             try:
-                children = sorted(p for p in folder.iterdir() if p.is_dir() and not p.is_symlink())
+                children = sorted(p for p in folder.iterdir() if p.is_dir())
             except OSError:
                 continue
             next_level.extend(children)
         level = next_level
 
 
-def walk_files(folder: Path) -> Iterator[tuple[Path, str | None]]:
+def walk_files(
+    folder: Path, seen: set[tuple[int, int]] | None = None
+) -> Iterator[tuple[Path, str | None]]:
     """Every file under ``folder`` in sorted order, as ``(path, None)``; a folder that
     cannot be listed comes as ``(folder, error message)`` instead of vanishing.
 
     Linked folders are followed (cells are often gathered by linking slide folders
     together), each real folder once, so a link loop cannot make the walk endless.
+
+    Args:
+        folder: Where to start.
+        seen: ``(st_dev, st_ino)`` of real folders not to walk (again); the walk adds
+            the ones it walks, so a caller can pass the set of one walk to the next.
     """
     problems: list[OSError] = []
-    seen: set[tuple[int, int]] = set()
+    seen = set() if seen is None else seen
     for current, dirs, files in os.walk(folder, onerror=problems.append, followlinks=True):
         yield from _folder_errors(problems)
         try:
@@ -169,10 +236,16 @@ class Discovery:
     records: list[ImageRecord]
     skipped_files: list[Path] = field(default_factory=list)
     unreadable_folders: list[tuple[Path, str]] = field(default_factory=list)
+    # Images under the root but in neither class folder: no label, so not used.
+    outside_class_folders: list[Path] = field(default_factory=list)
 
 
 def discover_images(directory: str | Path) -> Discovery:
     """List labelled images under a data folder in a deterministic order.
+
+    Images under the class root but outside both class folders (``DIR/stray.png``,
+    ``DIR/Other/x.png``) have no label; they are listed in ``outside_class_folders``
+    so that a report can say they were left out.
 
     Raises:
         DataLayoutError: If the layout is wrong or a class has no images.
@@ -181,9 +254,13 @@ def discover_images(directory: str | Path) -> Discovery:
     records: list[ImageRecord] = []
     skipped: list[Path] = []
     unreadable: list[tuple[Path, str]] = []
+    in_class_folders: set[tuple[int, int]] = set()
     for label in CLASS_NAMES:
         found = 0
-        for path, error in walk_files(root / label):
+        # Each class is walked on its own, so a folder linked into both classes still
+        # gives both labels (a label conflict the check reports).
+        walked: set[tuple[int, int]] = set()
+        for path, error in walk_files(root / label, walked):
             if error is not None:
                 unreadable.append((path, error))
             elif is_image_file(path):
@@ -199,8 +276,20 @@ def discover_images(directory: str | Path) -> Discovery:
                 else f"{root / label} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}). "
                 f"Each class needs at least one image."
             )
+        in_class_folders |= walked
+    # Folders already walked as a class (a link to one included) are not walked again;
+    # folders that cannot be listed here hold no labelled images, so are not reported.
+    outside = [
+        path
+        for path, error in walk_files(root, in_class_folders)
+        if error is None and is_image_file(path)
+    ]
     return Discovery(
-        root=root, records=records, skipped_files=skipped, unreadable_folders=unreadable
+        root=root,
+        records=records,
+        skipped_files=skipped,
+        unreadable_folders=unreadable,
+        outside_class_folders=outside,
     )
 
 
@@ -232,9 +321,32 @@ def check_files(paths: Iterable[Path], workers: int | None = None) -> Iterator[F
         yield from executor.map(check_file, paths, chunksize=1)
 
 
+def printable(text: str) -> str:
+    """``text`` safe to print and to write as UTF-8 JSON.
+
+    A file name that is not valid UTF-8 reaches Python with its bad bytes as lone
+    surrogates (``os.fsdecode``); those crash a strict UTF-8 terminal and make JSON that
+    other readers reject. Each such byte becomes U+FFFD instead.
+
+    Examples:
+        >>> printable("bad_\\udce9.png")
+        'bad_\ufffd.png'
+    """
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate no file name decoding makes
+        raw = text.encode("utf-8", "replace")
+    return raw.decode("utf-8", "replace")
+
+
 @dataclass
 class DatasetReport:
-    """Everything ``malaria data check`` tells a user about a data folder."""
+    """Everything ``malaria data check`` tells a user about a data folder.
+
+    The lists of strings are for people: their names are :func:`printable` (a byte
+    that is not UTF-8 shows as U+FFFD), so they print and go into JSON safely.
+    ``root``, ``records`` and ``hashes`` keep the real paths.
+    """
 
     root: Path
     counts: dict[str, int]
@@ -245,13 +357,22 @@ class DatasetReport:
     size_summary: dict[str, dict[str, float]]
     records: list[ImageRecord]
     hashes: dict[Path, str]
+    # Images beside the class folders (DIR/stray.png, DIR/Other/x.png): not used.
+    outside_class_folders: list[str] = field(default_factory=list)
 
     @property
     def label_conflicts(self) -> list[list[str]]:
         """Duplicate groups whose copies carry different labels: the same picture is
         called Parasitized and Uninfected, so at least one label is wrong."""
-        labels = {str(record.path): record.label for record in self.records}
-        return [group for group in self.duplicates if len({labels.get(path) for path in group}) > 1]
+        labels = {record.path: record.label for record in self.records}
+        by_hash: dict[str, list[Path]] = {}
+        for path, digest in self.hashes.items():
+            by_hash.setdefault(digest, []).append(path)
+        return [
+            sorted(printable(str(path)) for path in paths)
+            for paths in by_hash.values()
+            if len({labels.get(path) for path in paths}) > 1
+        ]
 
     def fingerprint(self) -> str:
         """SHA-256 over the sorted ``relative path:content SHA-256`` of every readable image.
@@ -272,13 +393,14 @@ class DatasetReport:
     def to_dict(self) -> dict:
         """A JSON-ready summary (without the per-file lists of records and hashes)."""
         return {
-            "root": str(self.root),
+            "root": printable(str(self.root)),
             "counts": self.counts,
             "patients": self.patients,
             "unreadable": [{"path": p, "error": e} for p, e in self.unreadable],
             "duplicate_groups": self.duplicates,
             "label_conflicts": self.label_conflicts,
             "skipped_files": self.skipped_files,
+            "outside_class_folders": self.outside_class_folders,
             "image_size": self.size_summary,
             "patient_rule": "see malaria_classifier.data module docstring",
         }
@@ -304,12 +426,14 @@ def check_dataset(directory: str | Path, progress: bool = False) -> DatasetRepor
         checks = tqdm(checks, total=len(discovery.records), desc="Checking images", unit="img")
     readable: list[ImageRecord] = []
     hashes: dict[Path, str] = {}
-    unreadable = [(str(path), error) for path, error in discovery.unreadable_folders]
+    unreadable = [
+        (printable(str(path)), printable(error)) for path, error in discovery.unreadable_folders
+    ]
     heights: list[int] = []
     widths: list[int] = []
     for record, result in zip(discovery.records, checks, strict=True):
         if result.error is not None:
-            unreadable.append((str(record.path), result.error))
+            unreadable.append((printable(str(record.path)), printable(result.error)))
             continue
         readable.append(record)
         hashes[record.path] = result.sha256
@@ -321,10 +445,11 @@ def check_dataset(directory: str | Path, progress: bool = False) -> DatasetRepor
         patients=_count_patients(readable),
         unreadable=unreadable,
         duplicates=_duplicate_groups(hashes),
-        skipped_files=[str(path) for path in discovery.skipped_files],
+        skipped_files=[printable(str(path)) for path in discovery.skipped_files],
         size_summary={"height": _summarize(heights), "width": _summarize(widths)},
         records=readable,
         hashes=hashes,
+        outside_class_folders=[printable(str(path)) for path in discovery.outside_class_folders],
     )
 
 
@@ -344,7 +469,7 @@ def _count_patients(records: list[ImageRecord]) -> dict[str, int]:
 def _duplicate_groups(hashes: dict[Path, str]) -> list[list[str]]:
     by_hash: dict[str, list[str]] = {}
     for path, digest in hashes.items():
-        by_hash.setdefault(digest, []).append(str(path))
+        by_hash.setdefault(digest, []).append(printable(str(path)))
     return [sorted(paths) for paths in by_hash.values() if len(paths) > 1]
 
 
