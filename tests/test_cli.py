@@ -40,6 +40,19 @@ def test_data_check_reports_counts_patients_and_problems(cells, tmp_path):
     assert report.is_file()
 
 
+def test_data_check_names_unlabelled_images_and_strict_fails_on_them(cells, tmp_path):
+    data = tmp_path / "cell_images"
+    shutil.copytree(cells, data)
+    shutil.copy(next((data / "Parasitized").glob("*.png")), data / "stray.png")
+    result = _run("data", "check", data)
+    assert result.exit_code == 0, result.output
+    assert "Images outside Parasitized/ and Uninfected/ (no label, not used): 1" in result.output
+    assert "stray.png" in result.output
+    result = _run("data", "check", data, "--strict")
+    assert result.exit_code == 1 and "--strict: the data have problems" in result.output
+    assert _run("data", "check", cells, "--strict").exit_code == 0  # clean data pass
+
+
 def test_wrong_layout_is_a_clear_error_without_traceback(tmp_path):
     (tmp_path / "pictures").mkdir()
     result = _run("data", "check", tmp_path / "pictures")

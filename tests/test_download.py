@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import os
+import shutil
 import threading
 import zipfile
 from collections.abc import Iterator
@@ -19,7 +21,10 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from typer.testing import CliRunner
 
+from malaria_classifier import download
+from malaria_classifier.cli import app
 from malaria_classifier.download import (
     EXPECTED_IMAGE_COUNT,
     OFFICIAL_URL,
@@ -181,18 +186,19 @@ def test_wrong_sha256_raises_and_keeps_no_zip(tmp_path: Path, good_zip: tuple[st
 
 
 def test_wrong_sha256_replaces_stale_zip_on_disk(
-    tmp_path: Path, good_zip: tuple[str, bytes]
+    tmp_path: Path, server: LocalServer, good_zip: tuple[str, bytes]
 ) -> None:
-    """A zip already at the target but not matching the hash is not trusted or kept."""
+    """A kept download that does not match the hash is not trusted: fetched again, not kept."""
     url, _ = good_zip
     dest = tmp_path / "dest"
-    dest.mkdir()
-    (dest / "cell_images.zip").write_bytes(b"stale partial download")
+    root = download_dataset(dest, url=url, progress=False, expected_image_count=N_IMAGES)
+    shutil.rmtree(root)  # only the kept zip is left, as if extraction never started
 
-    with pytest.raises(DownloadError):
+    with pytest.raises(DownloadError, match="hash"):
         download_dataset(dest, url=url, sha256="f" * 64, progress=False, expected_image_count=None)
 
     assert not (dest / "cell_images.zip").exists()
+    assert len(server.requests) == 2
 
 
 def test_malformed_sha256_is_rejected_before_download(
@@ -273,7 +279,7 @@ def test_corrupt_zip_raises_and_is_deleted(tmp_path: Path, server: LocalServer, 
     with pytest.raises(DownloadError, match="corrupt"):
         download_dataset(dest, url=url, progress=False, expected_image_count=None)
 
-    assert _files_under(dest) == []  # bad zip removed, nothing extracted
+    assert not dest.exists()  # bad zip removed, nothing extracted, our empty folder gone
 
     # With a good archive published, the next run downloads again and succeeds.
     server.publish("cell_images.zip", _zip_bytes(_cell_members()))
@@ -301,6 +307,7 @@ def test_zip_slip_member_is_refused(tmp_path: Path, server: LocalServer, evil_na
     assert "outside" in str(excinfo.value)
     assert not (tmp_path / "evil.png").exists()
     assert _files_under(outer) == []  # nothing extracted, refused zip deleted
+    assert not dest.exists()  # and the folder made for it removed again
 
 
 def test_count_mismatch_raises_with_numbers(tmp_path: Path, good_zip: tuple[str, bytes]) -> None:
@@ -362,3 +369,255 @@ def test_incomplete_extraction_is_repaired_from_kept_zip(
 
     assert count_images(again) == N_IMAGES
     assert len(server.requests) == 1  # re-extracted from the kept zip, no new download
+
+
+def _write_pngs(folder: Path, count: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        (folder / f"own_{i}.png").write_bytes(_png_bytes(i))
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [("other", "Parasitized"), ("cell_images", "Parasitized")],
+    ids=["other-layout", "partial-copy"],
+)
+def test_dest_holding_other_images_is_refused_before_download(
+    tmp_path: Path, server: LocalServer, good_zip: tuple[str, bytes], layout: tuple[str, str]
+) -> None:
+    url, _ = good_zip
+    dest = tmp_path / "mine"
+    _write_pngs(dest.joinpath(*layout), 3)
+    (dest / "notes.txt").write_text("keep", encoding="utf-8")
+    before = _files_under(dest)
+
+    with pytest.raises(DownloadError) as excinfo:
+        download_dataset(dest, url=url, progress=False, expected_image_count=N_IMAGES)
+
+    message = str(excinfo.value)
+    assert f"--dest {dest.resolve()} already holds 3 PNG images and 1 other file" in message
+    assert "not from this download" in message and "empty or new --dest" in message
+    assert "delete" not in message.lower()
+    assert server.requests == [] and _files_under(dest) == before
+
+
+def test_leftovers_of_our_own_download_are_not_foreign(
+    tmp_path: Path, server: LocalServer, good_zip: tuple[str, bytes]
+) -> None:
+    """A killed pooch download leaves tmpXXXXXXXX; Finder leaves .DS_Store: both are fine."""
+    url, _ = good_zip
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "tmpab12_xyz").write_bytes(b"half a download")
+    (dest / ".DS_Store").write_bytes(b"finder")
+
+    root = download_dataset(dest, url=url, progress=False, expected_image_count=N_IMAGES)
+
+    assert count_images(root) == N_IMAGES
+
+
+def test_failed_count_deletes_the_archive_and_a_new_url_is_fetched(
+    tmp_path: Path, server: LocalServer, good_zip: tuple[str, bytes]
+) -> None:
+    good_url, _ = good_zip
+    members = _cell_members()
+    del members["cell_images/Uninfected/C2_cell_0.png"]
+    (server.root / "partial").mkdir()
+    bad_url = server.publish("partial/cell_images.zip", _zip_bytes(members))
+    dest = tmp_path / "dest"
+
+    with pytest.raises(DownloadError, match=f"Found {N_IMAGES - 1} PNG images"):
+        download_dataset(dest, url=bad_url, progress=False, expected_image_count=N_IMAGES)
+    assert not dest.exists()  # the archive was ours, so it went, and so did our folder
+
+    root = download_dataset(dest, url=good_url, progress=False, expected_image_count=N_IMAGES)
+
+    assert count_images(root) == N_IMAGES
+    assert server.requests == ["/partial/cell_images.zip", "/cell_images.zip"]
+
+
+def test_kept_archive_from_another_url_is_not_reused(
+    tmp_path: Path, server: LocalServer, good_zip: tuple[str, bytes]
+) -> None:
+    old_url, _ = good_zip
+    (server.root / "mirror").mkdir()
+    new_url = server.publish("mirror/cell_images.zip", _zip_bytes(_cell_members(prefix="")))
+    dest = tmp_path / "dest"
+    root = download_dataset(dest, url=old_url, progress=False, expected_image_count=N_IMAGES)
+    shutil.rmtree(root)  # the zip from old_url is kept, nothing extracted
+
+    again = download_dataset(dest, url=new_url, progress=False, expected_image_count=N_IMAGES)
+
+    assert again == dest.resolve()  # the mirror's flat layout, so really its archive
+    assert server.requests == ["/cell_images.zip", "/mirror/cell_images.zip"]
+
+
+def test_new_url_over_an_unfinished_extraction_is_refused(
+    tmp_path: Path, server: LocalServer, good_zip: tuple[str, bytes]
+) -> None:
+    old_url, _ = good_zip
+    new_url = server.publish("other.zip", _zip_bytes(_cell_members()))
+    dest = tmp_path / "dest"
+    root = download_dataset(dest, url=old_url, progress=False, expected_image_count=N_IMAGES)
+    (root / "Uninfected" / "C2_cell_0.png").unlink()  # as if extraction was interrupted
+
+    with pytest.raises(DownloadError, match=f"it came from {old_url}, but you asked for"):
+        download_dataset(dest, url=new_url, progress=False, expected_image_count=N_IMAGES)
+    assert len(server.requests) == 1 and (dest / "cell_images.zip").is_file()
+
+
+def _invoke(*args: object):
+    return CliRunner().invoke(app, [str(arg) for arg in args])
+
+
+def test_cli_expected_images_option(tmp_path: Path, good_zip: tuple[str, bytes]) -> None:
+    url, _ = good_zip
+
+    refused = _invoke("data", "download", "--dest", tmp_path / "a", "--url", url)
+    assert refused.exit_code == 2 and "Traceback" not in refused.output
+    assert f"pass --expected-images {N_IMAGES} (or 0 to skip the count check)" in refused.output
+    assert "expected_image_count" not in refused.output
+
+    for value, folder in ((N_IMAGES, "b"), (0, "c")):
+        dest = tmp_path / folder
+        result = _invoke(
+            "data", "download", "--dest", dest, "--url", url, "--expected-images", value
+        )
+        assert result.exit_code == 0, result.output
+        assert count_images(dest / "cell_images") == N_IMAGES
+
+
+def test_sha256_is_checked_when_data_are_already_there(
+    tmp_path: Path, server: LocalServer, good_zip: tuple[str, bytes]
+) -> None:
+    url, data = good_zip
+    digest = hashlib.sha256(data).hexdigest()
+    dest = tmp_path / "dest"
+    download_dataset(dest, url=url, progress=False, expected_image_count=N_IMAGES)
+    notes: list[str] = []
+
+    def run(sha: str) -> Path:
+        return download_dataset(
+            dest,
+            url=url,
+            sha256=sha,
+            progress=False,
+            expected_image_count=N_IMAGES,
+            notify=notes.append,
+        )
+
+    with pytest.raises(DownloadError, match=f"has SHA-256 {digest}, not {'0' * 64}"):
+        run("0" * 64)
+    run(digest)
+    assert notes == []
+
+    (dest / "cell_images.zip").unlink()
+    with pytest.raises(DownloadError, match="since deleted"):
+        run("0" * 64)
+    run(digest)
+    assert "the extracted files could not be re-checked" in notes[-1]
+
+    (dest / ".download-complete.json").unlink()  # like data unpacked by hand
+    run(digest)
+    assert notes[-1].startswith("--sha256 could not be checked")
+    assert len(server.requests) == 1
+
+
+@pytest.mark.parametrize("cap", ["ratio", "total"])
+def test_zip_bomb_is_refused_before_extracting(
+    tmp_path: Path, server: LocalServer, monkeypatch: pytest.MonkeyPatch, cap: str
+) -> None:
+    members = _cell_members()
+    if cap == "ratio":
+        members["cell_images/Parasitized/big.png"] = bytes(4 * 1024 * 1024)
+        expected = "compressed more than 100:1"
+    else:
+        monkeypatch.setattr(download, "_MAX_UNPACKED_BYTES", 200)
+        expected = "would unpack to 0 MB, more than the 0 MB allowed"
+    url = server.publish("cell_images.zip", _zip_bytes(members))
+    dest = tmp_path / "dest"
+
+    with pytest.raises(DownloadError, match=expected):
+        download_dataset(dest, url=url, progress=False, expected_image_count=None)
+
+    assert not dest.exists()
+
+
+@pytest.mark.parametrize(
+    "given", ["/data/cell_images.zip", "file:///data/cell_images.zip", "C:\\cell_images.zip"]
+)
+def test_local_path_as_url_gets_advice(tmp_path: Path, given: str) -> None:
+    dest = tmp_path / "dest"
+
+    with pytest.raises(DownloadError) as excinfo:
+        download_dataset(dest, url=given, progress=False)
+
+    message = str(excinfo.value)
+    assert "only those can be downloaded" in message
+    assert f"copy it to {dest.resolve() / 'cell_images.zip'}" in message
+    assert not dest.exists()
+
+
+def test_zip_copied_into_dest_is_used_without_download(tmp_path: Path, server: LocalServer) -> None:
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "cell_images.zip").write_bytes(_zip_bytes(_cell_members()))
+    url = server.url("cell_images.zip")  # nothing published: a fetch would 404
+
+    root = download_dataset(dest, url=url, progress=False, expected_image_count=N_IMAGES)
+
+    assert count_images(root) == N_IMAGES and server.requests == []
+
+
+def test_bad_zip_copied_into_dest_is_left_alone(tmp_path: Path, server: LocalServer) -> None:
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "cell_images.zip").write_bytes(_zip_bytes(_cell_members()))
+
+    with pytest.raises(DownloadError, match="it was left alone"):
+        download_dataset(
+            dest,
+            url=server.url("x.zip"),
+            progress=False,
+            expected_image_count=99,
+            notify=lambda _: None,
+        )
+    assert (dest / "cell_images.zip").is_file() and server.requests == []
+
+
+def test_failed_check_removes_only_the_empty_folders_it_made(
+    tmp_path: Path, server: LocalServer
+) -> None:
+    url = server.publish("cell_images.zip", _truncated(_zip_bytes(_cell_members())))
+    dest = tmp_path / "made" / "by" / "us"
+
+    with pytest.raises(DownloadError, match="not a readable zip"):
+        download_dataset(dest, url=url, progress=False, expected_image_count=None)
+
+    assert list(tmp_path.iterdir()) == [server.root]
+
+
+def test_kept_archive_is_readable_like_other_new_files(
+    tmp_path: Path, good_zip: tuple[str, bytes]
+) -> None:
+    url, _ = good_zip
+    old = os.umask(0o022)
+    try:
+        download_dataset(tmp_path / "dest", url=url, progress=False, expected_image_count=N_IMAGES)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "dest" / "cell_images.zip").stat().st_mode & 0o777 == 0o644
+
+
+def test_cli_interrupt_says_how_to_continue(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def interrupted(*args: object, **kwargs: object) -> Path:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(download, "download_dataset", interrupted)
+
+    result = _invoke("data", "download", "--dest", tmp_path / "dest")
+
+    assert result.exit_code == 130
+    assert "Run the same command again to continue" in result.output

@@ -147,6 +147,14 @@ def data_check(
     json_output: Annotated[
         Path | None, typer.Option("--json", help="Also write the report as JSON here.")
     ] = None,
+    strict: Annotated[
+        bool,
+        typer.Option(
+            "--strict",
+            help="Exit with status 1 when a file is unreadable, a picture is stored under "
+            "both labels or images lie outside the class folders (for scripts and CI).",
+        ),
+    ] = False,
 ) -> None:
     """Count images per class and patient; find unreadable files and duplicates."""
     from malaria_classifier.data import check_dataset
@@ -156,7 +164,7 @@ def data_check(
         check_output_path(json_output, "--json", inputs=[directory])
     report = check_dataset(directory, progress=sys.stderr.isatty())
     summary = report.to_dict()
-    typer.echo(f"Data folder: {report.root}")
+    typer.echo(f"Data folder: {summary['root']}")  # printable even for non-UTF-8 names
     for label, count in sorted(report.counts.items()):
         typer.echo(f"  {label:<12} {count:>7,} images")
     patients = report.patients
@@ -169,7 +177,7 @@ def data_check(
         stats = summary["image_size"].get(axis)
         if stats:
             typer.echo(
-                f"  Image {axis:<6} min {stats['min']} / median {stats['median']:.0f} / "
+                f"  Image {axis:<6} min {stats['min']} / median {stats['median']:g} / "
                 f"p95 {stats['p95']:.0f} / max {stats['max']} px"
             )
     typer.echo(f"  Unreadable:  {len(report.unreadable)}")
@@ -195,10 +203,27 @@ def data_check(
         for path in report.skipped_files[:5]:
             typer.echo(f"    {path}")
         _echo_more(len(report.skipped_files), 5, json_output)
+    outside = report.outside_class_folders
+    if outside:
+        typer.secho(
+            f"  Images outside Parasitized/ and Uninfected/ (no label, not used): {len(outside)}",
+            fg=typer.colors.YELLOW,
+        )
+        for path in outside[:5]:
+            typer.echo(f"    {path}")
+        _echo_more(len(outside), 5, json_output)
     if json_output:
         with open_output(json_output) as handle:
             handle.write(json.dumps(summary, indent=2) + "\n")
         typer.echo(f"Report written to {json_output}")
+    if strict and (report.unreadable or conflicts or outside):
+        typer.secho(
+            "--strict: the data have problems listed above (unreadable files, pictures under "
+            "both labels or unlabelled images); fix them or leave --strict out.",
+            err=True,
+            fg=typer.colors.RED,
+        )
+        raise typer.Exit(code=1)
 
 
 def _echo_more(total: int, shown: int, json_output: Path | None) -> None:
@@ -218,16 +243,44 @@ data_check.__doc__ = (data_check.__doc__ or "") + (
 @data_app.command("download")
 @_user_errors
 def data_download(
-    dest: Annotated[Path, typer.Option(help="Folder to download and extract into.")] = Path("data"),
-    url: Annotated[str | None, typer.Option(help="Mirror URL of cell_images.zip.")] = None,
+    dest: Annotated[
+        Path, typer.Option(help="Folder to download and extract into: empty, new, or ours.")
+    ] = Path("data"),
+    url: Annotated[
+        str | None, typer.Option(help="Mirror URL of cell_images.zip (http, https or ftp).")
+    ] = None,
     sha256: Annotated[str | None, typer.Option(help="Expected SHA-256 of the zip.")] = None,
+    expected_images: Annotated[
+        int | None,
+        typer.Option(
+            "--expected-images",
+            min=0,
+            help="PNG images the zip must hold (default 27,558, the official count); "
+            "0 skips the check, e.g. for a mirror serving a subset.",
+        ),
+    ] = None,
 ) -> None:
-    """Download the official NIH cell_images.zip, verify it and extract it."""
-    from malaria_classifier.download import OFFICIAL_URL, download_dataset
+    """Download the official NIH cell_images.zip, verify it and extract it.
+
+    A zip already at DEST/cell_images.zip is verified and extracted without downloading.
+    """
+    from malaria_classifier.download import EXPECTED_IMAGE_COUNT, OFFICIAL_URL, download_dataset
 
     source = url or OFFICIAL_URL
+    expected = EXPECTED_IMAGE_COUNT if expected_images is None else expected_images or None
     typer.echo(f"Downloading {source} into {dest} (skipped if already there)", err=True)
-    folder = download_dataset(dest, url=source, sha256=sha256, progress=True)
+    with _on_interrupt(
+        "Run the same command again to continue: a finished download is kept and "
+        "re-used, an unfinished one starts over."
+    ):
+        folder = download_dataset(
+            dest,
+            url=source,
+            sha256=sha256,
+            progress=True,
+            expected_image_count=expected,
+            notify=lambda note: typer.echo(f"Note: {note}", err=True),
+        )
     typer.echo(f"Data ready in {folder}. Next: malaria data check {folder}")
 
 

@@ -172,3 +172,25 @@ def _same_file(first: Path, second: Path) -> bool:
         return os.path.samefile(first, second)
     except OSError:
         return False
+
+
+def missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and those of its parents that do not exist yet, deepest first.
+
+    Taken before a command creates its output folder, so that a refused or failed
+    start can remove exactly what it made (:func:`remove_empty_folders`).
+    """
+    missing: list[Path] = []
+    while not folder.exists() and not folder.is_symlink() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def remove_empty_folders(folders: Iterable[Path]) -> None:
+    """Remove these folders, deepest first, while they are empty (never their files)."""
+    for folder in folders:
+        try:
+            folder.rmdir()  # refuses a folder that holds anything
+        except OSError:
+            return

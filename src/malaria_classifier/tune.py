@@ -28,7 +28,13 @@ from malaria_classifier.config import TrainingConfig, save_config
 from malaria_classifier.data import DatasetReport, check_dataset
 from malaria_classifier.model import build_model, compile_model
 from malaria_classifier.model_card import write_json_atomically
-from malaria_classifier.outputs import check_output_folder, open_output, written_in_full
+from malaria_classifier.outputs import (
+    check_output_folder,
+    missing_folders,
+    open_output,
+    remove_empty_folders,
+    written_in_full,
+)
 from malaria_classifier.splits import (
     ManifestRow,
     build_manifest,
@@ -307,7 +313,7 @@ def tune(
     output_dir = Path(output_dir)
     check_output_folder(output_dir, Path(data_dir), "the study's outputs")
     default_file = output_dir / STUDY_FILE
-    created = _missing_folders(output_dir)
+    created = missing_folders(output_dir)
     data: tuple[DatasetReport, list[ManifestRow]] | None = None
     try:
         if storage is None and not default_file.exists():
@@ -324,7 +330,7 @@ def tune(
             _check_data_fingerprint(study, data[0], data_dir)
     except BaseException:
         # A refused (or interrupted) start leaves no empty folder of ours behind.
-        _remove_empty_folders(created)
+        remove_empty_folders(created)
         raise
     if data is not None and done < trials:
         report, manifest = data
@@ -429,24 +435,6 @@ def sqlite_url(path: Path) -> str:
     from sqlalchemy.engine import URL
 
     return URL.create("sqlite", database=str(path)).render_as_string(hide_password=False)
-
-
-def _missing_folders(folder: Path) -> list[Path]:
-    """``folder`` and those of its parents that do not exist yet, deepest first."""
-    missing: list[Path] = []
-    while not folder.exists() and not folder.is_symlink() and folder != folder.parent:
-        missing.append(folder)
-        folder = folder.parent
-    return missing
-
-
-def _remove_empty_folders(folders: list[Path]) -> None:
-    """Remove these folders, deepest first, while they are empty (never their files)."""
-    for folder in folders:
-        try:
-            folder.rmdir()  # refuses a folder that holds anything
-        except OSError:
-            return
 
 
 def open_study(storage: str, study_name: str, seed: int) -> Any:
