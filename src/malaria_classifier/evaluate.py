@@ -82,6 +82,12 @@ def evaluate_model(
 
     Unreadable images are listed in the report and left out; they never stop it.
 
+    Example:
+        >>> from malaria_classifier import Predictor  # doctest: +SKIP
+        >>> report = evaluate_model(Predictor(), "cell_images", output_dir="ev")  # doctest: +SKIP
+        >>> report["metrics"]["accuracy"]  # value and 95% CI over patients  # doctest: +SKIP
+        {'value': 0.96..., 'ci95': [0.95..., 0.97...]}
+
     Returns:
         The metrics block (see :func:`malaria_classifier.evaluation.summarize`) with
         ``selection``, ``model`` and ``unreadable`` added.

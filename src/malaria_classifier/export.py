@@ -147,7 +147,7 @@ def export_model(model_path: str | Path, export_format: str, output: str | Path)
 
     Example:
         >>> export_model("runs/default/model.keras", "onnx", "model.onnx")  # doctest: +SKIP
-        ExportResult(path=PosixPath('model.onnx'), ..., export_format='onnx', size_bytes=428...)
+        ExportResult(path=PosixPath('model.onnx'), ..., export_format='onnx', size_bytes=...)
 
     Args:
         model_path: A model written by ``malaria train`` (or the bundled default).

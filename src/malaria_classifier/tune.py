@@ -267,7 +267,8 @@ def tune(
 
     Example:
         >>> result = tune("cell_images", trials=20, output_dir="runs/tune")  # doctest: +SKIP
-        >>> result.best_config_path  # malaria train --config runs/tune/best_config.yaml
+        >>> result.best_config_path  # doctest: +SKIP
+        PosixPath('runs/tune/best_config.yaml')
 
     Args:
         data_dir: A folder in the NIH layout.
