@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from malaria_classifier import download
+from malaria_classifier import archives, download
 from malaria_classifier.cli import app
 from malaria_classifier.download import (
     EXPECTED_IMAGE_COUNT,
@@ -532,7 +532,7 @@ def test_zip_bomb_is_refused_before_extracting(
         members["cell_images/Parasitized/big.png"] = bytes(4 * 1024 * 1024)
         expected = "compressed more than 100:1"
     else:
-        monkeypatch.setattr(download, "_MAX_UNPACKED_BYTES", 200)
+        monkeypatch.setattr(archives, "_MAX_UNPACKED_BYTES", 200)
         expected = "would unpack to 0 MB, more than the 0 MB allowed"
     url = server.publish("cell_images.zip", _zip_bytes(members))
     dest = tmp_path / "dest"

@@ -31,48 +31,42 @@ import sys
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import pooch
 import requests
 
+from malaria_classifier.archives import (
+    CLASS_DIRS,
+    MAX_SEARCH_DEPTH,
+    OFFICIAL_IMAGE_COUNT,
+    ArchiveRejectedError,
+    check_member_names,
+    check_sizes,
+    find_layout,
+)
 from malaria_classifier.images import sha256_of_file
 from malaria_classifier.outputs import missing_folders, remove_empty_folders
 
 OFFICIAL_URL = "https://data.lhncbc.nlm.nih.gov/public/Malaria/cell_images.zip"
-EXPECTED_IMAGE_COUNT = 27558  # 13,779 Parasitized + 13,779 Uninfected in the official zip.
+EXPECTED_IMAGE_COUNT = OFFICIAL_IMAGE_COUNT  # 13,779 Parasitized + 13,779 Uninfected
 ARCHIVE_NAME = "cell_images.zip"  # the archive's name in ``dest``, whatever the URL
 
-_CLASS_DIRS: tuple[str, str] = ("Parasitized", "Uninfected")
+_CLASS_DIRS = CLASS_DIRS
 _SOURCE_RECORD = ".download-source.json"  # beside the archive: the URL it came from
 _COMPLETE_MARKER = ".download-complete.json"
-_MAX_SEARCH_DEPTH = 3
+_MAX_SEARCH_DEPTH = MAX_SEARCH_DEPTH
 _URL_SCHEMES = ("http", "https", "ftp")
 _SHA256_HEX = re.compile(r"^[0-9a-fA-F]{64}$")
-_WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
 _POOCH_TEMP = re.compile(r"^tmp[a-z0-9_]{8}$")  # tempfile's names, left by a killed download
 _OS_JUNK = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
 _MAX_SCANNED_FILES = 100_000  # enough to describe what a folder holds without walking a disk
 
-# The official zip holds 27,558 PNGs of about 5-20 KB (about 340 MB; PNGs barely
-# compress, so it unpacks to about the same). The caps leave a wide margin for mirrors
-# yet stop a zip bomb before anything is written.
-_MAX_UNPACKED_BYTES = 2 * 1024**3
-_MAX_MEMBER_BYTES = 100 * 1024**2
-_MAX_MEMBERS = 200_000
-_MAX_COMPRESSION_RATIO = 100
-_RATIO_CHECK_MIN_BYTES = 1024**2
-_MB = 1024**2
-
 
 class DownloadError(RuntimeError):
     """Getting or unpacking the data set failed; the message says what to do next."""
-
-
-class _ArchiveRejectedError(Exception):
-    """An archive failed verification; the caller adds what happens to the file."""
 
 
 def download_dataset(
@@ -486,11 +480,11 @@ def _verify_archive(
         try:
             with zipfile.ZipFile(archive) as zf:
                 infos = zf.infolist()
-                _check_member_names(infos, archive, dest_dir)
-                _check_sizes(infos, archive)
-                layout_root, image_count = _find_layout(infos, archive, source)
+                check_member_names(infos, archive, dest_dir)
+                check_sizes(infos, archive)
+                layout_root, image_count = find_layout(infos, archive, source)
                 if expected_image_count is not None and image_count != expected_image_count:
-                    raise _ArchiveRejectedError(
+                    raise ArchiveRejectedError(
                         f"Found {image_count} PNG images in {archive} (from {source}) but "
                         f"expected {expected_image_count}: it looks incomplete or is not the "
                         "official archive. Pass --url with another mirror; if this one "
@@ -499,15 +493,15 @@ def _verify_archive(
                     )
                 bad_member = zf.testzip()
         except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
-            raise _ArchiveRejectedError(
+            raise ArchiveRejectedError(
                 f"{archive} is not a readable zip archive ({_cause(exc)}); the download was "
                 "probably truncated or corrupted."
             ) from exc
         if bad_member is not None:
-            raise _ArchiveRejectedError(
+            raise ArchiveRejectedError(
                 f"{archive} is corrupt: member {bad_member!r} fails its CRC check."
             )
-    except _ArchiveRejectedError as rejected:
+    except ArchiveRejectedError as rejected:
         if ours:
             _discard_archive(dest_dir)
             fate = "It has been deleted, so the next run downloads it again."
@@ -518,103 +512,6 @@ def _verify_archive(
             )
         raise DownloadError(f"{rejected} Nothing was extracted. {fate}") from None
     return layout_root, image_count
-
-
-def _check_member_names(infos: list[zipfile.ZipInfo], archive: Path, dest_dir: Path) -> None:
-    """Raise if any member would land outside ``dest_dir`` (zip-slip).
-
-    Names are checked both syntactically (absolute, drive letter, ``..``) and by
-    resolving the final path, which also catches escapes through symlinks that
-    already exist inside ``dest_dir``.
-    """
-    for info in infos:
-        normalized = info.filename.replace("\\", "/")
-        unsafe = (
-            normalized.startswith("/")
-            or _WINDOWS_DRIVE.match(normalized) is not None
-            or ".." in PurePosixPath(normalized).parts
-            or not (dest_dir / normalized).resolve().is_relative_to(dest_dir)
-        )
-        if unsafe:
-            raise _ArchiveRejectedError(
-                f"Refusing {archive}: member {info.filename!r} would be written outside "
-                f"{dest_dir} (absolute path or '..'); the archive is not the official one "
-                "or has been tampered with."
-            )
-
-
-def _check_sizes(infos: list[zipfile.ZipInfo], archive: Path) -> None:
-    """Refuse an archive that would unpack far beyond the real one (a zip bomb).
-
-    The sizes come from the zip's directory; :mod:`zipfile` never writes more than
-    a member's recorded size, so checking them up front bounds what extraction writes.
-    """
-    if len(infos) > _MAX_MEMBERS:
-        raise _ArchiveRejectedError(
-            f"{archive} lists {len(infos):,} files, more than the {_MAX_MEMBERS:,} allowed "
-            f"(the official archive holds about {EXPECTED_IMAGE_COUNT:,}); it is not the "
-            "malaria archive."
-        )
-    total = sum(info.file_size for info in infos)
-    if total > _MAX_UNPACKED_BYTES:
-        raise _ArchiveRejectedError(
-            f"{archive} would unpack to {total // _MB:,} MB, more than the "
-            f"{_MAX_UNPACKED_BYTES // _MB:,} MB allowed (the official archive unpacks to "
-            "about 340 MB); it looks like a zip bomb or is not the malaria archive."
-        )
-    for info in infos:
-        ratio = info.file_size / max(info.compress_size, 1)
-        too_big = info.file_size > _MAX_MEMBER_BYTES
-        if too_big or (info.file_size > _RATIO_CHECK_MIN_BYTES and ratio > _MAX_COMPRESSION_RATIO):
-            raise _ArchiveRejectedError(
-                f"Member {info.filename!r} of {archive} unpacks to {info.file_size // _MB:,} MB "
-                f"from {info.compress_size:,} bytes ({ratio:,.0f}:1); cell images are well "
-                f"under 1 MB and barely compress, so files over {_MAX_MEMBER_BYTES // _MB} MB "
-                f"or compressed more than {_MAX_COMPRESSION_RATIO}:1 are refused as a zip bomb."
-            )
-
-
-def _find_layout(infos: list[zipfile.ZipInfo], archive: Path, source: str) -> tuple[str, int]:
-    """Find the shallowest folder in the archive holding both class folders; count PNGs.
-
-    Mirrors :func:`_find_class_root` (same depth limit, same order), so the folder
-    found after extraction is the one predicted here.
-    """
-    folders: set[tuple[str, ...]] = set()
-    files: set[tuple[str, ...]] = set()
-    for info in infos:
-        parts = PurePosixPath(info.filename).parts
-        if not info.is_dir():
-            files.add(parts)
-            parts = parts[:-1]
-        folders.update(parts[: k + 1] for k in range(len(parts)))
-    candidates = sorted(
-        (len(folder), folder)
-        for folder in folders | {()}
-        if len(folder) <= _MAX_SEARCH_DEPTH
-        and not any(part.startswith((".", "__MACOSX")) for part in folder)
-        and all(folder + (name,) in folders for name in _CLASS_DIRS)
-    )
-    if not candidates:
-        raise _ArchiveRejectedError(
-            f"No folder in {archive} (from {source}) holds both {_CLASS_DIRS[0]}/ and "
-            f"{_CLASS_DIRS[1]}/. Check that the URL points at the NIH malaria "
-            "cell_images.zip (or a faithful mirror)."
-        )
-    root = candidates[0][1]
-    count = sum(
-        1
-        for parts in files
-        if len(parts) == len(root) + 2
-        and parts[: len(root)] == root
-        and parts[len(root)] in _CLASS_DIRS
-        and parts[-1].lower().endswith(".png")
-    )
-    if count == 0:
-        raise _ArchiveRejectedError(
-            f"{archive} (from {source}) holds no PNG images in its class folders."
-        )
-    return "/".join(root) or ".", count
 
 
 def _extract(
