@@ -398,3 +398,29 @@ def test_every_signal_is_described_in_plain_words_once():
     many = describe_signals(", ".join(SIGNAL_NAMES))
     assert many.startswith("the amount of background around it, ") and " and 10 more (" in many
     assert many.endswith(f"({', '.join(SIGNAL_NAMES)})")
+
+
+def test_trust_files_of_two_calibrations_or_of_another_model_are_refused(tmp_path):
+    """A calibrate killed between its writes, or a model trained further, is named."""
+    from malaria_classifier.decision import load_decision_rule
+    from malaria_classifier.images import sha256_of_file
+
+    model = save_tiny_model(tmp_path / "model.keras")
+    calibration = {"temperature": 1.2, "fit_id": "fit-a", "model_sha256": sha256_of_file(model)}
+    card = {"decision_threshold": 0.6, "calibration": calibration}
+    save_ood_check(OodCheck({}, {}, fitted_on={"fit_id": "fit-a"}), tmp_path / "ood.json")
+    assert load_decision_rule(model, card).temperature == 1.2  # one fit, this model
+
+    save_ood_check(OodCheck({}, {}, fitted_on={"fit_id": "fit-b"}), tmp_path / "ood.json")
+    with pytest.raises(ValueError, match="come from different `malaria calibrate` runs"):
+        load_decision_rule(model, card)
+    with pytest.raises(ValueError, match="different `malaria calibrate` runs"):
+        load_decision_rule(model, {})  # limits written, card not yet: an uncalibrated card
+
+    save_ood_check(OodCheck({}, {}, fitted_on={"fit_id": "fit-a"}), tmp_path / "ood.json")
+    save_tiny_model(model, image_size=48)  # the model changed after calibration
+    with pytest.raises(ValueError, match="has changed since it was calibrated"):
+        load_decision_rule(model, card)
+
+    save_ood_check(OodCheck({}, {}), tmp_path / "ood.json")  # files from before fit ids
+    assert load_decision_rule(model, {"calibration": {"temperature": 1.5}}).temperature == 1.5

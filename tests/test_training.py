@@ -12,6 +12,7 @@ from _synthetic import write_synthetic_dataset
 
 from malaria_classifier import training
 from malaria_classifier.config import TrainingConfig, load_config
+from malaria_classifier.images import sha256_of_file
 from malaria_classifier.serving import read_serving_copy
 from malaria_classifier.splits import check_no_leakage, read_manifest
 from malaria_classifier.training import RunCheckpoint, RunFolderError, train_model
@@ -200,12 +201,20 @@ def test_a_finished_run_given_more_epochs_trains_them_on_resume(
     shutil.copytree(finished_run.run_dir, run_dir)
     config = (run_dir / "config.yaml").read_text()
     (run_dir / "config.yaml").write_text(config.replace("epochs: 2", "epochs: 3"))
+    (run_dir / "ood.json").write_text("{}")  # as calibrate left it, for the old model
+    card_path = run_dir / "model_card.json"
+    card_path.write_text(card_path.read_text().replace('"model_sha256": "', '"model_sha256": "x'))
+    assert not training.is_run_finished(run_dir)  # the card describes another model.keras
 
-    train_model(synthetic_cells, TINY, run_dir, resume=True, verbose=0)
+    train_model(synthetic_cells, TINY, run_dir, resume=True, verbose=0, exclude_cells=())
 
     history = json.loads((run_dir / "history.json").read_text())
     assert [entry["epoch"] for entry in history] == [1, 2, 3]
-    assert json.loads((run_dir / "model_card.json").read_text())["training"]["epochs_run"] == 3
+    card = json.loads(card_path.read_text())
+    assert card["training"]["epochs_run"] == 3
+    assert card["model_sha256"] == sha256_of_file(run_dir / "model.keras")
+    assert not (run_dir / "ood.json").exists()  # its limits were fitted on the old model
+    assert training.is_run_finished(run_dir)
 
 
 def test_training_learns_the_synthetic_signal(synthetic_cells, tmp_path):

@@ -22,6 +22,7 @@ were never used to choose anything.
 from __future__ import annotations
 
 import os
+import uuid
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -43,7 +44,12 @@ from malaria_classifier.constants import POSITIVE_CLASS, POSITIVE_INDEX
 from malaria_classifier.data import find_class_root
 from malaria_classifier.decision import DecisionRule
 from malaria_classifier.decoding import iter_images
-from malaria_classifier.images import ImageLoadError, load_rgb_image, resize_with_pad
+from malaria_classifier.images import (
+    ImageLoadError,
+    load_rgb_image,
+    resize_with_pad,
+    sha256_of_file,
+)
 from malaria_classifier.model_card import (
     DEFAULT_MODEL_DIR,
     MODEL_FILE,
@@ -540,6 +546,14 @@ def calibrate_model(
         write_serving_copy(model, model_path)
     rule, choice, verdict_rule = fitted["rule"], fitted["threshold_choice"], fitted["verdict_rule"]
     other_labs = fit_ood_layer(model, scores) if ood_variants else None
+    # One id in every file of this fit, and the model it was fitted on: a calibrate killed
+    # between its writes, or a model trained further, is refused at load time
+    # (decision.check_same_fit) instead of mixing fits.
+    model_sha256 = sha256_of_file(model_path)
+    fit_id = f"{model_sha256[:16]}-{uuid.uuid4().hex[:16]}"
+    for check in (rule.ood, other_labs):
+        if check is not None:
+            check.fitted_on["fit_id"] = fit_id
     card = read_model_card(model_path)
     card["decision_threshold"] = rule.threshold
     card["calibration"] = {
@@ -558,6 +572,8 @@ def calibrate_model(
         "of cells",
         "out_of_distribution_file": OOD_FILE,
         "out_of_distribution_file_other_labs": OOD_OTHER_LABS_FILE if ood_variants else None,
+        "fit_id": fit_id,
+        "model_sha256": model_sha256,
     }
     card["verdict_rule"] = {
         **verdict_rule.to_dict(),

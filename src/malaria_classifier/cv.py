@@ -41,7 +41,7 @@ from malaria_classifier.splits import (
     fold_manifest,
     leave_out_of_training,
 )
-from malaria_classifier.training import train_model
+from malaria_classifier.training import is_run_finished, train_model
 
 PLAN_FILE = "cv_plan.json"
 # The plan's entry for the fingerprint of the data (``DatasetReport.fingerprint``).
@@ -81,8 +81,13 @@ def fold_dir(run_dir: Path, fold: int) -> Path:
 
 
 def is_fold_finished(run_dir: Path, fold: int) -> bool:
-    """A fold is finished once its test metrics are on disk."""
-    return (fold_dir(run_dir, fold) / METRICS_FILE).is_file()
+    """A fold is finished once its run is (model card and test metrics on disk).
+
+    ``metrics.json`` alone is not enough: the card comes after it, and a fold's model
+    without a card has no record of its split (``malaria evaluate`` would then score
+    its training patients too).
+    """
+    return is_run_finished(fold_dir(run_dir, fold))
 
 
 def cross_validate(

@@ -152,12 +152,48 @@ def load_decision_rule(
             f"`malaria calibrate --ood-variants` on it, or use the strict limits."
         )
     calibration = card.get("calibration", {})
+    ood = load_ood_check(ood_path)
+    check_same_fit(Path(model_path), calibration, ood_path, ood)
     return DecisionRule(
         threshold=threshold,
         temperature=float(calibration.get("temperature", 1.0)),
         uncertain_margin=float(calibration.get("uncertain_margin_logit", 0.0)),
-        ood=load_ood_check(ood_path),
+        ood=ood,
     )
+
+
+def check_same_fit(
+    model_path: Path, calibration: dict[str, Any], ood_path: Path, ood: OodCheck | None
+) -> None:
+    """Refuse trust-layer files that do not belong together or to this model.
+
+    ``malaria calibrate`` writes ``ood*.json`` and then the model card, each with the
+    same ``fit_id``, and records the SHA-256 of the ``.keras`` file it fitted. A calibrate
+    killed between those writes, or a model trained further after it, would otherwise
+    mix one fit's Not-a-cell limits with another's threshold and temperature, or apply
+    them to another model: wrong decisions, with nothing to show it. Files written
+    before fit ids existed carry none and are taken as they are.
+
+    Raises:
+        ValueError: Naming the files and saying to run ``malaria calibrate`` again.
+    """
+    from malaria_classifier.images import sha256_of_file
+
+    fitted_model = calibration.get("model_sha256")
+    changed = fitted_model is not None and model_path.is_file()
+    if changed and sha256_of_file(model_path) != fitted_model:
+        raise ValueError(
+            f"{model_path} has changed since it was calibrated (trained further?): its "
+            f"threshold, temperature and Not-a-cell limits were fitted on another model. "
+            f"Run `malaria calibrate` on it again."
+        )
+    ood_fit = None if ood is None else ood.fitted_on.get("fit_id")
+    if ood_fit is not None and ood_fit != calibration.get("fit_id"):
+        raise ValueError(
+            f"{ood_path} and the model card beside it come from different `malaria calibrate` "
+            f"runs (one was interrupted between its writes?). Run `malaria calibrate` on "
+            f"{model_path} again."
+        )
 
 
 def transformed_views(batch: np.ndarray) -> np.ndarray:

@@ -43,6 +43,7 @@ from malaria_classifier.distribute import (
     scale_for_replicas,
 )
 from malaria_classifier.evaluation import per_patient_table, roc_points, summarize
+from malaria_classifier.images import sha256_of_file
 from malaria_classifier.model import build_model, compile_model, count_weight_bytes, load_model
 from malaria_classifier.model_card import CARD_FILE, MODEL_FILE, write_json_atomically
 from malaria_classifier.outputs import check_output_folder
@@ -350,9 +351,15 @@ def train_model(
             Path(data_dir), config, opened_dir, resume, manifest, exclude_cells
         )
         training_rows = _training_rows(rows, opened_dir)
+        if resume and distribution.is_chief:
+            _retire_stale_results(run_dir)
         (write_dir / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
         earlier_seconds = float(state.get("seconds", 0.0))
         _fit(distribution, config, root, training_rows, state, run_dir, write_dir, verbose, started)
+        if distribution.is_chief:
+            # history.json is written after state.json each epoch; a kill between the two
+            # would otherwise leave the last epoch out of it for good.
+            write_json_atomically(state["history"], run_dir / "history.json")
         # This session's time (data check and split included) plus earlier sessions' epochs.
         training_seconds = earlier_seconds + time.monotonic() - started
         if not distribution.is_chief:
@@ -381,12 +388,43 @@ def is_run_finished(run_dir: Path) -> bool:
     """
     if not ((run_dir / CARD_FILE).is_file() and (run_dir / METRICS_FILE).is_file()):
         return False
+    card = json.loads((run_dir / CARD_FILE).read_text(encoding="utf-8"))
+    described = card.get("model_sha256")  # cards from before this record have none
+    model_path = run_dir / MODEL_FILE
+    if described is not None and (
+        not model_path.is_file() or sha256_of_file(model_path) != described
+    ):
+        return False  # the card describes an earlier model.keras: evaluate again
     state_path = run_dir / CHECKPOINT_DIR / STATE_FILE
     if not state_path.is_file():
         return True
     state = _read_state(state_path)
     config = load_config(run_dir / "config.yaml")
     return state["epoch"] >= config.epochs or state["wait"] >= config.early_stopping_patience
+
+
+def _retire_stale_results(run_dir: Path) -> None:
+    """Remove what described the model before this resumed session trains on.
+
+    A finished run given more epochs (or one killed after its card was written) is
+    about to change ``model.keras``; its card, metrics and ``malaria calibrate``'s
+    Not-a-cell limits would then describe another model. They are written anew at the
+    end of training (calibrate must be run again).
+    """
+    from malaria_classifier.ood import NOT_A_CELL_FILES
+
+    stale = [run_dir / CARD_FILE, run_dir / METRICS_FILE]
+    stale += [run_dir / name for name in NOT_A_CELL_FILES.values()]
+    removed = [path.name for path in stale if path.is_file()]
+    for name in removed:
+        (run_dir / name).unlink()
+    if removed:
+        print(
+            f"Training {run_dir} further: removed {', '.join(removed)} (they describe the "
+            f"model before these epochs; the card and metrics are written again at the end, "
+            f"then run `malaria calibrate` again).",
+            file=sys.stderr,
+        )
 
 
 def _finished_result(run_dir: Path) -> TrainingResult:
@@ -540,6 +578,8 @@ def build_model_card(
     }
     return {
         "model": MODEL_FILE,
+        # Which model.keras this card describes: a resumed run compares it.
+        "model_sha256": sha256_of_file(run_dir / MODEL_FILE),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "task": "Classify a single red-blood-cell crop from a Giemsa-stained thin blood smear.",
         "class_order": list(CLASS_NAMES),
