@@ -76,3 +76,23 @@ def test_evaluate_model_writes_metrics_table_and_figures(tmp_path):
     with open(tmp_path / "out" / "per_patient.csv") as handle:
         table = list(csv.DictReader(handle))
     assert len(table) == report["patients"] == 4
+
+
+def test_a_report_killed_before_its_figures_shows_no_metrics_of_the_new_model(
+    tmp_path, monkeypatch
+):
+    """metrics.json comes last: new figures never sit beside an earlier model's metrics."""
+    from malaria_classifier import evaluate
+
+    data = write_synthetic_dataset(tmp_path / "cells", patients=4, cells_per_class=3)
+    predictor = Predictor(save_tiny_model(tmp_path / "model" / "model.keras"))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "metrics.json").write_text('{"model": "an earlier one"}')
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate, "save_figures", killed)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_model(predictor, data, "test", tmp_path / "out", n_resamples=20)
+    assert not (tmp_path / "out" / "metrics.json").exists()

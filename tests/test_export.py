@@ -238,7 +238,7 @@ def test_export_never_overwrites(tmp_path):
     model = save_tiny_model(tmp_path / "model.keras")
     output = tmp_path / "model.onnx"
     output.write_bytes(b"keep me")
-    with pytest.raises(FileExistsError, match="already exists; remove it or choose another"):
+    with pytest.raises(FileExistsError, match="already exists.*; remove it or choose another"):
         export_model(model, "onnx", output)
     assert output.read_bytes() == b"keep me"
 
@@ -285,3 +285,10 @@ def test_export_of_a_missing_model_names_it(tmp_path):
 def test_default_export_paths_follow_the_model_name(tmp_path):
     names = [default_export_path(tmp_path / "best.keras", name).name for name in EXPORT_FORMATS]
     assert names == ["best_saved_model", "best.tflite", "best.onnx"]
+
+
+def test_a_model_left_without_its_card_is_named_as_an_interrupted_export(tmp_path):
+    model = save_tiny_model(tmp_path / "model.keras")
+    (tmp_path / "model.onnx").write_bytes(b"written before a kill")
+    with pytest.raises(FileExistsError, match=r"without its model\.onnx\.model_card\.json"):
+        export_model(model, "onnx", tmp_path / "model.onnx")

@@ -219,3 +219,16 @@ def test_a_residual_layer_that_outputs_zero_leaves_the_block_unchanged():
 def test_residual_separable_blocks_beyond_the_blocks_are_refused():
     with pytest.raises(ValueError, match="residual_separable_blocks must be between 0 and"):
         TrainingConfig(conv_blocks=3, residual_separable_blocks=4)
+
+
+def test_a_model_folder_hint_never_names_a_partial_save(tmp_path):
+    """A killed save leaves `.model.partial.keras`; the hint must name the real model."""
+    from malaria_classifier.model_card import check_model_path
+
+    (tmp_path / ".model.partial.keras").write_bytes(b"half a model")
+    with pytest.raises(ValueError) as caught:
+        check_model_path(tmp_path)
+    assert "partial" not in str(caught.value) and "is a folder" in str(caught.value)
+    (tmp_path / "model.keras").write_bytes(b"model")
+    with pytest.raises(ValueError, match=r"such as .*/model\.keras \("):
+        check_model_path(tmp_path)

@@ -113,7 +113,9 @@ def evaluate_model(
     report["model"] = str(predictor.model_path)
     report["unreadable"] = [{"path": p.path, "error": p.error} for p in predictions if p.error]
     output_dir.mkdir(parents=True, exist_ok=True)  # only now: a failed run leaves no folder
-    write_json_atomically(report, output_dir / "metrics.json")
+    # metrics.json last and removed first: a report killed half-way never shows new
+    # metrics beside an earlier report's table and figures.
+    (output_dir / "metrics.json").unlink(missing_ok=True)
     write_patient_table(
         per_patient_table(y_true, y_score, groups, predictor.threshold),
         output_dir / PATIENT_TABLE,
@@ -126,6 +128,7 @@ def evaluate_model(
         split,
         predictor.threshold,
     )
+    write_json_atomically(report, output_dir / "metrics.json")
     return report
 
 

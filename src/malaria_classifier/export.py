@@ -170,9 +170,13 @@ def export_model(model_path: str | Path, export_format: str, output: str | Path)
     card_path = output.with_name(output.name + ".model_card.json")
     for path in (output, card_path):
         if path.exists() or path.is_symlink():
+            # The card is written after the model: a model without its card is what an
+            # export killed between the two leaves behind.
+            unfinished = path == output and not card_path.exists()
             raise FileExistsError(
-                f"{path} already exists; remove it or choose another --output (exports "
-                f"never overwrite)."
+                f"{path} already exists"
+                + (f" without its {card_path.name} (an interrupted export?)" if unfinished else "")
+                + "; remove it or choose another --output (exports never overwrite)."
             )
     model = load_model(str(model_path))
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -186,6 +190,10 @@ def export_model(model_path: str | Path, export_format: str, output: str | Path)
 
 
 def _write_folder_atomically(model, output: Path) -> None:
+    # Folders of earlier exports to this name that were killed before their rename.
+    for leftover in output.parent.glob(f".{output.name}.*"):
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
     temporary = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
         save_saved_model(model, temporary / "saved_model")

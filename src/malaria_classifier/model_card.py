@@ -33,7 +33,10 @@ def check_model_path(path: str | Path) -> Path:
         "Python), or leave it out to use the bundled default."
     )
     if model_path.is_dir():
-        inside = sorted(model_path.glob("*.keras"))
+        # Not hidden files: a killed save leaves `.model.partial.keras` behind.
+        inside = sorted(
+            path for path in model_path.glob("*.keras") if not path.name.startswith(".")
+        )
         hint = f" such as {inside[0]}" if inside else ""
         raise ValueError(
             f"Model {model_path} is a folder; pass the .keras file{hint} (written by "
