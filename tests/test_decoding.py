@@ -220,3 +220,26 @@ def test_a_worker_refuses_a_serving_copy_that_changed_under_it():
 
     with pytest.raises(ValueError, match="changed while predicting.*Run the prediction again"):
         worker_forward(source)
+
+
+def _sleep_in_worker(seconds: float) -> None:
+    import time
+
+    time.sleep(seconds)
+
+
+def test_ctrl_c_stops_busy_workers_at_once_instead_of_waiting_for_them(tmp_path):
+    """A worker still busy when Ctrl+C comes must not keep the command from ending."""
+    import time
+
+    before = _worker_pids()
+    with pytest.raises(KeyboardInterrupt), DecodePool(2) as pool:
+        for _ in range(4):
+            pool._executor.submit(_sleep_in_worker, 60)
+        time.sleep(1.0)
+        started = _worker_pids() - before
+        assert len(started) == 2
+        left_at = time.monotonic()
+        raise KeyboardInterrupt
+    assert time.monotonic() - left_at < 10  # close() would wait a minute for the sleepers
+    assert not (_worker_pids() & started)

@@ -165,11 +165,33 @@ class DecodePool:
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
 
+    def terminate(self) -> None:
+        """Stop the workers at once, without waiting for them (for Ctrl+C).
+
+        :meth:`close` waits for the workers to take their stop signal from the task
+        queue; after an interrupt that arrived while they were starting or busy, that
+        wait (and the interpreter's own join at exit) could hang. Here each worker is
+        sent SIGTERM and reaped; ``ProcessPoolExecutor`` offers no public way before
+        Python 3.14, so its process table is read directly.
+        """
+        if self._executor is None:
+            return
+        processes = list((getattr(self._executor, "_processes", None) or {}).values())
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._executor = None
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.join(timeout=5)
+
     def __enter__(self) -> DecodePool:
         return self.start()
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            self.terminate()
+        else:
+            self.close()
 
     def iter_images(
         self,

@@ -437,7 +437,13 @@ class Predictor:
     def __enter__(self) -> Predictor:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
+        if (
+            exc_type is not None
+            and issubclass(exc_type, KeyboardInterrupt)
+            and self._decode_pool is not None
+        ):
+            self._decode_pool.terminate()  # Ctrl+C: stop the workers now, never wait on them
         self.close()
 
     def predict_arrays(self, images: np.ndarray | Iterable[np.ndarray]) -> np.ndarray:
