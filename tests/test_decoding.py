@@ -241,5 +241,5 @@ def test_ctrl_c_stops_busy_workers_at_once_instead_of_waiting_for_them(tmp_path)
         assert len(started) == 2
         left_at = time.monotonic()
         raise KeyboardInterrupt
-    assert time.monotonic() - left_at < 10  # close() would wait a minute for the sleepers
-    assert not (_worker_pids() & started)
+    assert time.monotonic() - left_at < 15  # close() would wait a minute for the sleepers
+    assert not (_worker_pids() & started)  # stopped and reaped, not left to the OS

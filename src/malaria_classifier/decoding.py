@@ -182,7 +182,10 @@ class DecodePool:
         for process in processes:
             process.terminate()
         for process in processes:
-            process.join(timeout=5)
+            process.join(timeout=2)
+            if process.is_alive():  # e.g. stuck in a disk read: SIGKILL cannot be ignored
+                process.kill()
+                process.join(timeout=5)
 
     def __enter__(self) -> DecodePool:
         return self.start()
