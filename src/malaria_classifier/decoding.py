@@ -183,9 +183,13 @@ class DecodePool:
             process.terminate()
         for process in processes:
             process.join(timeout=2)
-            if process.is_alive():  # e.g. stuck in a disk read: SIGKILL cannot be ignored
-                process.kill()
-                process.join(timeout=5)
+            if not process.is_alive():
+                continue
+            try:  # still there (stuck in a disk read, say): SIGKILL cannot be ignored
+                os.kill(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                continue  # already reaped by the executor's own thread
+            process.join(timeout=5)
 
     def __enter__(self) -> DecodePool:
         return self.start()
