@@ -22,7 +22,6 @@ and input contract, which a serving stack needs and the graph cannot carry.
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from malaria_classifier.constants import (
     POSITIVE_CLASS,
     POSITIVE_INDEX,
 )
+from malaria_classifier.images import sha256_of_file
 from malaria_classifier.model import INPUT_NAME
 from malaria_classifier.model_card import read_model_card, write_json_atomically
 
@@ -239,7 +239,7 @@ def _export_card(model, model_path: Path, export_format: str, output: Path) -> d
         "format": export_format,
         "file": output.name,
         "source_model": str(model_path),
-        "source_model_sha256": hashlib.sha256(model_path.read_bytes()).hexdigest(),
+        "source_model_sha256": sha256_of_file(model_path),
         "input": {
             "name": INPUT_NAME,
             "shape": [None, size, size, 3],

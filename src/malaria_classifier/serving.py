@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from malaria_classifier.images import sha256_of_file
 from malaria_classifier.model_card import write_json_atomically
 
 ONNX_SUFFIX = ".serving.onnx"
@@ -68,10 +69,6 @@ def serving_paths(model_path: str | Path) -> tuple[Path, Path]:
     return stem.with_name(stem.name + ONNX_SUFFIX), stem.with_name(stem.name + INFO_SUFFIX)
 
 
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def write_serving_copy(model: Any, model_path: str | Path) -> Path:
     """Convert a loaded Keras ``model`` (saved at ``model_path``) and write its copy.
 
@@ -93,8 +90,8 @@ def write_serving_copy(model: Any, model_path: str | Path) -> Path:
     info = {
         "format_version": FORMAT_VERSION,
         "source_model": model_path.name,
-        "source_model_sha256": file_sha256(model_path),
-        "onnx_sha256": file_sha256(onnx_path),
+        "source_model_sha256": sha256_of_file(model_path),
+        "onnx_sha256": sha256_of_file(onnx_path),
         "image_size": int(model.input_shape[1]),
         "outputs": ["probabilities", "features"],
         "final_kernel": kernel.tolist(),
@@ -119,7 +116,7 @@ def read_serving_copy(model_path: str | Path) -> ServingCopy | None:
         onnx_sha256 = hashlib.sha256(onnx_bytes).hexdigest()
         fresh = (
             info.get("format_version") == FORMAT_VERSION
-            and info.get("source_model_sha256") == file_sha256(model_path)
+            and info.get("source_model_sha256") == sha256_of_file(model_path)
             and info.get("onnx_sha256") == onnx_sha256
         )
         if not fresh:
