@@ -152,7 +152,7 @@ def test_mirrored_training_on_two_cpu_replicas_scales_and_resumes(cells, tmp_pat
     history = json.loads((run / "history.json").read_text())
     assert [entry["epoch"] for entry in history] == [1, 2]
     assert history[0]["learning_rate"] == pytest.approx(0.004)  # cosine starts at 2 x 0.002
-    for name in ("model.keras", "checkpoint/last.keras"):
+    for name in ("model.keras", "checkpoint/epoch-002.keras"):
         model = load_model(str(run / name))
         probabilities = np.asarray(model(np.zeros((3, 32, 32, 3), np.uint8)))
         assert probabilities.shape == (3, 2) and np.allclose(probabilities.sum(axis=1), 1.0)
@@ -195,4 +195,6 @@ def test_multiworker_training_with_two_local_workers(cells, tmp_path):
     card = json.loads((run / "model_card.json").read_text())
     assert card["distribution"]["workers"] == 2 and card["distribution"]["replicas"] == 2
     assert card["distribution"]["global_batch_size"] == 16
-    assert keras.saving.load_model(run / "checkpoint" / "last.keras", compile=False) is not None
+    assert (
+        keras.saving.load_model(run / "checkpoint" / "epoch-001.keras", compile=False) is not None
+    )

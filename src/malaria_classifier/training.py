@@ -4,11 +4,12 @@ A run folder holds: ``config.yaml`` (resolved settings), ``data_report.json``,
 ``manifest.csv`` (the patient-level split), ``model.keras`` (best epoch by validation
 loss, weights only, no optimizer) and its serving copy (``model.serving.*``),
 ``model_card.json``, ``history.json``, ``metrics.json``, ``evaluation/`` (test-split
-figures, ``per_patient.csv``), ``tensorboard/`` and ``checkpoint/`` (the last
-epoch with optimizer state, for ``--resume``); with ``--exclude-cells``, also
-``left_out_of_training.csv`` (the training cells not trained on). Every file is
-written to a temporary name and renamed, so a killed run never leaves a corrupt model
-where a good one was.
+figures, ``per_patient.csv``), ``tensorboard/`` and ``checkpoint/`` (for ``--resume``:
+``state.json``, the epoch-named checkpoint it names with optimizer state, and the best
+epoch's model); with ``--exclude-cells``, also ``left_out_of_training.csv`` (the training
+cells not trained on). Every file is written to a temporary name and renamed, so a killed
+run never leaves a corrupt model where a good one was; ``state.json`` is written after the
+files it names, so a kill at any moment resumes from one consistent epoch.
 """
 
 from __future__ import annotations
@@ -64,8 +65,9 @@ from malaria_classifier.splits import (
 LOGGER = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoint"
-LAST_CHECKPOINT = "last.keras"
 STATE_FILE = "state.json"
+# Run folders from before epoch-named checkpoints keep theirs under this name.
+LEGACY_CHECKPOINT = "last.keras"
 LEFT_OUT_FILE = "left_out_of_training.csv"
 METRICS_FILE = "metrics.json"
 
@@ -109,6 +111,12 @@ class RunCheckpoint(keras.callbacks.Callback):
 
     It also does early stopping, because its state (best loss, epochs without
     improvement) must survive an interruption together with the checkpoint.
+
+    Each epoch's files get new, epoch-named paths and ``state.json`` names them; it is
+    renamed into place last, so it is the single commit point. A kill before it leaves
+    the previous epoch's state with the previous epoch's checkpoint (the new files are
+    removed on resume); a kill after it leaves this epoch complete, and ``model.keras``
+    is brought up to date from the checkpoint folder if the kill came before that.
     """
 
     def __init__(
@@ -127,22 +135,62 @@ class RunCheckpoint(keras.callbacks.Callback):
         logs["learning_rate"] = float(
             keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)
         )
-        self.state["history"].append({"epoch": epoch + 1, **logs})
+        checkpoint_dir = self.run_dir / CHECKPOINT_DIR
+        # A copy: the state on disk must change only when state.json is renamed.
+        state = json.loads(json.dumps(self.state))
+        state["history"].append({"epoch": epoch + 1, **logs})
         validation_loss = logs.get("val_loss", math.inf)
-        if validation_loss < self.state["best_val_loss"]:
-            self.state.update(best_val_loss=validation_loss, best_epoch=epoch + 1, wait=0)
-            save_model_atomically(self.model, self.run_dir / MODEL_FILE, include_optimizer=False)
+        improved = validation_loss < state["best_val_loss"]
+        if improved:
+            state.update(best_val_loss=validation_loss, best_epoch=epoch + 1, wait=0)
+            state["best_checkpoint"] = f"best-epoch-{epoch + 1:03d}.keras"
+            save_model_atomically(
+                self.model, checkpoint_dir / state["best_checkpoint"], include_optimizer=False
+            )
         else:
-            self.state["wait"] += 1
-        save_model_atomically(
-            self.model, self.run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT, include_optimizer=True
-        )
-        self.state["epoch"] = epoch + 1
-        self.state["seconds"] = self.earlier_seconds + time.monotonic() - self.session_started
-        write_json_atomically(self.state, self.run_dir / CHECKPOINT_DIR / STATE_FILE)
-        write_json_atomically(self.state["history"], self.run_dir / "history.json")
-        if self.state["wait"] >= self.patience:
+            state["wait"] += 1
+        state["checkpoint"] = f"epoch-{epoch + 1:03d}.keras"
+        save_model_atomically(self.model, checkpoint_dir / state["checkpoint"], True)
+        state["epoch"] = epoch + 1
+        state["seconds"] = self.earlier_seconds + time.monotonic() - self.session_started
+        write_json_atomically(state, checkpoint_dir / STATE_FILE)  # the commit point
+        self.state.clear()
+        self.state.update(state)
+        if improved:
+            publish_best_model(self.run_dir, state)
+        remove_uncommitted_checkpoints(self.run_dir, state)
+        write_json_atomically(state["history"], self.run_dir / "history.json")
+        if state["wait"] >= self.patience:
             self.model.stop_training = True
+
+
+def publish_best_model(run_dir: Path, state: dict[str, Any]) -> None:
+    """Copy the best epoch's model, as ``state.json`` names it, to ``model.keras``.
+
+    Called after each improvement and on resume, so a kill between the commit of
+    ``state.json`` and this copy costs nothing.
+    """
+    name = state.get("best_checkpoint")
+    if name is None:
+        return  # a run folder from before epoch-named checkpoints wrote model.keras itself
+    source = run_dir / CHECKPOINT_DIR / name
+    target = run_dir / MODEL_FILE
+    if target.is_file() and sha256_of_file(target) == sha256_of_file(source):
+        return
+    temporary = target.with_name(f".{target.stem}.partial.keras")
+    shutil.copyfile(source, temporary)
+    temporary.replace(target)
+
+
+def remove_uncommitted_checkpoints(run_dir: Path, state: dict[str, Any]) -> None:
+    """Delete checkpoint files that ``state.json`` does not name.
+
+    They are the previous epochs' (superseded) or an epoch killed before its commit.
+    """
+    keep = {state.get("checkpoint", LEGACY_CHECKPOINT), state.get("best_checkpoint")}
+    for path in (run_dir / CHECKPOINT_DIR).glob("*.keras"):
+        if path.name not in keep:
+            path.unlink(missing_ok=True)
 
 
 def cosine_learning_rate(config: TrainingConfig):
@@ -353,6 +401,8 @@ def train_model(
         training_rows = _training_rows(rows, opened_dir)
         if resume and distribution.is_chief:
             _retire_stale_results(run_dir)
+            publish_best_model(run_dir, state)  # killed after its commit, before the copy
+            remove_uncommitted_checkpoints(run_dir, state)
         (write_dir / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
         earlier_seconds = float(state.get("seconds", 0.0))
         _fit(distribution, config, root, training_rows, state, run_dir, write_dir, verbose, started)
@@ -510,8 +560,15 @@ def _keras_verbosity(verbose: int | str) -> int | str:
 
 
 def _model_for_run(config: TrainingConfig, run_dir: Path, state: dict[str, Any]) -> keras.Model:
-    checkpoint = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
-    if state["epoch"] > 0 and checkpoint.is_file():
+    if state["epoch"] > 0:
+        name = state.get("checkpoint", LEGACY_CHECKPOINT)
+        checkpoint = run_dir / CHECKPOINT_DIR / name
+        if not checkpoint.is_file():
+            raise RunFolderError(
+                f"Cannot resume {run_dir}: its {STATE_FILE} records epoch {state['epoch']} "
+                f"but the checkpoint it names, {checkpoint}, is missing. Start a new run "
+                f"in another --output folder."
+            )
         print(f"Resuming from epoch {state['epoch']} ({checkpoint}).", file=sys.stderr)
         return keras.saving.load_model(checkpoint, compile=True, safe_mode=True)
     return compile_model(
