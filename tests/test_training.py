@@ -58,6 +58,17 @@ def crash_after_first_epoch(monkeypatch):
     return original
 
 
+@pytest.fixture
+def interrupted_run(synthetic_cells, tmp_path):
+    """A run folder whose training died after its first epoch."""
+    run_dir = tmp_path / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        crash_after_first_epoch(patch)
+        with pytest.raises(KeyboardInterrupt):
+            train_model(synthetic_cells, TINY, run_dir, verbose=0)
+    return run_dir
+
+
 def test_run_folder_holds_everything_needed_to_reproduce(finished_run):
     run_dir = finished_run.run_dir
     for name in (
@@ -253,28 +264,18 @@ def test_a_kill_after_the_state_is_written_still_publishes_the_best_model(
     assert model_at_resume == [best]
 
 
-def test_resuming_a_run_whose_named_checkpoint_is_gone_is_refused(
-    synthetic_cells, tmp_path, monkeypatch
-):
-    crash_after_first_epoch(monkeypatch)
-    run_dir = tmp_path / "run"
-    with pytest.raises(KeyboardInterrupt):
-        train_model(synthetic_cells, TINY, run_dir, verbose=0)
-    monkeypatch.undo()
+def test_resuming_a_run_whose_named_checkpoint_is_gone_is_refused(synthetic_cells, interrupted_run):
+    run_dir = interrupted_run
     (run_dir / "checkpoint" / "epoch-001.keras").unlink()
     with pytest.raises(RunFolderError, match=r"epoch-001.keras, is missing. Start a new run"):
         train_model(synthetic_cells, TINY, run_dir, resume=True, verbose=0)
 
 
 def test_a_run_folder_with_the_older_last_keras_checkpoint_resumes(
-    synthetic_cells, tmp_path, monkeypatch
+    synthetic_cells, interrupted_run
 ):
     """Runs interrupted before epoch-named checkpoints kept checkpoint/last.keras."""
-    crash_after_first_epoch(monkeypatch)
-    run_dir = tmp_path / "run"
-    with pytest.raises(KeyboardInterrupt):
-        train_model(synthetic_cells, TINY, run_dir, verbose=0)
-    monkeypatch.undo()
+    run_dir = interrupted_run
     checkpoint_dir = run_dir / "checkpoint"
     state = json.loads((checkpoint_dir / "state.json").read_text())
     (checkpoint_dir / state.pop("checkpoint")).rename(checkpoint_dir / "last.keras")
