@@ -601,7 +601,7 @@ def test_help_and_data_commands_do_not_load_tensorflow(argv):
 
 
 def test_calibrate_warns_about_fits_not_to_trust(tmp_path):
-    from malaria_classifier.cli import _calibration_warnings
+    from malaria_classifier.cli.evaluation_commands import _calibration_warnings
 
     fitted = {"within_budget": False, "validation_false_rejection": 0.24}
     fitted["max_false_rejection"] = 0.005
@@ -619,7 +619,7 @@ def test_a_reader_that_stops_early_ends_the_command_quietly(monkeypatch, capsys)
     """`malaria predict cells/ | head -1`: no "Broken pipe ... check the path" error."""
     import typer
 
-    from malaria_classifier.cli import BROKEN_PIPE_STATUS, _user_errors
+    from malaria_classifier.cli._common import BROKEN_PIPE_STATUS, _user_errors
 
     read_end, write_end = os.pipe()
     os.close(read_end)  # the reader (head) has stopped
@@ -638,3 +638,37 @@ def test_a_reader_that_stops_early_ends_the_command_quietly(monkeypatch, capsys)
     stdout.write("more")  # stdout now goes nowhere: flushing at exit raises nothing
     stdout.flush()
     stdout.close()
+
+
+def test_an_interrupted_predict_never_leaves_new_predictions_beside_an_old_summary(
+    cells, tmp_path, monkeypatch
+):
+    """Either both old files, or new predictions and no summary, or both new."""
+    import malaria_classifier.prediction
+    import malaria_classifier.verdict
+
+    output, summary = tmp_path / "predictions.csv", tmp_path / "summary.csv"
+    output.write_text("old predictions\n")
+    summary.write_text("old summary\n")
+    files = sorted(cells.rglob("*.png"))[:3]  # named files: no decode worker processes
+    command = ("predict", *files, "--output", output, "--group-by", "folder", "--summary", summary)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:  # stopped while predicting: both old files kept
+        patch.setattr(malaria_classifier.prediction, "write_rows", interrupted)
+        assert _run(*command).exit_code == 130
+    assert output.read_text() == "old predictions\n"
+    assert summary.read_text() == "old summary\n"
+
+    with monkeypatch.context() as patch:  # stopped at the summary: the stale one is gone
+        patch.setattr(malaria_classifier.verdict, "write_summary", interrupted)
+        assert _run(*command).exit_code == 130
+    assert output.read_text().startswith("path,label,probability")
+    assert not summary.exists()
+    assert not list(tmp_path.glob(".*.partial"))
+
+    result = _run(*command)  # uninterrupted: both new
+    assert result.exit_code == 0, result.output
+    assert summary.read_text().startswith("group,cells,")
