@@ -118,9 +118,9 @@ def test_a_link_to_an_image_is_refused_and_the_image_kept(tmp_path):
 
 def test_only_names_of_streams_are_written_in_place_under_dev(tmp_path):
     """/dev/shm is an ordinary folder: a file there is replaced whole, not appended to."""
-    from malaria_classifier.outputs import _is_stream
+    from malaria_classifier.outputs import is_stream
 
-    assert _is_stream(Path("/dev/stdout")) and _is_stream(Path("/proc/self/fd/1"))
-    assert _is_stream(Path("/dev/fd/3")) and _is_stream(Path(os.devnull))
-    assert not _is_stream(Path("/dev/shm/predictions.csv"))
-    assert not _is_stream(Path("/proc/self/fd")) and not _is_stream(tmp_path / "out.csv")
+    assert is_stream(Path("/dev/stdout")) and is_stream(Path("/proc/self/fd/1"))
+    assert is_stream(Path("/dev/fd/3")) and is_stream(Path(os.devnull))
+    assert not is_stream(Path("/dev/shm/predictions.csv"))
+    assert not is_stream(Path("/proc/self/fd")) and not is_stream(tmp_path / "out.csv")

@@ -61,7 +61,7 @@ def check_output_path(
             _same_file(output, other) or os.path.realpath(output) == os.path.realpath(other)
         ):
             raise ValueError(f"{option} {output} is also another output; give each its own file.")
-    if _is_stream(output):
+    if is_stream(output):
         return  # a device or a pipe: written in place (e.g. /dev/stdout)
     folder = output.resolve().parent
     if not folder.is_dir():
@@ -117,7 +117,7 @@ def open_output(path: Path, newline: str | None = "") -> Iterator[TextIO]:
     Linux) are written back byte for byte rather than stopping the whole file.
     """
     options = {"encoding": "utf-8", "errors": "surrogateescape", "newline": newline}
-    if _is_stream(path):
+    if is_stream(path):
         # Opened by the name given (a pipe's resolved name is no path at all) and
         # appended to, after what this process already printed: `--summary /dev/stdout
         # > all.txt` must add to all.txt, not truncate or replace it.
@@ -151,7 +151,7 @@ def _is_folder(path: Path) -> bool:
         return False
 
 
-def _is_stream(path: Path) -> bool:
+def is_stream(path: Path) -> bool:
     """A device, a pipe, or a name for one of this process's streams (``/dev/stdout``,
     ``/dev/fd/3``, ``/proc/self/fd/1``), whatever it is redirected to."""
     name = os.path.abspath(path)

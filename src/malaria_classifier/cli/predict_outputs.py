@@ -61,9 +61,9 @@ def _remove_earlier_summary(summary: Path) -> None:
     A device or pipe (``/dev/stdout``) is written in place and keeps nothing stale, so
     it is left alone.
     """
-    from malaria_classifier.outputs import _is_stream
+    from malaria_classifier.outputs import is_stream
 
-    if not _is_stream(summary):
+    if not is_stream(summary):
         Path(os.path.realpath(summary)).unlink(missing_ok=True)
 
 
