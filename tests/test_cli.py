@@ -672,3 +672,9 @@ def test_an_interrupted_predict_never_leaves_new_predictions_beside_an_old_summa
     result = _run(*command)  # uninterrupted: both new
     assert result.exit_code == 0, result.output
     assert summary.read_text().startswith("group,cells,")
+
+    to_stdout = ("predict", *files, "--group-by", "folder", "--summary", summary)
+    with monkeypatch.context() as patch:  # rows streamed to stdout, stopped at the summary
+        patch.setattr(malaria_classifier.verdict, "write_summary", interrupted)
+        assert _run(*to_stdout).exit_code == 130
+    assert not summary.exists()

@@ -47,6 +47,10 @@ def write_predictions(
 
         rows = tqdm(rows, desc="Predicting", unit="img", file=sys.stderr)
     if output is None:
+        # Standard output may be redirected to a file: it is written as rows come, so
+        # the earlier summary goes first.
+        if summary is not None:
+            _remove_earlier_summary(summary)
         return write_rows(rows, sys.stdout, output_format)
     with open_output(output) as handle:
         counts = write_rows(rows, handle, output_format)
