@@ -15,7 +15,7 @@ from malaria_classifier.calibrate import (
     fit_ood_layer,
 )
 from malaria_classifier.model_card import DEFAULT_MODEL_DIR
-from malaria_classifier.ood import STATISTIC_NAMES
+from malaria_classifier.ood_statistics import STATISTIC_NAMES
 from malaria_classifier.splits import ManifestRow
 from malaria_classifier.verdict import VerdictRule, verdict_for
 

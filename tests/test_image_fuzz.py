@@ -117,7 +117,7 @@ def test_a_symlink_loop_is_a_clear_error(tmp_path):
 
 
 def test_a_symlink_loop_in_a_folder_does_not_stop_prediction(tmp_path):
-    from malaria_classifier.prediction import expand_inputs
+    from malaria_classifier.prediction_inputs import expand_inputs
 
     folder = tmp_path / "cells"
     folder.mkdir()

@@ -1,4 +1,4 @@
-"""Hyper-parameter search: trial recipes, validation-only objective, resume, outputs."""
+"""Hyper-parameter search end to end: validation-only trials, resume, outputs."""
 
 import csv
 import json
@@ -11,20 +11,19 @@ import pytest
 from _synthetic import write_synthetic_dataset
 
 import malaria_classifier.training as training_module
+import malaria_classifier.trial_objective as objective_module
 import malaria_classifier.tune as tune_module
 from malaria_classifier.config import TrainingConfig, load_config
 from malaria_classifier.data import check_dataset
+from malaria_classifier.search_space import SearchSpace, suggest_config
 from malaria_classifier.splits import read_manifest
-from malaria_classifier.tune import (
-    AUGMENTATION_AT_STRENGTH_ONE,
+from malaria_classifier.study_storage import (
     DATA_FINGERPRINT,
-    SearchSpace,
-    scaled_augmentation,
-    seed_configs,
+    check_fixed_settings,
+    open_study,
     sqlite_url,
-    suggest_config,
-    tune,
 )
+from malaria_classifier.tune import tune
 
 TINY_SPACE = SearchSpace(
     image_sizes=(16,),
@@ -36,38 +35,6 @@ TINY_SPACE = SearchSpace(
     max_epochs=2,
 )
 BASE = TrainingConfig(validation_fraction=0.25, test_fraction=0.25, early_stopping_patience=2)
-
-
-def test_a_trial_recipe_takes_every_searched_setting():
-    params = {
-        "image_size": 80,
-        "augmentation_strength": 0.5,
-        "base_filters": 12,
-        "conv_blocks": 5,
-        "convs_per_block": 2,
-        "residual_separable_blocks": 1,
-        "dense_units": 32,
-        "colour_normalization": "per_cell",
-        "batch_size": 128,
-        "learning_rate": 0.002,
-        "dropout_rate": 0.25,
-        "label_smoothing": 0.05,
-        "epochs": 12,
-    }
-    config = suggest_config(optuna.trial.FixedTrial(params), BASE, SearchSpace())
-    for name, value in params.items():
-        if name != "augmentation_strength":
-            assert getattr(config, name) == value, name
-    assert config.saturation_range == pytest.approx(0.2)
-    assert config.background_probability == pytest.approx(0.15)
-    assert config.seed == BASE.seed and config.test_fraction == 0.25
-
-
-def test_augmentation_strength_scales_ranges_and_caps_probabilities():
-    assert scaled_augmentation(0.0) == dict.fromkeys(AUGMENTATION_AT_STRENGTH_ONE, 0.0)
-    strong = scaled_augmentation(5.0)
-    assert strong["blur_probability"] == 1.0
-    assert strong["hue_delta"] == pytest.approx(0.2)
 
 
 def test_search_uses_validation_patients_only_resumes_and_writes_a_usable_config(
@@ -115,27 +82,19 @@ def test_zero_trials_is_refused(tmp_path):
         tune(tmp_path, 0, tmp_path / "tune")
 
 
-def test_seed_configs_change_only_the_training_seed():
-    configs = seed_configs(BASE, 3)
-    assert configs[0] == BASE
-    assert [config.randomness_seed for config in configs] == [42, 43, 44]
-    assert {config.seed for config in configs} == {BASE.seed}  # same split, same patients
-    assert all(config.replace(training_seed=None) == BASE for config in configs)
-
-
 def test_several_seeds_per_trial_score_their_mean_and_a_study_keeps_its_count(
     tmp_path, monkeypatch
 ):
     data = write_synthetic_dataset(tmp_path / "cells", patients=8, cells_per_class=4, size=20)
     trainings = []
-    real_train_trial = tune_module.train_trial
+    real_train_trial = objective_module.train_trial
 
     def recording_train_trial(config, root, rows, trial, report=True):
         value = real_train_trial(config, root, rows, trial, report=report)
         trainings.append((trial.number, config.randomness_seed, report, value))
         return value
 
-    monkeypatch.setattr(tune_module, "train_trial", recording_train_trial)
+    monkeypatch.setattr(objective_module, "train_trial", recording_train_trial)
     output = tmp_path / "tune"
     result = tune(data, 1, output, base=BASE, space=TINY_SPACE, progress=False, seeds_per_trial=2)
 
@@ -179,18 +138,6 @@ def test_progress_line_shows_each_seed_of_a_trial(capsys):
     assert "validation AUC 0.9750 (mean of seeds: 0.9800, 0.9700); 1/3 finished" in line
 
 
-def test_a_study_refuses_to_continue_with_other_fixed_settings():
-    study = optuna.create_study(direction="maximize")
-    tune_module._check_fixed_settings(study, BASE, TINY_SPACE)
-    tune_module._check_fixed_settings(study, BASE, TINY_SPACE)  # same settings: fine
-
-    with pytest.raises(ValueError, match=r"other fixed settings \(seed\)"):
-        tune_module._check_fixed_settings(study, BASE.replace(seed=7), TINY_SPACE)
-    wider = SearchSpace(**{**TINY_SPACE.__dict__, "max_epochs": 5})
-    with pytest.raises(ValueError, match=r"--max-epochs \(was 2\)"):
-        tune_module._check_fixed_settings(study, BASE, wider)
-
-
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
@@ -218,7 +165,7 @@ def _fast_objective(monkeypatch, calls=None):
             calls.append(trial.number)
         return config.dropout_rate
 
-    monkeypatch.setattr(tune_module, "score_trial", score)
+    monkeypatch.setattr(objective_module, "score_trial", score)
 
 
 def _param_sets(output, study_name="malaria"):
@@ -323,9 +270,7 @@ def test_a_refused_start_removes_only_the_empty_folders_it_created(tmp_path):
 
     # A study kept elsewhere refuses other fixed settings: nothing is left in --output.
     storage = sqlite_url(tmp_path / "studies.db")
-    tune_module._check_fixed_settings(
-        tune_module.open_study(storage, "malaria", 42), BASE, TINY_SPACE
-    )
+    check_fixed_settings(open_study(storage, "malaria", 42), BASE, TINY_SPACE)
     with pytest.raises(ValueError, match="other fixed settings"):
         tune(
             data,
@@ -351,7 +296,7 @@ def test_a_trial_stopped_by_ctrl_c_is_failed_and_replaced_on_resume(tmp_path, mo
     def interrupted(config, root, rows, trial, seeds=1):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(tune_module, "score_trial", interrupted)
+    monkeypatch.setattr(objective_module, "score_trial", interrupted)
     with pytest.raises(KeyboardInterrupt):
         tune(data, 2, output, base=BASE, space=TINY_SPACE, progress=False)
     _fast_objective(monkeypatch)

@@ -66,9 +66,9 @@ from malaria_classifier.ood import (
     final_layer_weights,
     fit_feature_density,
     fit_ood_check,
-    image_statistics,
     save_ood_check,
 )
+from malaria_classifier.ood_statistics import image_statistics
 from malaria_classifier.serving import read_serving_copy, write_serving_copy
 from malaria_classifier.splits import missing_cells, read_manifest
 from malaria_classifier.stress import LAB_VARIANTS_SUMMARY, draw_lab_variant

@@ -6,21 +6,21 @@ Rows have the columns ``path,label,probability,confidence,error,decision,reason`
 ``decision`` is Parasitized, Uninfected, Uncertain or Not a cell (see
 :mod:`malaria_classifier.decision`), and ``reason`` says why a cell is Uncertain or Not a
 cell (empty for a clear call). A bad file gets a row with an empty label and
-decision and a clear error, and the rest go on.
+decision and a clear error, and the rest go on. What a Predictor is given is checked in
+:mod:`~malaria_classifier.prediction_inputs`; files are read (and in decode workers,
+scored) ahead of the rows by :mod:`~malaria_classifier.worker_scoring`.
 """
 
 from __future__ import annotations
 
 import csv
-import itertools
 import json
 import os
-import stat
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, TextIO
+from typing import TextIO
 
 import numpy as np
 
@@ -30,29 +30,33 @@ from malaria_classifier.constants import (
     POSITIVE_CLASS,
     POSITIVE_INDEX,
 )
-from malaria_classifier.data import is_image_file, walk_files
 from malaria_classifier.decision import load_decision_rule, transformed_views
-from malaria_classifier.decoding import DecodePool, iter_images, load_chunk
-from malaria_classifier.images import resize_with_pad
-from malaria_classifier.model_card import check_model_path, default_model_path, read_model_card
-from malaria_classifier.ood import (
-    FinalLayer,
-    combine_signals,
-    final_layer_weights,
-    image_statistics,
+from malaria_classifier.decoding import DecodePool
+from malaria_classifier.model_card import default_model_path, read_model_card
+from malaria_classifier.ood import FinalLayer, combine_signals, final_layer_weights
+from malaria_classifier.ood_statistics import image_statistics
+from malaria_classifier.prediction_inputs import (
+    check_predictor_arguments,
+    distinct_inputs,  # noqa: F401  (malaria predict imports it from here)
+    expand_inputs,
+    prepare_arrays,
 )
 from malaria_classifier.runtimes import (
-    ScoringForward,
     check_runtime,
     make_best_scoring_forward,
     serving_forward,
 )
 from malaria_classifier.serving import read_serving_copy
 from malaria_classifier.verdict import VerdictRule
-
-# Jobs at least this large decode in worker processes; smaller ones do not pay the
-# fraction of a second it takes to start them.
-PROCESS_DECODE_MIN_FILES = 256
+from malaria_classifier.worker_scoring import (
+    PROCESS_DECODE_MIN_FILES,  # noqa: F401  (malaria predict imports it from here)
+    CellScores,
+    Pending,
+    ServingSource,
+    batches_ahead,
+    stack_cell_scores,
+    worker_forward,
+)
 
 OUTPUT_COLUMNS: tuple[str, ...] = (
     "path",
@@ -63,94 +67,6 @@ OUTPUT_COLUMNS: tuple[str, ...] = (
     "decision",
     "reason",
 )
-
-
-# Files a decode worker scores per task when it runs the whole path (decode, forward
-# pass, Not-a-cell statistics); the scores are the same whatever the batch (checked:
-# identical to the bit for chunks of 100 and batches of 256), so this only trades
-# round trips against the look-ahead window.
-WORKER_CHUNK_FILES = 128
-
-
-@dataclass(frozen=True)
-class ServingSource:
-    """Which serving copy a worker process loads: the same one the predictor loaded."""
-
-    model_path: str
-    onnx_sha256: str
-    with_features: bool
-
-
-class CellScores(NamedTuple):
-    """One image scored in a worker: raw P(Parasitized), features, image statistics."""
-
-    probability: float
-    features: np.ndarray | None
-    statistics: np.ndarray | None
-
-
-class ChunkScores(NamedTuple):
-    """What a worker returns for a chunk of files (images themselves stay there)."""
-
-    errors: list[str | None]  # per file; None where it was scored
-    probabilities: np.ndarray  # (scored,) raw P(Parasitized), in file order
-    features: np.ndarray | None  # (scored, units) penultimate-layer activations
-    statistics: np.ndarray | None  # (scored, len(STATISTIC_NAMES)) for the Not-a-cell check
-
-    def cell(self, index: int) -> CellScores:
-        """The scores of the ``index``-th file that was scored."""
-        return CellScores(
-            float(self.probabilities[index]),
-            None if self.features is None else self.features[index],
-            None if self.statistics is None else self.statistics[index],
-        )
-
-
-# One ONNX Runtime session per worker process, kept for every chunk of every job.
-_WORKER_FORWARDS: dict[ServingSource, ScoringForward] = {}
-
-
-def worker_forward(source: ServingSource) -> ScoringForward:
-    """The forward pass of ``source`` in this process (loaded once, one thread).
-
-    Raises:
-        ValueError: If the serving copy on disk is no longer the one the predictor
-            loaded (the model was retrained or re-calibrated meanwhile).
-    """
-    forward = _WORKER_FORWARDS.get(source)
-    if forward is None:
-        serving = read_serving_copy(source.model_path)
-        if serving is None or serving.onnx_sha256 != source.onnx_sha256:
-            raise ValueError(
-                f"The serving copy of {source.model_path} changed while predicting "
-                f"(retrained or re-calibrated?). Run the prediction again."
-            )
-        _WORKER_FORWARDS.clear()  # a worker serves one predictor's model at a time
-        forward = _WORKER_FORWARDS[source] = serving_forward(serving, source.with_features, 1)
-    return forward
-
-
-def score_files(
-    paths: list[str], image_size: int, source: ServingSource, with_statistics: bool
-) -> ChunkScores:
-    """Decode, score and measure a chunk of files: the task of a worker process.
-
-    Only the scores travel back (about 0.3 KB an image instead of its 12 KB of
-    pixels), and each worker is one busy process per core with no thread beside it:
-    1.18 CPU-ms an image against 1.38-1.45 with the forward pass and statistics in
-    the main process (docs/benchmarks.md section 8.2i).
-    """
-    results = load_chunk(paths, image_size)
-    errors = [error for _, error in results]
-    images = [image for image, _ in results if image is not None]
-    if not images:
-        return ChunkScores(errors, np.empty(0), None, None)
-    batch = np.stack(images)
-    probabilities, features = worker_forward(source)(batch)
-    statistics = image_statistics(batch) if with_statistics else None
-    return ChunkScores(
-        errors, probabilities[:, POSITIVE_INDEX].astype(np.float64), features, statistics
-    )
 
 
 @dataclass
@@ -169,114 +85,6 @@ class PredictionRow:
     decision: str = ""
     uncalibrated_probability: float | None = None
     reason: str = ""
-
-
-def expand_inputs(
-    inputs: Iterable[str | bytes | Path] | str | bytes | os.PathLike,
-) -> Iterator[tuple[str, str | None]]:
-    """Turn files and folders (searched recursively) into ``(path, error)`` pairs.
-
-    A path that does not exist, or a folder that cannot be read, yields an error
-    instead of stopping the batch; files inside folders that are not images (by
-    suffix) are skipped silently, while a file named explicitly is always tried. One
-    path on its own (a ``str``, ``bytes`` or ``Path``) is one input, not a sequence of
-    characters.
-    """
-    if isinstance(inputs, str | bytes | os.PathLike):
-        inputs = [inputs]
-    for item in inputs:
-        path = Path(os.fsdecode(item))  # a bytes name (os.listdir(b".")) too
-        try:
-            is_folder = stat.S_ISDIR(os.stat(path).st_mode)  # one system call a file
-        except (FileNotFoundError, NotADirectoryError):
-            if path.is_symlink():  # a broken link: reading it names the problem
-                yield str(path), None
-            else:
-                yield str(path), f"{path}: does not exist. Check the path."
-            continue
-        except OSError:  # e.g. permission denied: reading it names the problem
-            is_folder = False
-        if is_folder:
-            for candidate, error in walk_files(path):
-                if error is not None:
-                    yield str(candidate), error
-                elif is_image_file(candidate):
-                    yield str(candidate), None
-        else:
-            yield str(path), None
-
-
-def distinct_inputs(inputs: Iterable[str | Path]) -> list[Path]:
-    """The inputs without repeats and without those inside another input folder
-    (``cells cells/``, a folder spelled relative and absolute, a file or sub-folder of a
-    folder also named, before or after it).
-
-    ``malaria predict`` uses it so that each file is predicted once and a patient's
-    verdict never counts a cell twice; ``Predictor.predict_paths`` itself keeps one
-    row per path it is given. Sets and each path's own parents, so 100,000 files
-    named one by one (a shell glob) cost 100,000 look-ups, not 100,000 squared.
-    """
-    items = list(inputs)
-    resolved = [Path(os.path.realpath(item)) for item in items]
-    named = set(resolved)  # a named path that is another one's parent is a folder
-    seen: set[Path] = set()
-    kept = []
-    for item, path in zip(items, resolved, strict=True):
-        if path in seen or any(parent in named for parent in path.parents):
-            continue
-        seen.add(path)
-        kept.append(Path(item))
-    return kept
-
-
-def _check_arguments(
-    model_path: str | Path | None,
-    threshold: float | None,
-    test_time_views: bool,
-    check_ood: bool,
-    decode_processes: bool,
-) -> None:
-    """Refuse wrong arguments before seconds of model loading, naming the value."""
-    if model_path is not None and str(model_path).strip():
-        check_model_path(model_path)  # seconds before TensorFlow would be loaded to say so
-    if threshold is not None and (
-        isinstance(threshold, bool)
-        or not isinstance(threshold, int | float)
-        or not 0.0 < threshold < 1.0
-    ):
-        raise ValueError(
-            f"threshold must be between 0 and 1 (exclusive), or None for the "
-            f"model's own operating threshold; got {threshold!r}."
-        )
-    switches = {
-        "test_time_views": test_time_views,
-        "check_ood": check_ood,
-        "decode_processes": decode_processes,
-    }
-    for name, value in switches.items():
-        if not isinstance(value, bool | np.bool_):
-            raise ValueError(f"{name} must be True or False, got {value!r}.")
-
-
-def check_rgb_array(image: np.ndarray, index: int) -> np.ndarray:
-    """An image array as the model takes it: uint8 RGB ``(height, width, 3)``, 0-255.
-
-    Raises:
-        ValueError: Naming the image and what to pass instead; floats are refused
-            rather than cast (a float image in [0, 1] cast to uint8 is all black).
-    """
-    image = np.asarray(image)
-    if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] < 1 or image.shape[1] < 1:
-        raise ValueError(
-            f"Image {index} has shape {image.shape}; expected (height, width, 3) RGB. Convert "
-            f"grayscale or RGBA first (e.g. PIL's image.convert('RGB'))."
-        )
-    if image.dtype != np.uint8:
-        raise ValueError(
-            f"Image {index} is {image.dtype}; expected uint8 pixels 0-255. For floats in "
-            f"[0, 1] pass (image * 255).round().astype('uint8')."
-        )
-    return image
 
 
 def label_for(probability: float, threshold: float = DEFAULT_THRESHOLD) -> str:
@@ -340,7 +148,9 @@ class Predictor:
         not_a_cell: str = "strict",
     ) -> None:
         check_runtime(runtime)
-        _check_arguments(model_path, threshold, test_time_views, check_ood, decode_processes)
+        check_predictor_arguments(
+            model_path, threshold, test_time_views, check_ood, decode_processes
+        )
         # The "Not a cell" image statistics (numpy, which releases the GIL) run on this
         # thread while the forward pass of the same batch runs.
         self._statistics_thread = ThreadPoolExecutor(1, thread_name_prefix="ood-statistics")
@@ -450,7 +260,7 @@ class Predictor:
         """Calibrated P(Parasitized) for RGB uint8 arrays of any size, prepared as files
         are (a cell cut out of a smear background, resized with padding)."""
         self._check_open()
-        return self._predict_batch(self._fit_arrays(images))
+        return self._predict_batch(prepare_arrays(images, self.image_size))
 
     def predict_images(
         self, images: Iterable[np.ndarray], names: Iterable[str] | None = None
@@ -471,31 +281,7 @@ class Predictor:
             raise ValueError(f"Got {len(images)} images but {len(names)} names; pass one each.")
         if not len(images):
             return []
-        return self._rows_for_batch(names, self._fit_arrays(images))
-
-    def _fit_arrays(self, images: np.ndarray | Iterable[np.ndarray]) -> np.ndarray:
-        """Prepare arrays exactly as files are prepared (:func:`load_for_model`).
-
-        Every array goes through :func:`resize_with_pad`, also one already of the input
-        size: a 64x64 crop on a smear must be cut out like a file of that crop, or the
-        API and ``predict_paths`` would give the same pixels different answers. For an
-        array that is already a prepared model input the step changes nothing.
-        """
-        if not isinstance(images, (Sequence, np.ndarray)):
-            images = list(images)  # a generator: len() needs a list
-        if isinstance(images, np.ndarray) and images.ndim == 3:
-            raise ValueError(
-                f"Got one array of shape {images.shape}; pass a list of images (e.g. "
-                f"[image]) or a batch of shape (n, height, width, 3)."
-            )
-        if not len(images):
-            raise ValueError("Got no images; pass at least one (height, width, 3) array.")
-        return np.stack(
-            [
-                resize_with_pad(check_rgb_array(image, index), self.image_size)
-                for index, image in enumerate(images)
-            ]
-        )
+        return self._rows_for_batch(names, prepare_arrays(images, self.image_size))
 
     def _raw_scores(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Uncalibrated P(Parasitized) and, when the OOD check needs them, features."""
@@ -572,65 +358,20 @@ class Predictor:
     def _predict_paths(
         self, inputs: Iterable[str | bytes | Path] | str | bytes | os.PathLike
     ) -> Iterator[PredictionRow]:
-        # Two views of one lazy walk: the loader runs ahead by its look-ahead window,
-        # and tee buffers only the paths between the two.
-        pairs, pairs_to_load = itertools.tee(expand_inputs(inputs))
-        readable = (path for path, error in pairs_to_load if error is None)
-        loaded = self._loaded(readable)
-        pending: list[tuple[str, np.ndarray | CellScores | None, str | None]] = []
-        images_pending = 0
-        for path, error in pairs:
-            item = None
-            if error is None:
-                item, error = next(loaded)
-            pending.append((path, item, error))
-            images_pending += item is not None
-            if images_pending >= self.batch_size:
-                yield from self._flush(pending)
-                pending, images_pending = [], 0
-        yield from self._flush(pending)
-
-    def _loaded(
-        self, paths: Iterator[str]
-    ) -> Iterator[tuple[np.ndarray | CellScores | None, str | None]]:
-        """Per path, its decoded image or its scores (or its error), computed ahead.
-
-        Large jobs run in the worker processes: there each worker also scores its
-        chunk (forward pass and Not-a-cell statistics) when the model has a serving
-        copy, so only scores come back and every core runs one busy process (the main
-        process then only builds rows). Small jobs decode in threads.
-        """
-        first = list(itertools.islice(paths, PROCESS_DECODE_MIN_FILES))
-        paths = itertools.chain(first, paths)
-        if self._decode_pool is None or len(first) < PROCESS_DECODE_MIN_FILES:
-            return iter_images(paths, self.image_size)
-        if self._serving_source is None or self.test_time_views:
-            return self._decode_pool.iter_images(paths, self.image_size)
-        return self._scored_in_workers(paths)
-
-    def _scored_in_workers(
-        self, paths: Iterator[str]
-    ) -> Iterator[tuple[CellScores | None, str | None]]:
-        chunks = self._decode_pool.map_chunks(
-            score_files,
-            paths,
+        # Test-time views need the images themselves: the workers then only decode.
+        source = None if self.test_time_views else self._serving_source
+        batches = batches_ahead(
+            expand_inputs(inputs),
+            self.batch_size,
             self.image_size,
-            self._serving_source,
+            self._decode_pool,
+            source,
             self.rule.ood is not None,
-            chunk_size=WORKER_CHUNK_FILES,
         )
-        for chunk in chunks:
-            scored = 0
-            for error in chunk.errors:
-                if error is not None:
-                    yield None, error
-                    continue
-                yield chunk.cell(scored), None
-                scored += 1
+        for pending in batches:
+            yield from self._flush(pending)
 
-    def _flush(
-        self, pending: list[tuple[str, np.ndarray | CellScores | None, str | None]]
-    ) -> list[PredictionRow]:
+    def _flush(self, pending: Pending) -> list[PredictionRow]:
         loaded = [(path, item) for path, item, _ in pending if item is not None]
         scored = iter(self._rows_for_items(loaded) if loaded else [])
         rows = []
@@ -648,12 +389,7 @@ class Predictor:
         items = [item for _, item in loaded]
         if not isinstance(items[0], CellScores):
             return self._rows_for_batch(names, np.stack(items))
-        return self._rows_from_scores(
-            names,
-            np.array([item.probability for item in items]),
-            None if items[0].features is None else np.stack([item.features for item in items]),
-            None if items[0].statistics is None else np.stack([item.statistics for item in items]),
-        )
+        return self._rows_from_scores(names, *stack_cell_scores(items))
 
 
 def write_rows(rows: Iterable[PredictionRow], handle: TextIO, output_format: str) -> dict[str, int]:
