@@ -481,7 +481,7 @@ def test_predict_to_a_missing_folder_is_one_clear_line(cells, tiny_model, tmp_pa
 
 
 def test_predict_reports_an_unreadable_folder_and_goes_on(cells, tmp_path, monkeypatch):
-    from malaria_classifier.prediction import expand_inputs
+    from malaria_classifier.prediction_inputs import expand_inputs
 
     readable = tmp_path / "open"
     readable.mkdir()
