@@ -7,6 +7,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from malaria_classifier.images import resize_with_pad
+
+# Drawn cells are pinks up to (240, 170, 190): on the stress smear colour (205, 185, 190)
+# some would vanish, so the synthetic tests use a lighter smear, as real smears are.
+LIGHT_SMEAR = (232, 218, 222)
+
 
 def draw_cell(size: int, parasitized: bool, rng: np.random.Generator) -> Image.Image:
     """A pink disc on black; parasitized cells carry a dark purple dot, like a ring form."""
@@ -20,6 +26,25 @@ def draw_cell(size: int, parasitized: bool, rng: np.random.Generator) -> Image.I
         x, y = rng.integers(size // 3, 2 * size // 3, size=2)
         draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=(80, 20, 110))
     return image
+
+
+def drawn_cells(count: int, seed: int = 0) -> np.ndarray:
+    """``count`` drawn 64 px cells ``(count, 64, 64, 3)``, every other one parasitized."""
+    rng = np.random.default_rng(seed)
+    return np.stack([np.asarray(draw_cell(64, i % 2 == 0, rng)) for i in range(count)])
+
+
+def native_cells(count: int, seed: int = 0) -> list[np.ndarray]:
+    """Drawn cells at NIH-like native sizes (80-130 px), black background."""
+    rng = np.random.default_rng(seed)
+    return [
+        np.asarray(draw_cell(int(rng.integers(80, 131)), i % 2 == 0, rng)) for i in range(count)
+    ]
+
+
+def model_inputs(images) -> np.ndarray:
+    """The 64 px model inputs, smear left in: the tests are about the check's own handling."""
+    return np.stack([resize_with_pad(image, 64, cut_out_smear=False) for image in images])
 
 
 def write_synthetic_dataset(

@@ -15,10 +15,15 @@ Widths and heights each run over 20 to 40 px (both ends occur).
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
+from _synthetic import draw_cell
 from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -57,6 +62,25 @@ def write_png(
     return path
 
 
+def write_cells(folder: Path, count: int) -> list[str]:
+    """``count`` one-colour PNGs ``cell_0000.png``.. in ``folder``, sizes and colours varied.
+
+    Returns their paths as strings, in order.
+    """
+    paths = []
+    for index in range(count):
+        size = (12 + index % 9, 10 + index % 13)
+        color = (index % 256, (7 * index) % 256, (13 * index) % 256)
+        paths.append(str(write_png(folder / f"cell_{index:04d}.png", size=size, color=color)))
+    return paths
+
+
+def kill_workers() -> None:
+    """SIGKILL every live child process of this one (decode and scoring workers)."""
+    for child in multiprocessing.active_children():
+        os.kill(child.pid, signal.SIGKILL)
+
+
 @pytest.fixture
 def make_png() -> MakePng:
     """The :func:`write_png` helper.
@@ -92,6 +116,22 @@ def synthetic_dataset(tmp_path: Path) -> Path:
     for field_name in HEALTHY_DONORS.values():
         add("Uninfected", field_name, CELLS_PER_HEALTHY)
     return root
+
+
+@pytest.fixture
+def mixed_folder(tmp_path: Path) -> Path:
+    """``tmp_path/batch``: five drawn cells ``cell_0..4.png``, a grey ``nested/gray.png``,
+    a broken and an empty ``.png``, and a ``notes.txt`` that is not an image."""
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "batch"
+    (folder / "nested").mkdir(parents=True)
+    for index in range(5):
+        draw_cell(30 + index, index % 2 == 0, rng).save(folder / f"cell_{index}.png")
+    draw_cell(50, True, rng).convert("L").save(folder / "nested" / "gray.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
 
 
 @pytest.fixture(scope="session")

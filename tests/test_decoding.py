@@ -3,31 +3,20 @@
 from __future__ import annotations
 
 import multiprocessing
-import os
 import platform
 import resource
-import signal
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 from _synthetic import save_tiny_model
-from conftest import write_png
+from conftest import kill_workers, write_cells
 
 from malaria_classifier.decoding import DecodePool
 from malaria_classifier.images import load_for_model
 from malaria_classifier.prediction import Predictor
 from malaria_classifier.worker_scoring import PROCESS_DECODE_MIN_FILES
-
-
-def _cells(folder, count: int) -> list[str]:
-    paths = []
-    for index in range(count):
-        size = (12 + index % 9, 10 + index % 13)
-        color = (index % 256, (7 * index) % 256, (13 * index) % 256)
-        paths.append(str(write_png(folder / f"cell_{index:04d}.png", size=size, color=color)))
-    return paths
 
 
 def _assert_decoded_like_load_for_model(paths, results) -> None:
@@ -37,13 +26,8 @@ def _assert_decoded_like_load_for_model(paths, results) -> None:
         np.testing.assert_array_equal(image, load_for_model(path, 16))
 
 
-def _kill_workers() -> None:
-    for child in multiprocessing.active_children():
-        os.kill(child.pid, signal.SIGKILL)
-
-
 def test_images_come_back_in_order_with_the_pixels_of_load_for_model(tmp_path):
-    paths = _cells(tmp_path, 40)
+    paths = write_cells(tmp_path, 40)
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
     paths.insert(7, str(broken))
@@ -57,11 +41,11 @@ def test_images_come_back_in_order_with_the_pixels_of_load_for_model(tmp_path):
 
 
 def test_a_killed_worker_loses_no_file(tmp_path, caplog):
-    paths = _cells(tmp_path, 60)
+    paths = write_cells(tmp_path, 60)
     with DecodePool(processes=1) as pool:
         stream = pool.iter_images(paths, 16, chunk_size=4, lookahead_chunks=3)
         first = next(stream)
-        _kill_workers()
+        kill_workers()
 
         results = [first, *stream]
 
@@ -70,7 +54,7 @@ def test_a_killed_worker_loses_no_file(tmp_path, caplog):
 
 
 def test_predictor_rows_are_the_same_with_decode_processes(tmp_path):
-    paths = _cells(tmp_path / "cells", PROCESS_DECODE_MIN_FILES + 20)
+    paths = write_cells(tmp_path / "cells", PROCESS_DECODE_MIN_FILES + 20)
     model = save_tiny_model(tmp_path / "model.keras")
     in_threads = Predictor(model, decode_processes=False)
     in_processes = Predictor(model, decode_processes=True)
@@ -87,7 +71,7 @@ def _worker_pids() -> set[int]:
 
 
 def test_a_pool_serves_many_jobs_with_the_same_workers(tmp_path):
-    paths = _cells(tmp_path, 30)
+    paths = write_cells(tmp_path, 30)
     with DecodePool(processes=2) as pool:
         first = list(pool.iter_images(paths, 16, chunk_size=4))
         workers = _worker_pids()
@@ -100,7 +84,7 @@ def test_a_pool_serves_many_jobs_with_the_same_workers(tmp_path):
 
 
 def test_a_job_abandoned_halfway_leaves_the_next_job_intact(tmp_path):
-    paths = _cells(tmp_path, 40)
+    paths = write_cells(tmp_path, 40)
     with DecodePool(processes=1) as pool:
         abandoned = pool.iter_images(paths, 16, chunk_size=2, lookahead_chunks=8)
         next(abandoned)
@@ -111,11 +95,11 @@ def test_a_job_abandoned_halfway_leaves_the_next_job_intact(tmp_path):
 
 
 def test_after_a_worker_dies_the_next_job_gets_a_fresh_pool(tmp_path, caplog):
-    paths = _cells(tmp_path, 24)
+    paths = write_cells(tmp_path, 24)
     with DecodePool(processes=1) as pool:
         stream = pool.iter_images(paths, 16, chunk_size=4, lookahead_chunks=2)
         next(stream)
-        _kill_workers()
+        kill_workers()
         assert len([next(stream), *stream]) == len(paths) - 1
         assert "decode process died" in caplog.text
 

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 from _noncells import make_non_cells, smear_field
-from _synthetic import draw_cell, save_tiny_model
+from _synthetic import LIGHT_SMEAR, drawn_cells, model_inputs, native_cells, save_tiny_model
 
 from malaria_classifier.images import resize_with_pad
 from malaria_classifier.ood import (
@@ -26,13 +26,8 @@ from malaria_classifier.stress import (
 )
 
 
-def _cells(count, seed=0):
-    rng = np.random.default_rng(seed)
-    return np.stack([np.asarray(draw_cell(64, i % 2 == 0, rng)) for i in range(count)])
-
-
 def test_fitted_limits_accept_cells_and_reject_what_lies_outside():
-    cells = _cells(200)
+    cells = drawn_cells(200)
     signals = np.c_[image_statistics(cells), np.full((200, 2), np.nan)]
     check = fit_ood_check(signals[:150], signals[150:], density=None, max_false_rejection=0.05)
     rejected = [bool(reason) for reason in check.reasons(signals[150:])]
@@ -139,27 +134,10 @@ def test_asking_for_other_labs_limits_a_model_lacks_says_how_to_get_them(tmp_pat
 
 # --- Backgrounds other than black (crops that keep the smear) ---------------------------
 
-# Drawn cells are pinks up to (240, 170, 190): on the stress smear colour (205, 185, 190)
-# some would vanish, so the synthetic tests use a lighter smear, as real smears are.
-LIGHT_SMEAR = (232, 218, 222)
-
-
-def _native_cells(count, seed=0):
-    """Drawn cells at NIH-like native sizes (80-130 px), black background."""
-    rng = np.random.default_rng(seed)
-    return [
-        np.asarray(draw_cell(int(rng.integers(80, 131)), i % 2 == 0, rng)) for i in range(count)
-    ]
-
-
-def _model_inputs(images):
-    """The model's inputs, smear left in: these tests are about ood.py's own handling."""
-    return np.stack([resize_with_pad(image, 64, cut_out_smear=False) for image in images])
-
 
 def _image_signals(images):
     """Signals with the two feature signals unavailable (nan: they never trip)."""
-    statistics = image_statistics(_model_inputs(images))
+    statistics = image_statistics(model_inputs(images))
     return np.c_[
         statistics, np.full((len(statistics), len(SIGNAL_NAMES) - len(statistics[0])), np.nan)
     ]
@@ -207,7 +185,7 @@ def _non_cells(cells, seed=0):
 
 
 def test_a_check_fitted_with_variants_accepts_smear_crops_and_still_rejects_non_cells():
-    cells = _native_cells(400)
+    cells = native_cells(400)
     plain, with_variants = _fitted_checks(cells[:250], cells[250:350])
     held_out = cells[350:]
     rng = np.random.default_rng(3)
@@ -224,7 +202,7 @@ def test_a_check_fitted_with_variants_accepts_smear_crops_and_still_rejects_non_
 
 
 def test_fitting_ignores_variants_whose_cell_vanished_into_the_background():
-    cells = _native_cells(60)
+    cells = native_cells(60)
     signals = _image_signals(cells)
     blank = _image_signals([np.full((90, 90, 3), SMEAR_COLOUR, np.uint8)] * 3)
     check = fit_ood_check(signals[:40], signals[40:], None, 0.1, train_variant_signals=blank)

@@ -2,10 +2,9 @@
 
 import numpy as np
 import pytest
-from _synthetic import draw_cell
+from _synthetic import LIGHT_SMEAR, drawn_cells, model_inputs, native_cells
 from PIL import Image, ImageDraw
 
-from malaria_classifier.images import resize_with_pad
 from malaria_classifier.ood_statistics import (
     STATISTIC_NAMES,
     _content_box,
@@ -20,13 +19,8 @@ def _stat(statistics, name):
     return statistics[:, STATISTIC_NAMES.index(name)]
 
 
-def _cells(count, seed=0):
-    rng = np.random.default_rng(seed)
-    return np.stack([np.asarray(draw_cell(64, i % 2 == 0, rng)) for i in range(count)])
-
-
 def test_statistics_of_a_drawn_cell_a_blank_and_a_mosaic():
-    cell = _cells(1)
+    cell = drawn_cells(1)
     blank = np.zeros((1, 64, 64, 3), np.uint8)
     tile = Image.new("RGB", (32, 32))
     ImageDraw.Draw(tile).ellipse([0, 0, 31, 31], fill=(220, 150, 170))  # a crop: disc fills box
@@ -42,27 +36,9 @@ def test_statistics_of_a_drawn_cell_a_blank_and_a_mosaic():
     assert _stat(statistics, "enclosed_dark_fraction")[2] > 0.0
 
 
-# Drawn cells are pinks up to (240, 170, 190): on the stress smear colour (205, 185, 190)
-# some would vanish, so the synthetic tests use a lighter smear, as real smears are.
-LIGHT_SMEAR = (232, 218, 222)
-
-
-def _native_cells(count, seed=0):
-    """Drawn cells at NIH-like native sizes (80-130 px), black background."""
-    rng = np.random.default_rng(seed)
-    return [
-        np.asarray(draw_cell(int(rng.integers(80, 131)), i % 2 == 0, rng)) for i in range(count)
-    ]
-
-
-def _model_inputs(images):
-    """The model's inputs, smear left in: these tests are about the statistics' own handling."""
-    return np.stack([resize_with_pad(image, 64, cut_out_smear=False) for image in images])
-
-
 def test_black_background_statistics_are_the_black_mask_as_before():
     """NIH crops: background is exactly "brightest channel < 30", colours are its complement's."""
-    batch = _model_inputs(_native_cells(6))
+    batch = model_inputs(native_cells(6))
     batch[0, 20:24, 20:24] = (25, 10, 29)  # a dark but not black patch inside a cell
     statistics = image_statistics(batch)
     black = batch.max(axis=3) < 30
@@ -76,10 +52,10 @@ def test_black_background_statistics_are_the_black_mask_as_before():
 
 
 def test_border_colour_is_black_for_nih_crops_and_the_smear_for_smear_crops():
-    cell = _native_cells(1)[0]
+    cell = native_cells(1)[0]
     smeared = fill_background(cell, np.random.default_rng(0), colour=SMEAR_COLOUR)
     gradient = np.linspace(0, 255, 64 * 64 * 3).reshape(64, 64, 3).astype(np.uint8)
-    batch = _model_inputs([cell, smeared, gradient])
+    batch = model_inputs([cell, smeared, gradient])
     black = batch.max(axis=3) < 30
     colours, agreement = border_colours(batch, _content_box(black))
     assert colours[0].max() < 30
@@ -88,11 +64,11 @@ def test_border_colour_is_black_for_nih_crops_and_the_smear_for_smear_crops():
 
 
 def test_a_smear_background_is_measured_like_the_black_one():
-    cells = _native_cells(8)
+    cells = native_cells(8)
     rng = np.random.default_rng(1)
-    black = image_statistics(_model_inputs(cells))
+    black = image_statistics(model_inputs(cells))
     smeared = image_statistics(
-        _model_inputs([fill_background(cell, rng, colour=LIGHT_SMEAR) for cell in cells])
+        model_inputs([fill_background(cell, rng, colour=LIGHT_SMEAR) for cell in cells])
     )
     # the antialiased rim blends into the smear, so a little more is background
     # (not the content-box fraction: a drawn cell's black margin is trimmed like padding)
@@ -111,7 +87,7 @@ def test_a_picture_running_past_its_edges_has_little_background_on_them():
     landscape = np.zeros((90, 120, 3), np.uint8)
     landscape[:50] = (120, 180, 230)  # sky: the border colour
     landscape[50:] = (70, 140, 50)  # ground: the "object", along the whole bottom edge
-    statistics = image_statistics(_model_inputs([_native_cells(1)[0], landscape]))
+    statistics = image_statistics(model_inputs([native_cells(1)[0], landscape]))
     edge = _stat(statistics, "box_edge_dark_fraction")
     assert edge[0] > 0.6 and edge[1] < 0.6
 

@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 import pytest
-from _synthetic import draw_cell, save_tiny_model, write_synthetic_dataset
+from _synthetic import save_tiny_model, write_synthetic_dataset
 from PIL import Image
 
 from malaria_classifier.images import load_for_model
@@ -23,20 +23,6 @@ from malaria_classifier.prediction import (
 def tiny_predictor(tmp_path_factory):
     path = save_tiny_model(tmp_path_factory.mktemp("model") / "model.keras")
     return Predictor(path, batch_size=4)
-
-
-@pytest.fixture
-def mixed_folder(tmp_path):
-    rng = np.random.default_rng(1)
-    folder = tmp_path / "batch"
-    (folder / "nested").mkdir(parents=True)
-    for index in range(5):
-        draw_cell(30 + index, index % 2 == 0, rng).save(folder / f"cell_{index}.png")
-    draw_cell(50, True, rng).convert("L").save(folder / "nested" / "gray.png")
-    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
-    (folder / "empty.png").write_bytes(b"")
-    (folder / "notes.txt").write_text("not an image")
-    return folder
 
 
 def test_label_for_uses_the_threshold_and_positive_class():

@@ -2,25 +2,7 @@
 
 import os
 
-import numpy as np
-import pytest
-from _synthetic import draw_cell
-
 from malaria_classifier.prediction_inputs import distinct_inputs, expand_inputs
-
-
-@pytest.fixture
-def mixed_folder(tmp_path):
-    rng = np.random.default_rng(1)
-    folder = tmp_path / "batch"
-    (folder / "nested").mkdir(parents=True)
-    for index in range(5):
-        draw_cell(30 + index, index % 2 == 0, rng).save(folder / f"cell_{index}.png")
-    draw_cell(50, True, rng).convert("L").save(folder / "nested" / "gray.png")
-    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
-    (folder / "empty.png").write_bytes(b"")
-    (folder / "notes.txt").write_text("not an image")
-    return folder
 
 
 def test_expand_inputs_recurses_folders_and_reports_missing_paths(mixed_folder, tmp_path):

@@ -2,16 +2,14 @@
 
 import optuna
 import pytest
+from _tuning import BASE
 
-from malaria_classifier.config import TrainingConfig
 from malaria_classifier.search_space import (
     AUGMENTATION_AT_STRENGTH_ONE,
     SearchSpace,
     scaled_augmentation,
     suggest_config,
 )
-
-BASE = TrainingConfig(validation_fraction=0.25, test_fraction=0.25, early_stopping_patience=2)
 
 
 def test_a_trial_recipe_takes_every_searched_setting():

@@ -2,21 +2,10 @@
 
 import optuna
 import pytest
+from _tuning import BASE, TINY_SPACE
 
-from malaria_classifier.config import TrainingConfig
 from malaria_classifier.search_space import SearchSpace
 from malaria_classifier.study_storage import check_fixed_settings
-
-TINY_SPACE = SearchSpace(
-    image_sizes=(16,),
-    base_filters=(4,),
-    conv_blocks=(2, 2),
-    convs_per_block=(1, 1),
-    dense_units=(8,),
-    batch_sizes=(16,),
-    max_epochs=2,
-)
-BASE = TrainingConfig(validation_fraction=0.25, test_fraction=0.25, early_stopping_patience=2)
 
 
 def test_a_study_refuses_to_continue_with_other_fixed_settings():

@@ -1,9 +1,8 @@
 """The objective of a tuning trial: one recipe, several training seeds, same patients."""
 
-from malaria_classifier.config import TrainingConfig
-from malaria_classifier.trial_objective import seed_configs
+from _tuning import BASE
 
-BASE = TrainingConfig(validation_fraction=0.25, test_fraction=0.25, early_stopping_patience=2)
+from malaria_classifier.trial_objective import seed_configs
 
 
 def test_seed_configs_change_only_the_training_seed():

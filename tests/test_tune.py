@@ -9,11 +9,12 @@ from pathlib import Path
 import optuna
 import pytest
 from _synthetic import write_synthetic_dataset
+from _tuning import BASE, TINY_SPACE
 
 import malaria_classifier.training as training_module
 import malaria_classifier.trial_objective as objective_module
 import malaria_classifier.tune as tune_module
-from malaria_classifier.config import TrainingConfig, load_config
+from malaria_classifier.config import load_config
 from malaria_classifier.data import check_dataset
 from malaria_classifier.search_space import SearchSpace, suggest_config
 from malaria_classifier.splits import read_manifest
@@ -24,17 +25,6 @@ from malaria_classifier.study_storage import (
     sqlite_url,
 )
 from malaria_classifier.tune import tune
-
-TINY_SPACE = SearchSpace(
-    image_sizes=(16,),
-    base_filters=(4,),
-    conv_blocks=(2, 2),
-    convs_per_block=(1, 1),
-    dense_units=(8,),
-    batch_sizes=(16,),
-    max_epochs=2,
-)
-BASE = TrainingConfig(validation_fraction=0.25, test_fraction=0.25, early_stopping_patience=2)
 
 
 def test_search_uses_validation_patients_only_resumes_and_writes_a_usable_config(

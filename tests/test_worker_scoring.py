@@ -1,11 +1,7 @@
 """Scoring in the decode workers: rows as in the main process, dead workers survived."""
 
-import multiprocessing
-import os
-import signal
-
 import pytest
-from conftest import write_png
+from conftest import kill_workers, write_cells
 
 from malaria_classifier import worker_scoring
 from malaria_classifier.model_card import default_model_path
@@ -17,23 +13,9 @@ from malaria_classifier.worker_scoring import (
 )
 
 
-def _cells(folder, count: int) -> list[str]:
-    paths = []
-    for index in range(count):
-        size = (12 + index % 9, 10 + index % 13)
-        color = (index % 256, (7 * index) % 256, (13 * index) % 256)
-        paths.append(str(write_png(folder / f"cell_{index:04d}.png", size=size, color=color)))
-    return paths
-
-
-def _kill_workers() -> None:
-    for child in multiprocessing.active_children():
-        os.kill(child.pid, signal.SIGKILL)
-
-
 def _job_with_bad_files(folder) -> list[str]:
     """Enough cells for the worker processes, with an unreadable file and a missing one."""
-    paths = _cells(folder, PROCESS_DECODE_MIN_FILES + 40)
+    paths = write_cells(folder, PROCESS_DECODE_MIN_FILES + 40)
     broken = folder / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
     return [*paths[:100], str(broken), str(folder / "missing.png"), *paths[100:]]
@@ -66,7 +48,7 @@ def test_a_killed_scoring_worker_loses_no_file(tmp_path, caplog, monkeypatch):
     with Predictor(decode_processes=True, batch_size=32) as predictor:
         stream = predictor.predict_paths(paths)
         first = next(stream)
-        _kill_workers()
+        kill_workers()
         rows = [first, *stream]
 
     assert "decode process died" in caplog.text
