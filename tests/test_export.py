@@ -1,6 +1,11 @@
 """Exports (SavedModel, TFLite, ONNX) agree with the Keras model on real cells."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -292,3 +297,193 @@ def test_a_model_left_without_its_card_is_named_as_an_interrupted_export(tmp_pat
     (tmp_path / "model.onnx").write_bytes(b"written before a kill")
     with pytest.raises(FileExistsError, match=r"without its model\.onnx\.model_card\.json"):
         export_model(model, "onnx", tmp_path / "model.onnx")
+
+
+def test_each_runtime_runs_its_export_by_the_names_the_card_gives(exports, keras_predictor):
+    """What a TF Serving, LiteRT or ONNX Runtime engineer does with the card alone."""
+    import onnxruntime
+    from ai_edge_litert.interpreter import Interpreter
+
+    cells = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    expected = _keras_probabilities(keras_predictor, cells)
+    cards = {name: json.loads(result.card_path.read_text()) for name, result in exports.items()}
+
+    card = cards["saved_model"]
+    assert "<model_base_path>/1/" in card["tensorflow_serving"]
+    serve = tf.saved_model.load(str(exports["saved_model"].path)).signatures[
+        card["signature"]["name"]
+    ]
+    outputs = serve(**{card["input"]["name"]: tf.constant(cells, dtype=card["input"]["dtype"])})
+    _assert_agrees(expected, outputs[card["output"]["name"]].numpy())
+
+    card = cards["tflite"]
+    interpreter = Interpreter(model_path=str(exports["tflite"].path))
+    (details,) = interpreter.get_input_details()
+    assert details["dtype"] == np.dtype(card["input"]["dtype"])
+    assert list(details["shape_signature"]) == [-1, *card["input"]["shape"][1:]]
+    run = interpreter.get_signature_runner(card["signature"]["name"])
+    outputs = run(**{card["input"]["name"]: cells})
+    _assert_agrees(expected, outputs[card["output"]["name"]])
+
+    card = cards["onnx"]
+    session = onnxruntime.InferenceSession(str(exports["onnx"].path))
+    (probabilities,) = session.run([card["output"]["name"]], {card["input"]["name"]: cells})
+    _assert_agrees(expected, probabilities)
+
+
+def test_the_export_cards_calibration_recipe_gives_the_predicted_probability(
+    exports, keras_predictor, real_cells
+):
+    """A serving stack following the card gets `malaria predict`'s calibrated P."""
+    card = json.loads(exports["onnx"].card_path.read_text())
+    softmax = onnx_forward(exports["onnx"].path.read_bytes())(real_cells).astype(np.float64)
+    temperature = card["calibration"]["temperature"]
+    logit = np.log(softmax[:, 1]) - np.log(softmax[:, 0])
+    recipe = 1.0 / (1.0 + np.exp(-logit / temperature))
+    np.testing.assert_allclose(recipe, keras_predictor.predict_arrays(real_cells), atol=TOLERANCE)
+
+
+def test_rerunning_over_a_finished_export_names_both_files_in_the_way(tmp_path):
+    model = save_tiny_model(tmp_path / "model.keras")
+    first = export_model(model, "onnx", tmp_path / "model.onnx")
+    written = first.path.read_bytes()
+    with pytest.raises(
+        FileExistsError,
+        match=r"model\.onnx and .*model\.onnx\.model_card\.json already exist; remove them",
+    ):
+        export_model(model, "onnx", tmp_path / "model.onnx")
+    assert first.path.read_bytes() == written
+
+
+def test_an_existing_folder_as_a_one_file_output_says_to_name_a_file_inside(tmp_path):
+    model = save_tiny_model(tmp_path / "model.keras")
+    (tmp_path / "exports").mkdir()
+    with pytest.raises(FileExistsError, match=r"exports is a folder; a tflite export is one file"):
+        export_model(model, "tflite", tmp_path / "exports")
+    assert list((tmp_path / "exports").iterdir()) == []
+
+
+def test_an_output_under_a_file_is_refused_before_converting(tmp_path, monkeypatch):
+    model = save_tiny_model(tmp_path / "model.keras")
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    monkeypatch.setattr("malaria_classifier.export.convert_to_onnx", _must_not_convert)
+    with pytest.raises(ValueError, match=r"notes\.txt is a file, not a folder"):
+        export_model(model, "onnx", tmp_path / "notes.txt" / "sub" / "model.onnx")
+
+
+def test_an_output_in_a_read_only_folder_is_refused_before_converting(tmp_path, monkeypatch):
+    model = save_tiny_model(tmp_path / "model.keras")
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    if os.geteuid() == 0:  # root writes anywhere: have the folder look as it does to a user
+        real_access = os.access
+        monkeypatch.setattr(
+            os, "access", lambda path, mode: Path(path) != read_only and real_access(path, mode)
+        )
+    monkeypatch.setattr("malaria_classifier.export.convert_to_onnx", _must_not_convert)
+    try:
+        with pytest.raises(ValueError, match=r"the folder .*read_only is not writable"):
+            export_model(model, "onnx", read_only / "new" / "model.onnx")
+        assert list(read_only.iterdir()) == []
+    finally:
+        read_only.chmod(0o755)
+
+
+def _must_not_convert(model):
+    raise AssertionError("converted although the output could never be written")
+
+
+def test_a_model_card_that_describes_another_model_is_refused(tmp_path):
+    """Its threshold and temperature would go into the export card as if they were this
+    model's: wrong calls in production with nothing to show it."""
+    model = save_tiny_model(tmp_path / "run" / "model.keras")
+    card_path = tmp_path / "run" / "model_card.json"
+    card_path.write_text(json.dumps({"model_sha256": "0" * 64, "decision_threshold": 0.3}))
+    with pytest.raises(ValueError, match=r"model_card\.json describes another model than"):
+        export_model(model, "onnx", tmp_path / "model.onnx")
+    calibration = {"temperature": 1.5, "model_sha256": "0" * 64, "fit_id": "x"}
+    card_path.write_text(json.dumps({"decision_threshold": 0.3, "calibration": calibration}))
+    with pytest.raises(ValueError, match=r"has changed since it was calibrated"):
+        export_model(model, "onnx", tmp_path / "model.onnx")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["run"]
+
+
+def test_an_unreadable_model_card_leaves_no_export_behind(tmp_path):
+    """The card is read before the export is written, not after (which left the
+    export without its card, named as an interrupted export by the next run)."""
+    model = save_tiny_model(tmp_path / "run" / "model.keras")
+    (tmp_path / "run" / "model_card.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"model_card\.json is unreadable"):
+        export_model(model, "onnx", tmp_path / "model.onnx")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["run"]
+
+
+def test_a_model_without_its_card_is_exported_with_a_warning(tmp_path, caplog):
+    model = save_tiny_model(tmp_path / "model.keras")
+    with caplog.at_level("WARNING", logger="malaria_classifier.export"):
+        result = export_model(model, "onnx", tmp_path / "model.onnx")
+    card = json.loads(result.card_path.read_text())
+    assert card["decision_threshold"] == 0.5 and card["calibration"] is None
+    assert "model.keras has no model card (model_card.json beside it)" in caplog.text
+
+
+def test_ctrl_c_while_writing_leaves_no_partial_file(tmp_path, monkeypatch):
+    model = save_tiny_model(tmp_path / "model.keras")
+    real_write_bytes = Path.write_bytes
+
+    def interrupted(self, data):
+        real_write_bytes(self, data[:10])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_bytes", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export_model(model, "onnx", tmp_path / "model.onnx")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model.keras"]
+
+
+def test_cleaning_up_killed_exports_removes_only_their_own_folders(tmp_path):
+    """Names are compared as text: `*` or `[` in --output are not glob patterns, and a
+    user's hidden folder that merely starts like the export's name is kept."""
+    model = save_tiny_model(tmp_path / "model.keras")
+    killed = tmp_path / ".*.abcd1234.export-partial"
+    (killed / "saved_model").mkdir(parents=True)
+    kept = [tmp_path / ".my.settings", tmp_path / ".*.backup", tmp_path / ".*.abcd1234"]
+    for folder in kept:
+        folder.mkdir()
+        (folder / "keep.txt").write_text("mine")
+
+    export_model(model, "saved_model", tmp_path / "*")
+
+    assert not killed.exists()
+    assert all((folder / "keep.txt").read_text() == "mine" for folder in kept)
+    assert (tmp_path / "*" / "saved_model.pb").is_file()
+
+
+@pytest.mark.skipif(os.name != "posix", reason="needs POSIX signals")
+def test_sigkill_mid_save_leaves_no_export_and_the_next_run_succeeds(tmp_path):
+    model = save_tiny_model(tmp_path / "model.keras")
+    output = tmp_path / "model_saved_model"
+    script = textwrap.dedent(
+        f"""
+        import os, signal
+        from pathlib import Path
+        import malaria_classifier.export as export
+
+        def killed_mid_save(model, folder):
+            folder.mkdir()
+            (folder / "saved_model.pb").write_bytes(b"half a graph")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        export.save_saved_model = killed_mid_save
+        export.export_model({str(model)!r}, "saved_model", {str(output)!r})
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=300)
+    assert done.returncode == -signal.SIGKILL, done.stderr.decode()
+    assert not output.exists()
+    (leftover,) = [path for path in tmp_path.iterdir() if path.name.startswith(".")]
+
+    result = export_model(model, "saved_model", output)
+
+    assert (result.path / "saved_model.pb").stat().st_size > 1000 and not leftover.exists()

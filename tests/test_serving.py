@@ -163,3 +163,24 @@ def test_the_api_default_predictor_never_imports_tensorflow(tmp_path):
 
     assert done.returncode == 0, done.stderr
     assert "RUNTIME onnx LOADED []" in done.stdout, done.stdout
+
+
+def test_ctrl_c_while_rewriting_the_copy_keeps_the_old_one_and_leaves_no_partial_file(
+    tiny_with_copy, monkeypatch
+):
+    from pathlib import Path
+
+    onnx_path, _ = serving_paths(tiny_with_copy)
+    before = onnx_path.read_bytes()
+    real_write_bytes = Path.write_bytes
+
+    def interrupted(self, data):
+        real_write_bytes(self, data[:10])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_bytes", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_serving_copy(load_model(str(tiny_with_copy)), tiny_with_copy)
+
+    assert not [path.name for path in onnx_path.parent.iterdir() if path.name.startswith(".")]
+    assert onnx_path.read_bytes() == before and read_serving_copy(tiny_with_copy) is not None

@@ -43,6 +43,47 @@ def check_runtime(runtime: str) -> str:
     return runtime
 
 
+def check_batch(batch: np.ndarray, input_shape: tuple) -> np.ndarray:
+    """``batch`` as the contiguous uint8 array a runtime takes, refused when it is not one.
+
+    Casting silently would be wrong: a float batch scaled to 0-1 becomes all zeros, and
+    every cell then gets the same confident score.
+
+    Args:
+        batch: Raw RGB pixels, shape ``(n, *input_shape)``: uint8, or integers 0-255.
+        input_shape: The model's input shape without the batch axis; an entry that is
+            not an int (a symbolic dimension) matches any size.
+
+    Raises:
+        ValueError: Naming the shape or dtype given, the one expected and how to get it.
+    """
+    batch = np.asarray(batch)
+    expected = tuple(int(side) if isinstance(side, int) else None for side in input_shape)
+    shown = "(n, " + ", ".join("?" if side is None else str(side) for side in expected) + ")"
+    if batch.ndim != len(expected) + 1 or any(
+        side is not None and side != actual
+        for side, actual in zip(expected, batch.shape[1:], strict=True)
+    ):
+        raise ValueError(
+            f"The model takes a batch of shape {shown}, got {batch.shape}. Prepare each "
+            f"image with malaria_classifier.images.resize_with_pad (or load_for_model) "
+            f"and stack them (np.stack; one image: image[None])."
+        )
+    if batch.dtype == np.uint8:
+        return np.ascontiguousarray(batch)
+    in_range = batch.dtype.kind in "iu" and (
+        batch.size == 0 or (int(batch.min()) >= 0 and int(batch.max()) <= 255)
+    )
+    if not in_range:
+        values = f" with values {batch.min():.4g}..{batch.max():.4g}" if batch.size else ""
+        raise ValueError(
+            f"The model takes raw RGB pixels as uint8 0-255 (it normalizes them itself), "
+            f"got {batch.dtype}{values}. Pass the decoded pixels as np.uint8, not scaled "
+            f"or normalized values."
+        )
+    return np.ascontiguousarray(batch, dtype=np.uint8)
+
+
 def cpu_threads() -> int:
     """Threads for one forward pass: every core this process may use."""
     try:
@@ -151,7 +192,10 @@ def _keras_pair_forward(network) -> ScoringForward:
     def forward(batch):
         return network(batch, training=False)
 
+    input_shape = tuple(network.input_shape[1:])
+
     def run(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        batch = check_batch(batch, input_shape)
         probabilities, features = forward(tf.convert_to_tensor(batch, dtype=tf.uint8))
         return probabilities.numpy(), features.numpy()
 
@@ -166,7 +210,13 @@ def keras_forward(model) -> Forward:
     def forward(batch):
         return model(batch, training=False)
 
-    return lambda batch: np.asarray(forward(tf.convert_to_tensor(batch, dtype=tf.uint8)))
+    input_shape = tuple(model.input_shape[1:])
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        batch = check_batch(batch, input_shape)
+        return np.asarray(forward(tf.convert_to_tensor(batch, dtype=tf.uint8)))
+
+    return run
 
 
 def onnx_forward(
@@ -193,10 +243,11 @@ def onnx_forward(
     # needs those cores (spinning made whole-folder prediction slower on 2 cores).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = onnxruntime.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
-    input_name = session.get_inputs()[0].name
+    (model_input,) = session.get_inputs()
+    input_name, input_shape = model_input.name, tuple(model_input.shape[1:])
 
     def forward(batch: np.ndarray) -> np.ndarray:
-        outputs = session.run(None, {input_name: np.asarray(batch, dtype=np.uint8)})
+        outputs = session.run(None, {input_name: check_batch(batch, input_shape)})
         return outputs if all_outputs else outputs[0]
 
     return forward
@@ -215,13 +266,15 @@ def tflite_forward(model_bytes: bytes, threads: int | None = None) -> Forward:
             f"The tflite runtime needs the ai-edge-litert package. {EXPORT_EXTRA_HINT}"
         ) from None
     interpreter = Interpreter(model_content=model_bytes, num_threads=threads or cpu_threads())
-    input_index = interpreter.get_input_details()[0]["index"]
+    (model_input,) = interpreter.get_input_details()
+    input_index = model_input["index"]
+    input_shape = tuple(int(side) for side in model_input["shape_signature"][1:])
     output_index = interpreter.get_output_details()[0]["index"]
     allocated_batch = [0]
     lock = threading.Lock()  # an interpreter holds one batch's buffers: one caller at a time
 
     def forward(batch: np.ndarray) -> np.ndarray:
-        batch = np.ascontiguousarray(batch, dtype=np.uint8)
+        batch = check_batch(batch, input_shape)
         with lock:
             if batch.shape[0] != allocated_batch[0]:
                 # Re-allocating is costly, so only when the batch size changes (last batch).

@@ -78,15 +78,13 @@ def write_serving_copy(model: Any, model_path: str | Path) -> Path:
     Returns:
         The path of the ``.serving.onnx`` file.
     """
-    from malaria_classifier.export import convert_to_onnx
+    from malaria_classifier.export import convert_to_onnx, write_bytes_atomically
     from malaria_classifier.ood import feature_model, final_layer_weights
 
     model_path = Path(model_path)
     onnx_path, info_path = serving_paths(model_path)
     kernel, bias = final_layer_weights(model)
-    temporary = onnx_path.with_name(f".{onnx_path.name}.partial")
-    temporary.write_bytes(convert_to_onnx(feature_model(model)))
-    temporary.replace(onnx_path)
+    write_bytes_atomically(convert_to_onnx(feature_model(model)), onnx_path)
     info = {
         "format_version": FORMAT_VERSION,
         "source_model": model_path.name,
