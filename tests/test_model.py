@@ -123,6 +123,17 @@ def test_per_cell_model_round_trips_through_a_safe_mode_save(tmp_path):
     np.testing.assert_allclose(loaded.predict(images, verbose=0), model.predict(images, verbose=0))
 
 
+@pytest.mark.parametrize("content", [b"", b"not a zip at all", b"PK\x03\x04" + b"\x00" * 40])
+def test_a_file_that_is_not_a_keras_archive_is_named_as_such(tmp_path, content):
+    """Keras itself says "File not found" of a truncated .keras file that is there."""
+    path = tmp_path / "model.keras"
+    path.write_bytes(content)
+    with pytest.raises(
+        ValueError, match=r"model.keras is not a Keras model: a .keras file is a zip"
+    ):
+        load_model(str(path))
+
+
 def test_fixed_normalization_maps_pixels_to_minus_one_one():
     model = build_model(TrainingConfig(image_size=32, conv_blocks=3, colour_normalization="fixed"))
     normalize = keras.Model(model.input, model.get_layer("normalize").output)

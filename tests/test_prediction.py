@@ -143,7 +143,7 @@ def test_predictor_arguments_are_checked_before_the_model_is_loaded(tmp_path, mo
 def test_predictor_rejects_a_file_that_is_not_a_model(tmp_path):
     fake = tmp_path / "model.keras"
     fake.write_bytes(b"not a zip")
-    with pytest.raises(ValueError, match="could not be loaded"):
+    with pytest.raises(ValueError, match="is not a Keras model: a .keras file is a zip archive"):
         Predictor(fake)
 
 

@@ -6,6 +6,8 @@ pixels (0-255) and training and serving cannot scale images differently.
 
 from __future__ import annotations
 
+import zipfile
+
 import keras
 from keras import layers
 
@@ -316,6 +318,13 @@ def load_model(path: str) -> keras.Model:
     from malaria_classifier.model_card import check_model_path
 
     model_path = check_model_path(path)
+    if not zipfile.is_zipfile(model_path):
+        # Keras would say "File not found" of a file that is there.
+        raise ValueError(
+            f"{model_path} is not a Keras model: a .keras file is a zip archive and this "
+            f"one is not (truncated by a copy, or another kind of file). Pass a .keras file "
+            f"written by `malaria train`, or copy it again."
+        )
     try:
         return keras.saving.load_model(model_path, compile=False, safe_mode=True)
     except Exception as error:  # Keras raises many types for a bad archive
