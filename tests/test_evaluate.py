@@ -4,6 +4,7 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from _synthetic import save_tiny_model, write_synthetic_dataset
 
@@ -96,3 +97,145 @@ def test_a_report_killed_before_its_figures_shows_no_metrics_of_the_new_model(
     with pytest.raises(KeyboardInterrupt):
         evaluate_model(predictor, data, "test", tmp_path / "out", n_resamples=20)
     assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+def _strict_json(path: Path) -> dict:
+    """Parse as strict JSON: NaN or Infinity, which json.dumps writes by default, fail."""
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{path.name} holds {constant}, which is not JSON")
+
+    return json.loads(path.read_text(encoding="utf-8"), parse_constant=refuse)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("model") / "model.keras")
+
+
+def test_report_files_agree_with_scikit_learn_on_the_same_predictions(tmp_path, tiny_model):
+    import plotly.io
+    from sklearn import metrics as sk
+
+    data = write_synthetic_dataset(tmp_path / "cells", patients=4, cells_per_class=3)
+    (data / "Parasitized" / "C11P1thinF_broken_cell_9.png").write_bytes(b"broken")
+    predictor = Predictor(tiny_model)
+    evaluate_model(predictor, data, "test", tmp_path / "out", n_resamples=30)
+    report = _strict_json(tmp_path / "out" / "metrics.json")
+    rows = [row for row in predictor.predict_paths([data]) if not row.error]
+    y_true = np.array([int("/Parasitized/" in row.path) for row in rows])
+    y_score = np.array([row.probability for row in rows])
+    called = y_score >= 0.5
+    assert report["threshold"] == 0.5
+    assert report["metrics"]["accuracy"]["value"] == pytest.approx(
+        sk.accuracy_score(y_true, called)
+    )
+    assert report["metrics"]["roc_auc"]["value"] == pytest.approx(sk.roc_auc_score(y_true, y_score))
+    counts = sk.confusion_matrix(y_true, called, labels=[0, 1]).tolist()
+    assert report["confusion_matrix"]["counts"] == counts
+    matrix = plotly.io.read_json(tmp_path / "out" / "confusion_matrix.json")
+    assert [list(row) for row in matrix.data[0].z] == counts
+    roc = plotly.io.read_json(tmp_path / "out" / "roc_curve.json")
+    fpr, tpr, _ = sk.roc_curve(y_true, y_score)
+    assert list(roc.data[0].x) == pytest.approx(fpr) and list(roc.data[0].y) == pytest.approx(tpr)
+    assert report["threshold_rule"] == (
+        "Cells are called Parasitized at uncalibrated P(Parasitized) >= 0.5: the default 0.5: "
+        "the model has not been through `malaria calibrate`, which chooses an operating "
+        "threshold on validation patients."
+    )
+    assert report["unreadable"][0]["patient"] == "P1"
+    assert report["unreadable"][0]["label"] == "Parasitized"
+    assert report["bootstrap"]["usable_resamples"]["accuracy"] == 30
+    with open(tmp_path / "out" / "per_patient.csv") as handle:
+        table = list(csv.DictReader(handle))
+    assert list(table[0]) == [
+        "patient",
+        "cells",
+        "parasitized_cells",
+        "predicted_parasitized",
+        "errors",
+        "accuracy",
+        "split",
+        "threshold",
+    ]
+    assert {(row["split"], row["threshold"]) for row in table} == {("test", "0.5")}
+    assert sum(int(row["cells"]) for row in table) == report["cells"] == len(rows)
+
+
+def test_the_threshold_rule_names_the_calibrated_operating_point_or_the_callers_choice():
+    from malaria_classifier.evaluate import describe_threshold
+
+    card = {
+        "decision_threshold": 0.5491,
+        "calibration": {"operating_point": {"target": "highest sensitivity with spec >= 0.97"}},
+    }
+    assert describe_threshold(card, 0.5491) == (
+        "Cells are called Parasitized at calibrated P(Parasitized) >= 0.5491: the model's "
+        "operating threshold (highest sensitivity with spec >= 0.97, chosen on validation "
+        "patients by `malaria calibrate`)."
+    )
+    assert describe_threshold(card, 0.5).endswith(
+        ">= 0.5: set by the caller, not the model card's 0.5491."
+    )
+
+
+def test_test_patients_of_one_class_give_null_figures_with_reasons_and_no_roc(tmp_path, tiny_model):
+    data = write_synthetic_dataset(tmp_path / "cells", patients=4, cells_per_class=3)
+    predictor = Predictor(tiny_model)
+    # P1-P3 (infected) trained on; the healthy donor C904 is the only test patient.
+    predictor.card = {"split": {"patients": {"train": ["P1", "P2", "P3"], "test": ["C904"]}}}
+    report = evaluate_model(predictor, data, "test", tmp_path / "out", n_resamples=20)
+    written = _strict_json(tmp_path / "out" / "metrics.json")
+    assert written["cells"] == 3 and written["patients"] == 1
+    assert written["metrics"]["roc_auc"] == {"value": None, "ci95": [None, None]}
+    assert written["undefined"]["roc_auc"] == (
+        "all cells are Uninfected; roc_auc needs cells of both classes"
+    )
+    assert written["metrics"]["specificity"]["value"] is not None
+    assert "no interval is given" in written["caveat"]
+    assert not (tmp_path / "out" / "roc_curve.json").exists()
+    assert report == written
+
+
+def test_unreadable_folders_and_unlabelled_images_are_named_not_dropped(
+    tmp_path, tiny_model, monkeypatch
+):
+    from malaria_classifier import evaluate
+
+    data = write_synthetic_dataset(tmp_path / "cells", patients=4, cells_per_class=3)
+    (data / "extra").mkdir()
+    (data / "extra" / "C11P1thinF_loose_cell_1.png").write_bytes(
+        (data / "Uninfected" / "C904NThinF_IMG_2015_4_cell_50.png").read_bytes()
+    )
+    (data / "Parasitized" / "notes.txt").write_text("slide notes")
+    hidden = data / "Parasitized" / "slide7"
+    real_discover = evaluate.discover_images
+
+    def with_a_locked_folder(directory):
+        # Root reads any folder, so an unlistable one is staged rather than chmod-ed.
+        discovery = real_discover(directory)
+        discovery.unreadable_folders.append((hidden, f"{hidden}: folder cannot be read"))
+        return discovery
+
+    monkeypatch.setattr(evaluate, "discover_images", with_a_locked_folder)
+    report = evaluate_model(Predictor(tiny_model), data, "test", tmp_path / "out", n_resamples=5)
+    assert report["unreadable"] == [
+        {"path": str(hidden), "error": f"{hidden}: folder cannot be read"}
+    ]
+    assert report["selection"]["outside_class_folders"] == [
+        str(data / "extra" / "C11P1thinF_loose_cell_1.png")
+    ]
+    assert report["selection"]["not_image_files"] == [str(data / "Parasitized" / "notes.txt")]
+    description = report["selection"]["description"]
+    assert "1 image(s) outside the Parasitized/ and Uninfected/ folders" in description
+    assert "1 file(s) in the class folders are not images" in description
+
+
+def test_a_folder_of_training_patients_only_is_refused_with_what_it_holds():
+    with pytest.raises(
+        ValueError,
+        match=r"No cell of the model's test patients or of a patient the model never saw is "
+        r"in this folder: its 2 patient\(s\) are all the model's train patients\. .*--split "
+        r"train to score those patients knowingly",
+    ):
+        select_records(_records(["P1", "P2"]), CARD, "test")

@@ -174,3 +174,114 @@ def test_intervals_from_few_patients_or_of_zero_width_come_with_a_warning():
     caveat = interval_caveat(perfect)
     assert "accuracy" in caveat and "zero-width intervals" in caveat
     assert "only" not in caveat  # 40 patients: only the zero width is the problem
+
+
+def test_every_metric_matches_scikit_learn_on_the_same_predictions():
+    from sklearn import metrics as sk
+
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 2, 300)
+    scores = np.clip(labels * 0.35 + rng.random(300) * 0.65, 0, 1)
+    threshold = 0.549
+    called = (scores >= threshold).astype(int)
+    block = summarize(labels, scores, [f"P{i % 12}" for i in range(300)], "test", threshold, 20)
+    expected = {
+        "accuracy": sk.accuracy_score(labels, called),
+        "precision": sk.precision_score(labels, called),
+        "recall": sk.recall_score(labels, called),
+        "specificity": sk.recall_score(labels, called, pos_label=0),
+        "f1": sk.f1_score(labels, called),
+        "mcc": sk.matthews_corrcoef(labels, called),
+        "roc_auc": sk.roc_auc_score(labels, scores),
+    }
+    for name, value in expected.items():
+        assert block["metrics"][name]["value"] == pytest.approx(value, abs=1e-12), name
+    counts = sk.confusion_matrix(labels, called, labels=[0, 1]).tolist()
+    assert block["confusion_matrix"]["counts"] == counts
+
+
+def _patients_of_one_class_now_and_then():
+    """One infected patient among healthy donors: some resamples draw no infected one."""
+    y_true = [1, 1, 0, 0] + [0] * 8
+    y_score = [0.9, 0.3, 0.2, 0.6] + [0.1, 0.7, 0.2, 0.3, 0.1, 0.4, 0.2, 0.8]
+    groups = ["P1"] * 4 + ["C1", "C1", "C2", "C2", "C3", "C3", "C4", "C4"]
+    return np.array(y_true), np.array(y_score), groups
+
+
+def test_resamples_are_whole_patients_and_match_a_plain_loop_with_scikit_learn():
+    """Each resample draws patients with replacement and takes all their cells."""
+    from sklearn import metrics as sk
+
+    y_true, y_score, groups = _patients_of_one_class_now_and_then()
+    intervals = bootstrap_intervals(y_true, y_score, groups, 0.5, n_resamples=200, seed=4)
+    names = np.unique(groups)
+    draws = np.random.default_rng(4).integers(0, len(names), size=(200, len(names)))
+    aucs, accuracies = [], []
+    for drawn in draws:
+        cells = np.concatenate([np.flatnonzero(np.array(groups) == names[i]) for i in drawn])
+        accuracies.append(sk.accuracy_score(y_true[cells], y_score[cells] >= 0.5))
+        if len(set(y_true[cells])) == 2:
+            aucs.append(sk.roc_auc_score(y_true[cells], y_score[cells]))
+    assert intervals["accuracy"] == pytest.approx(tuple(np.quantile(accuracies, [0.025, 0.975])))
+    assert intervals["roc_auc"] == pytest.approx(tuple(np.quantile(aucs, [0.025, 0.975])))
+
+
+def test_resamples_without_a_value_are_counted_and_named_with_the_seed():
+    y_true, y_score, groups = _patients_of_one_class_now_and_then()
+    block = summarize(y_true, y_score, groups, "test", 0.5, n_resamples=200)
+    names = np.unique(groups)
+    draws = np.random.default_rng(0).integers(0, len(names), size=(200, len(names)))
+    with_infected = int((draws == list(names).index("P1")).any(axis=1).sum())
+    assert 0 < with_infected < 200
+    bootstrap = block["bootstrap"]
+    assert bootstrap["seed"] == 0 and bootstrap["confidence"] == 0.95
+    assert bootstrap["usable_resamples"]["roc_auc"] == with_infected
+    assert bootstrap["usable_resamples"]["recall"] == with_infected
+    assert bootstrap["usable_resamples"]["accuracy"] == 200
+    caveat = interval_caveat(block)
+    assert f"recall, mcc, roc_auc: interval from {with_infected} of 200 resamples" in caveat
+    assert block["caveat"] == caveat
+    assert summarize(y_true, y_score, groups, "test", 0.5, 200) == block  # same seed, same figures
+
+
+def test_one_patient_gives_no_interval_rather_than_a_zero_width_one():
+    block = summarize(Y_TRUE, Y_SCORE, ["P4"] * 6, "test", 0.5, n_resamples=50)
+    assert all(values["ci95"] == [None, None] for values in block["metrics"].values())
+    assert block["metrics"]["accuracy"]["value"] == pytest.approx(4 / 6)
+    assert block["bootstrap"]["usable_resamples"]["accuracy"] == 0
+    caveat = interval_caveat(block)
+    assert caveat.startswith("the test split has 1 patient: a bootstrap over patients")
+    assert "no interval is given" in caveat
+    json.dumps(block, allow_nan=False)
+    assert all(
+        math.isnan(bound) for bound in bootstrap_intervals(Y_TRUE, Y_SCORE, ["P4"] * 6)["f1"]
+    )
+
+
+def test_groups_that_are_field_images_not_patients_are_named_as_such():
+    groups = ["field:lab2_a", "field:lab2_a", "field:lab2_b", "field:lab2_b", "P7", "P7"]
+    block = summarize(Y_TRUE, Y_SCORE, groups, "test", 0.5, n_resamples=20)
+    assert block["source_field_images"] == 2
+    assert (
+        "source field image" in block["unit"] and "source field image" in block["bootstrap"]["unit"]
+    )
+    caveat = interval_caveat(block)
+    assert "2 of the 3 patients are source field images" in caveat
+    assert "ids starting 'field:'" in caveat and "C<slide>P<patient>_" in caveat
+    nih = summarize(Y_TRUE, Y_SCORE, ["P1", "P1", "P2", "P2", "C3", "C3"], "test", 0.5, 20)
+    assert nih["source_field_images"] == 0 and nih["bootstrap"]["unit"] == "patient"
+
+
+def test_per_patient_rows_name_their_split_and_threshold():
+    rows = per_patient_table(Y_TRUE, Y_SCORE, ["A", "A", "A", "B", "B", "B"], 0.35, split="test")
+    assert {(row.split, row.threshold) for row in rows} == {("test", 0.35)}
+    assert rows[0].predicted_parasitized == 2  # 0.9 and 0.4 reach 0.35
+
+
+def test_precision_without_a_parasitized_call_says_so_even_with_one_class():
+    # All cells Parasitized, none called so: precision lacks a call, not a second class.
+    block = summarize(np.ones(4, dtype=int), np.full(4, 0.2), ["P1", "P1", "P2", "P2"], "test")
+    assert block["undefined"]["precision"].startswith("no cell was called Parasitized")
+    assert block["undefined"]["specificity"] == (
+        "all cells are Parasitized; specificity needs cells of both classes"
+    )

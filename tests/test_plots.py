@@ -92,3 +92,33 @@ def test_reliability_diagram_labels_its_axes_and_names_the_ece():
     assert axis.get_xlabel().startswith("Confidence of the chosen label")
     assert axis.get_ylabel().startswith("Accuracy")
     assert "ECE" in axis.get_legend().get_texts()[1].get_text()
+
+
+@pytest.mark.parametrize("kind", ["confusion", "roc"])
+def test_png_titles_fit_inside_the_figure(kind):
+    """The positive class ends the title: a title cut at the edge loses it."""
+    figure = (
+        confusion_matrix_figure(COUNTS, "validation", 0.5491)
+        if kind == "confusion"
+        else roc_curve_figure(ROC, 0.95, "validation")
+    )
+    figure.canvas.draw()
+    title = figure.axes[0].title
+    box = title.get_window_extent(figure.canvas.get_renderer())
+    assert box.x0 >= 0 and box.x1 <= figure.bbox.width
+    assert "positive class: Parasitized" in title.get_text()
+    assert "threshold 0.549" in title.get_text() or kind == "roc"
+
+
+def test_saved_plotly_json_reads_back_to_the_counts_and_curve(tmp_path):
+    import plotly.io
+
+    save_figures(tmp_path, COUNTS, ROC, 0.95, "test", 0.549)
+    matrix = plotly.io.read_json(tmp_path / "confusion_matrix.json")
+    assert [list(row) for row in matrix.data[0].z] == COUNTS  # rows true, columns predicted
+    assert list(matrix.data[0].y) == ["Uninfected", "Parasitized"]
+    assert "threshold 0.549" in matrix.layout.title.text
+    roc = plotly.io.read_json(tmp_path / "roc_curve.json")
+    assert list(roc.data[0].x) == ROC["false_positive_rate"]
+    assert list(roc.data[0].y) == ROC["true_positive_rate"]
+    assert list(roc.data[0].customdata) == ROC["thresholds"]

@@ -15,6 +15,7 @@ import numpy as np
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
 from malaria_classifier.constants import CLASS_NAMES, POSITIVE_CLASS
+from malaria_classifier.data import FIELD_PREFIX
 
 METRIC_NAMES: tuple[str, ...] = (
     "accuracy",
@@ -26,6 +27,9 @@ METRIC_NAMES: tuple[str, ...] = (
     "roc_auc",
 )
 
+# Coverage of the intervals in metrics.json (their key is ``ci95``).
+CONFIDENCE = 0.95
+
 # Below this many patients a patient bootstrap has too few distinct resamples to give
 # a trustworthy interval (with 3 patients there are only 10 distinct resamples).
 FEW_PATIENTS = 10
@@ -36,9 +40,14 @@ def interval_caveat(block: dict) -> str | None:
 
     A split with a handful of patients gives intervals that look precise but are not:
     the bootstrap can only redraw those few patients, and an interval of zero width
-    means every redraw gave the same figure, not that the figure is certain.
+    means every redraw gave the same figure, not that the figure is certain. One
+    patient gives no interval at all. An interval drawn from only some resamples (the
+    others had no value, e.g. patients of one class only) says from how many; "patients"
+    that are source field images (file names outside the NIH patient rule) are named,
+    since cells of one patient on several images are not independent.
     """
     patients = block["patients"]
+    bootstrap = block.get("bootstrap", {})
     flat = sorted(
         name
         for name, values in block["metrics"].items()
@@ -46,10 +55,14 @@ def interval_caveat(block: dict) -> str | None:
         and None not in values["ci95"]
         and values["ci95"][0] == values["ci95"][1]
     )
-    if patients >= FEW_PATIENTS and not flat:
-        return None
     parts = []
-    if patients < FEW_PATIENTS:
+    if patients < 2:
+        parts.append(
+            f"the {block['split']} split has {patients} patient: a bootstrap over patients "
+            f"cannot show any spread, so no interval is given; evaluate on at least "
+            f"{FEW_PATIENTS} patients"
+        )
+    elif patients < FEW_PATIENTS:
         parts.append(
             f"the {block['split']} split has only {patients} patient(s): intervals from a "
             f"bootstrap over so few patients are rough and often too narrow; evaluate on at "
@@ -60,7 +73,31 @@ def interval_caveat(block: dict) -> str | None:
             f"{', '.join(flat)} have zero-width intervals: every resample of the patients "
             f"gave the same figure, which is not certainty (more patients would show the spread)"
         )
-    return "; ".join(parts) + "."
+    # Older blocks (model cards written before the count was kept) have no counts.
+    usable = bootstrap.get("usable_resamples", {}) if patients >= 2 else {}
+    by_count: dict[int, list[str]] = {}
+    for name, count in usable.items():
+        if block["metrics"][name]["value"] is not None and count < bootstrap["resamples"]:
+            by_count.setdefault(count, []).append(name)
+    for count, names in sorted(by_count.items(), reverse=True):
+        parts.append(
+            f"{', '.join(names)}: interval from {count} of {bootstrap['resamples']} "
+            f"resamples; the others had no value (among the patients drawn: no "
+            f"{POSITIVE_CLASS} cell, no {CLASS_NAMES[0]} cell or no cell called "
+            f"{POSITIVE_CLASS})"
+            if count
+            else f"{', '.join(names)}: no interval, no resample had a value"
+        )
+    fields = block.get("source_field_images", 0)
+    if fields:
+        parts.append(
+            f"{fields} of the {patients} patients are source field images, not patients "
+            f"(ids starting {FIELD_PREFIX!r}: file names outside the NIH patient rule): "
+            f"the bootstrap treats them as independent, but cells of one patient on several "
+            f"images are not, so the intervals may be too narrow; name files "
+            f"C<slide>P<patient>_... (healthy donors C<slide>_...) to group them by patient"
+        )
+    return "; ".join(parts) + "." if parts else None
 
 
 def checked_inputs(
@@ -172,19 +209,53 @@ def bootstrap_intervals(
         seed: Makes the intervals reproducible.
 
     Returns:
-        ``{metric: (low, high)}`` for every name in METRIC_NAMES.
+        ``{metric: (low, high)}`` for every name in METRIC_NAMES, from the resamples
+        where the metric has a value (a resample of healthy donors only has no recall
+        or AUC; :func:`summarize` says how many had one); ``nan`` bounds when none has,
+        or with one patient only (every resample would be that patient: no spread).
 
     Raises:
         ValueError: For inputs :func:`checked_inputs` refuses, a ``confidence`` outside
             (0, 1) (e.g. 95 for 0.95) or fewer than one resample.
     """
-    y_true, y_score, groups = checked_inputs(y_true, y_score, groups)
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be between 0 and 1, e.g. 0.95; got {confidence!r}.")
+    samples = _bootstrap_samples(y_true, y_score, groups, threshold, n_resamples, seed)
+    return _percentile_intervals(samples, confidence)
+
+
+def _percentile_intervals(
+    samples: dict[str, np.ndarray], confidence: float
+) -> dict[str, tuple[float, float]]:
+    """Percentile interval of each metric over the resamples where it has a value."""
+    alpha = (1 - confidence) / 2
+    intervals = {}
+    for name in METRIC_NAMES:
+        values = samples[name][np.isfinite(samples[name])]
+        if len(values) == 0:
+            intervals[name] = (float("nan"), float("nan"))
+        else:
+            low, high = np.quantile(values, [alpha, 1 - alpha])
+            intervals[name] = (float(low), float(high))
+    return intervals
+
+
+def _bootstrap_samples(
+    y_true: np.ndarray,
+    y_score: np.ndarray,
+    groups: Sequence[str],
+    threshold: float,
+    n_resamples: int,
+    seed: int,
+) -> dict[str, np.ndarray]:
+    """Every metric on every resample of the patients; ``nan`` where it has no value."""
+    y_true, y_score, groups = checked_inputs(y_true, y_score, groups)
     if isinstance(n_resamples, bool) or not isinstance(n_resamples, int) or n_resamples < 1:
         raise ValueError(f"n_resamples must be a positive integer, got {n_resamples!r}.")
     patient_names, patient_index = np.unique(groups, return_inverse=True)
     n_patients = len(patient_names)
+    if n_patients < 2:
+        return {name: np.full(n_resamples, np.nan) for name in METRIC_NAMES}
     y_pred = y_score >= threshold
     counts = np.zeros((n_patients, 4))  # tp, fp, tn, fn per patient
     np.add.at(counts, (patient_index, 0), y_pred & (y_true == 1))
@@ -199,16 +270,7 @@ def bootstrap_intervals(
     totals = multiplicity @ counts
     samples = _metrics_from_counts(totals[:, 0], totals[:, 1], totals[:, 2], totals[:, 3])
     samples["roc_auc"] = _bootstrap_auc(y_true, y_score, patient_index, multiplicity)
-    alpha = (1 - confidence) / 2
-    intervals = {}
-    for name in METRIC_NAMES:
-        values = samples[name][np.isfinite(samples[name])]
-        if len(values) == 0:
-            intervals[name] = (float("nan"), float("nan"))
-        else:
-            low, high = np.quantile(values, [alpha, 1 - alpha])
-            intervals[name] = (float(low), float(high))
-    return intervals
+    return samples
 
 
 def _bootstrap_auc(
@@ -227,7 +289,13 @@ def _bootstrap_auc(
 
 @dataclass
 class PatientRow:
-    """How the model did on one patient's cells."""
+    """How the model did on one patient's cells (columns of ``per_patient.csv``).
+
+    ``parasitized_cells`` are the patient's cells labelled Parasitized (the positive
+    class), ``predicted_parasitized`` those called Parasitized at ``threshold``
+    (P(Parasitized) at or above it), ``errors`` the cells called wrong and
+    ``accuracy`` the share called right; ``split`` is the split the patient was scored in.
+    """
 
     patient: str
     cells: int
@@ -235,12 +303,19 @@ class PatientRow:
     predicted_parasitized: int
     errors: int
     accuracy: float
+    split: str = ""
+    threshold: float = 0.5
 
 
 def per_patient_table(
-    y_true: np.ndarray, y_score: np.ndarray, groups: Sequence[str], threshold: float = 0.5
+    y_true: np.ndarray,
+    y_score: np.ndarray,
+    groups: Sequence[str],
+    threshold: float = 0.5,
+    split: str = "",
 ) -> list[PatientRow]:
-    """One row per patient, sorted by patient id."""
+    """One row per patient, sorted by patient id; ``split`` and ``threshold`` on every row,
+    so the table read alone still says what it measured."""
     y_true, y_score, groups = checked_inputs(y_true, y_score, groups)
     y_pred = (y_score >= threshold).astype(int)
     rows = []
@@ -255,6 +330,8 @@ def per_patient_table(
                 predicted_parasitized=int(y_pred[mask].sum()),
                 errors=int((~right).sum()),
                 accuracy=float(right.mean()),
+                split=split,
+                threshold=float(threshold),
             )
         )
     return rows
@@ -280,19 +357,36 @@ def summarize(
     split: str,
     threshold: float = 0.5,
     n_resamples: int = 1000,
+    seed: int = 0,
 ) -> dict:
-    """The full metrics block written to ``metrics.json`` and the model card."""
+    """The full metrics block written to ``metrics.json`` and the model card.
+
+    Metrics are over cells; their ``ci95`` come from a bootstrap over patients (``seed``
+    makes it reproducible). ``bootstrap.usable_resamples`` says from how many resamples
+    each interval comes, ``source_field_images`` how many of the patients are field
+    images of files named outside the NIH rule, and ``caveat`` (or None) why the
+    intervals may not be trusted (:func:`interval_caveat`). Strict JSON: a figure
+    without a value is null, with its reason under ``undefined``.
+    """
     point = compute_metrics(y_true, y_score, threshold)
-    intervals = bootstrap_intervals(y_true, y_score, groups, threshold, n_resamples)
+    samples = _bootstrap_samples(y_true, y_score, groups, threshold, n_resamples, seed)
+    intervals = _percentile_intervals(samples, CONFIDENCE)
     classes = {int(label) for label in np.asarray(y_true)}
-    return {
+    patients = sorted({str(group) for group in groups})
+    fields = [patient for patient in patients if patient.startswith(FIELD_PREFIX)]
+    unit = "patient"
+    if fields:
+        every = len(fields) == len(patients)
+        unit = "source field image" if every else "patient or source field image"
+    block = {
         "split": split,
-        "unit": "cell (metrics over cells; confidence intervals from a bootstrap over patients)",
+        "unit": f"cell (metrics over cells; confidence intervals from a bootstrap over {unit}s)",
         "positive_class": POSITIVE_CLASS,
         "class_order": list(CLASS_NAMES),
         "threshold": threshold,
         "cells": point["cells"],
-        "patients": len(set(groups)),
+        "patients": len(patients),
+        "source_field_images": len(fields),
         "confusion_matrix": {
             "rows_true_columns_predicted": list(CLASS_NAMES),
             "counts": [[point["tn"], point["fp"]], [point["fn"], point["tp"]]],
@@ -307,8 +401,19 @@ def summarize(
         "undefined": {
             name: _why_undefined(name, classes) for name in METRIC_NAMES if _nan(point[name])
         },
-        "bootstrap": {"resamples": n_resamples, "unit": "patient", "method": "percentile"},
+        "bootstrap": {
+            "resamples": n_resamples,
+            "unit": unit,
+            "method": "percentile",
+            "confidence": CONFIDENCE,
+            "seed": seed,
+            "usable_resamples": {
+                name: int(np.isfinite(samples[name]).sum()) for name in METRIC_NAMES
+            },
+        },
     }
+    block["caveat"] = interval_caveat(block)
+    return block
 
 
 def _nan(value: float) -> bool:
@@ -321,9 +426,11 @@ def _defined(value: float) -> float | None:
 
 
 def _why_undefined(name: str, classes: set[int]) -> str:
+    if name == "precision":
+        # Precision needs a Parasitized call, not both classes: all-Parasitized cells
+        # with some called Parasitized have a precision (1.0).
+        return "no cell was called Parasitized at this threshold, so precision divides by zero"
     if len(classes) < 2:
         only = CLASS_NAMES[next(iter(classes))] if classes else "no"
         return f"all cells are {only}; {name} needs cells of both classes"
-    if name == "precision":
-        return "no cell was called Parasitized at this threshold, so precision divides by zero"
     return f"every cell was called the same label at this threshold, so {name} divides by zero"

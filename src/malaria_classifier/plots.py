@@ -19,7 +19,12 @@ from malaria_classifier.constants import CLASS_NAMES, POSITIVE_CLASS  # noqa: E4
 from malaria_classifier.outputs import open_output, written_in_full  # noqa: E402
 
 
-def _title(kind: str, split: str, threshold: float | None = None) -> str:
+def _title(kind: str, split: str, threshold: float | None = None, lines: bool = False) -> str:
+    """Kind, split, threshold and positive class; ``lines`` puts the last two on a
+    second line, as a PNG's fixed width cut the positive class off a one-line title."""
+    if lines:
+        at = "" if threshold is None else f"threshold {threshold:.3f}, "
+        return f"{kind}, {split} split\n{at}positive class: {POSITIVE_CLASS}"
     at = "" if threshold is None else f", threshold {threshold:.3f}"
     return f"{kind}, {split} split{at} (positive class: {POSITIVE_CLASS})"
 
@@ -94,7 +99,7 @@ def confusion_matrix_figure(
     axis.set_yticks([0, 1], labels=list(CLASS_NAMES))
     axis.set_xlabel("Predicted class")
     axis.set_ylabel("True class")
-    axis.set_title(_title("Confusion matrix (cells)", split, threshold), fontsize=9)
+    axis.set_title(_title("Confusion matrix (cells)", split, threshold, lines=True), fontsize=9)
     figure.tight_layout()
     return figure
 
@@ -106,7 +111,7 @@ def roc_curve_figure(roc: dict[str, list[float]], auc: float, split: str) -> Fig
     axis.plot([0, 1], [0, 1], linestyle="--", label="chance")
     axis.set_xlabel("False positive rate (1 - specificity)")
     axis.set_ylabel("True positive rate (sensitivity)")
-    axis.set_title(_title("ROC curve (cells)", split), fontsize=9)
+    axis.set_title(_title("ROC curve (cells)", split, lines=True), fontsize=9)
     axis.legend(loc="lower right")
     figure.tight_layout()
     return figure
