@@ -572,7 +572,7 @@ def test_evaluate_on_one_class_says_which_metrics_are_undefined(cells, tiny_mode
     for path in (data / "Uninfected").iterdir():
         if path.name.startswith("C") and path.suffix == ".png":
             path.unlink()  # keep the folder; new patients' uninfected cells are gone
-    (data / "Uninfected" / "C97_x_cell_1.png").write_bytes(b"broken")  # class folder not empty
+    (data / "Uninfected" / "C97_x_cell_1.png").write_bytes(b"broken")  # listed as unreadable
     output = tmp_path / "ev"
     result = _run("evaluate", "--data", data, "--model", tiny_model, "--output", output)
     assert result.exit_code == 0, result.output

@@ -116,6 +116,28 @@ def test_find_class_root_with_one_class_folder_names_the_missing_one(
         find_class_root(tmp_path)
 
 
+def test_one_class_folder_is_accepted_where_one_class_is_allowed(tmp_path, make_png):
+    make_png(tmp_path / "donors" / "Uninfected" / "C1_thinF_IMG_x_cell_1.png")
+    make_png(tmp_path / "donors" / "Uninfected" / "C1_thinF_IMG_x_cell_2.png")
+
+    assert find_class_root(tmp_path, allow_one_class=True) == tmp_path / "donors"
+    discovery = discover_images(tmp_path, allow_one_class=True)
+    assert [record.label for record in discovery.records] == ["Uninfected", "Uninfected"]
+    with pytest.raises(DataLayoutError, match="has Uninfected/ but no Parasitized/ folder"):
+        discover_images(tmp_path)  # training and splitting need both classes
+
+
+def test_one_class_allowed_still_needs_an_image_and_the_right_case(tmp_path):
+    (tmp_path / "Parasitized").mkdir()
+    (tmp_path / "Uninfected").mkdir()
+    with pytest.raises(DataLayoutError, match=r"hold no images .*Put the cell images in"):
+        discover_images(tmp_path, allow_one_class=True)
+    (tmp_path / "Uninfected").rmdir()
+    (tmp_path / "uninfected").mkdir()  # not a missing class: a misnamed one
+    with pytest.raises(DataLayoutError, match="rename uninfected/ to Uninfected/"):
+        find_class_root(tmp_path, allow_one_class=True)
+
+
 def test_wrong_case_class_folders_are_refused_with_a_rename_hint(tmp_path):
     (tmp_path / "cells" / "parasitized").mkdir(parents=True)
     (tmp_path / "cells" / "uninfected").mkdir()

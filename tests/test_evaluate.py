@@ -197,6 +197,20 @@ def test_test_patients_of_one_class_give_null_figures_with_reasons_and_no_roc(tm
     assert report == written
 
 
+def test_a_folder_of_one_class_only_is_evaluated(tmp_path, tiny_model):
+    """Healthy donors' cells alone (no Parasitized/ folder) measure specificity."""
+    data = write_synthetic_dataset(tmp_path / "cells", patients=4, cells_per_class=3)
+    donors = tmp_path / "donors"
+    (donors / "Uninfected").mkdir(parents=True)
+    for path in sorted((data / "Uninfected").glob("*.png")):
+        (donors / "Uninfected" / path.name).write_bytes(path.read_bytes())
+    report = evaluate_model(Predictor(tiny_model), donors, "test", tmp_path / "out", 20)
+    assert report["cells"] == len(list((data / "Uninfected").glob("*.png")))
+    assert report["metrics"]["specificity"]["value"] is not None
+    assert report["metrics"]["roc_auc"]["value"] is None
+    assert _strict_json(tmp_path / "out" / "metrics.json") == report
+
+
 def test_unreadable_folders_and_unlabelled_images_are_named_not_dropped(
     tmp_path, tiny_model, monkeypatch
 ):
@@ -211,9 +225,9 @@ def test_unreadable_folders_and_unlabelled_images_are_named_not_dropped(
     hidden = data / "Parasitized" / "slide7"
     real_discover = evaluate.discover_images
 
-    def with_a_locked_folder(directory):
+    def with_a_locked_folder(directory, **options):
         # Root reads any folder, so an unlistable one is staged rather than chmod-ed.
-        discovery = real_discover(directory)
+        discovery = real_discover(directory, **options)
         discovery.unreadable_folders.append((hidden, f"{hidden}: folder cannot be read"))
         return discovery
 

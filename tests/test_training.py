@@ -104,6 +104,15 @@ def test_checkpoint_folder_holds_only_what_its_state_names(finished_run):
     assert sha256_of_file(best) == sha256_of_file(finished_run.model_path)
 
 
+def test_the_per_patient_table_says_its_split_and_threshold(finished_run):
+    import csv
+
+    with open(finished_run.run_dir / "evaluation" / "per_patient.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert rows and {row["split"] for row in rows} == {"test"}
+    assert {float(row["threshold"]) for row in rows} == {0.5}  # not calibrated yet
+
+
 def test_unreadable_images_are_skipped_and_reported(finished_run):
     report = json.loads((finished_run.run_dir / "data_report.json").read_text())
     assert [entry["path"].endswith("truncated_cell_99.png") for entry in report["unreadable"]] == [

@@ -72,7 +72,7 @@ def patient_id_from_name(file_name: str) -> str:
     return f"{FIELD_PREFIX}{_CELL_SUFFIX.sub('', stem)}"
 
 
-def find_class_root(directory: str | Path) -> Path:
+def find_class_root(directory: str | Path, allow_one_class: bool = False) -> Path:
     """Find the folder that holds one sub-folder per class.
 
     Accepts the class root itself or a parent up to three levels above it, so both
@@ -83,8 +83,13 @@ def find_class_root(directory: str | Path) -> Path:
     kept in manifests and data fingerprints, so ``parasitized/`` is refused with a
     message that says to rename it rather than silently read as ``Parasitized/``.
 
+    With ``allow_one_class`` (evaluation: a folder of healthy donors' cells only is a
+    fair test of specificity) a folder with one class folder is accepted too, unless the
+    other is there under a wrongly cased name.
+
     Raises:
-        DataLayoutError: If no such folder exists, or only one class folder does.
+        DataLayoutError: If no such folder exists, or only one class folder does (and
+            ``allow_one_class`` is False).
     """
     root = Path(directory)
     if not root.exists():
@@ -102,6 +107,8 @@ def find_class_root(directory: str | Path) -> Path:
                 for found, proper in _case_variants(candidate)
                 if proper == missing[0]
             ]
+            if allow_one_class and not misspelled:
+                return candidate
             hint = f" It has {_rename_hint(misspelled)}." if misspelled else ""
             raise DataLayoutError(
                 f"{candidate} has {present[0]}/ but no {missing[0]}/ folder. Both classes are "
@@ -240,17 +247,23 @@ class Discovery:
     outside_class_folders: list[Path] = field(default_factory=list)
 
 
-def discover_images(directory: str | Path) -> Discovery:
+def discover_images(directory: str | Path, allow_one_class: bool = False) -> Discovery:
     """List labelled images under a data folder in a deterministic order.
 
     Images under the class root but outside both class folders (``DIR/stray.png``,
     ``DIR/Other/x.png``) have no label; they are listed in ``outside_class_folders``
     so that a report can say they were left out.
 
+    Args:
+        directory: The class root or a folder above it (:func:`find_class_root`).
+        allow_one_class: Accept a missing or empty class folder (evaluation); training
+            and splitting need both classes.
+
     Raises:
-        DataLayoutError: If the layout is wrong or a class has no images.
+        DataLayoutError: If the layout is wrong, a class has no images (unless
+            ``allow_one_class``) or there is no image at all.
     """
-    root = find_class_root(directory)
+    root = find_class_root(directory, allow_one_class)
     records: list[ImageRecord] = []
     skipped: list[Path] = []
     unreadable: list[tuple[Path, str]] = []
@@ -260,6 +273,8 @@ def discover_images(directory: str | Path) -> Discovery:
         # Each class is walked on its own, so a folder linked into both classes still
         # gives both labels (a label conflict the check reports).
         walked: set[tuple[int, int]] = set()
+        if allow_one_class and not (root / label).is_dir():
+            continue
         for path, error in walk_files(root / label, walked):
             if error is not None:
                 unreadable.append((path, error))
@@ -268,7 +283,7 @@ def discover_images(directory: str | Path) -> Discovery:
                 found += 1
             else:
                 skipped.append(path)
-        if found == 0:
+        if found == 0 and not allow_one_class:
             unlisted = [error for path, error in unreadable if path == root / label]
             raise DataLayoutError(
                 unlisted[0]
@@ -277,6 +292,13 @@ def discover_images(directory: str | Path) -> Discovery:
                 f"Each class needs at least one image."
             )
         in_class_folders |= walked
+    if not records:
+        folders = " or ".join(f"{root / label}" for label in CLASS_NAMES)
+        first_error = f" ({unreadable[0][1]})" if unreadable else ""
+        raise DataLayoutError(
+            f"{folders} hold no images ({', '.join(sorted(IMAGE_SUFFIXES))}){first_error}. "
+            f"Put the cell images in the folder of their class."
+        )
     # Folders already walked as a class (a link to one included) are not walked again;
     # folders that cannot be listed here hold no labelled images, so are not reported.
     outside = [

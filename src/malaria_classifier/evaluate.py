@@ -110,7 +110,8 @@ def evaluate_model(
         )
     output_dir = Path(output_dir)
     check_output_folder(output_dir, Path(data_dir), "a folder of reports")
-    discovery = discover_images(data_dir)
+    # One class is a fair test too (healthy donors only: specificity).
+    discovery = discover_images(data_dir, allow_one_class=True)
     chosen, description = select_records(discovery.records, predictor.card, split)
     predictions = list(predictor.predict_paths([record.path for record in chosen]))
     scored = [(r, p) for r, p in zip(chosen, predictions, strict=True) if not p.error]

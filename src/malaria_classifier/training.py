@@ -612,7 +612,7 @@ def evaluate_run(
                 predictor.threshold,
             )
             write_patient_table(
-                per_patient_table(y_true, y_score, groups, predictor.threshold),
+                per_patient_table(y_true, y_score, groups, predictor.threshold, split),
                 output_dir / PATIENT_TABLE,
             )
     write_json_atomically(metrics, run_dir / METRICS_FILE)

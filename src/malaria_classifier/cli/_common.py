@@ -108,12 +108,19 @@ def _echo_metrics(block: dict[str, Any]) -> None:
 
     Args:
         block: A split's report from ``training`` or ``evaluate`` (``split``, ``cells``,
-            ``patients``, ``positive_class``, ``metrics``; ``undefined`` when some are).
+            ``patients``, ``positive_class``, ``metrics``; ``undefined`` when some are;
+            ``bootstrap.unit``, ``threshold`` and evaluate's ``threshold_rule`` when given).
     """
+    unit = block.get("bootstrap", {}).get("unit", "patient")  # or source field images
+    groups = f"{block['patients']} {unit}{'' if block['patients'] == 1 else 's'}"
     typer.echo(
-        f"{block['split']} split: {block['cells']} cells of {block['patients']} patients; "
-        f"positive class {block['positive_class']}; 95% CI from a bootstrap over patients"
+        f"{block['split']} split: {block['cells']} cells of {groups}; positive class "
+        f"{block['positive_class']}; 95% CI from a bootstrap over {unit}s"
     )
+    if block.get("threshold_rule"):
+        typer.echo(block["threshold_rule"])
+    elif block.get("threshold") is not None:
+        typer.echo(f"Threshold: P({block['positive_class']}) >= {block['threshold']:.4g}.")
     for name, values in block["metrics"].items():
         low, high = values["ci95"]
         if values["value"] is None:
