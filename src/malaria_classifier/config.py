@@ -317,6 +317,11 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> TrainingCon
     values: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ValueError(
+                f"Config file {path} is a folder, not a YAML file. Pass the file itself "
+                f"(such as {path / 'config.yaml'})."
+            )
         if not path.is_file():
             raise ValueError(f"Config file {path} does not exist. Check the path.")
         try:
