@@ -1,6 +1,7 @@
 """Fitting the "Not a cell" part of the trust layer from scored splits (no model needed)."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -99,7 +100,10 @@ def test_missing_validation_or_test_cells_are_refused(tmp_path):
 
 @pytest.mark.parametrize("value", [0.0, 1.0, 1.5, float("nan")])
 def test_min_specificity_outside_0_1_is_refused_before_scoring(tmp_path, value):
-    with pytest.raises(ValueError, match="--min-specificity must be a number between 0 and 1"):
+    message = (
+        f"--min-specificity must be a number between 0 and 1 (exclusive), e.g. 0.97, got {value}."
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
         calibrate_model(tmp_path / "model.keras", tmp_path, tmp_path, min_specificity=value)
 
 

@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import re
 import shutil
 from collections import defaultdict
 
@@ -138,7 +139,11 @@ def test_cross_validation_runs_every_fold_resumes_and_summarizes(report, tmp_pat
     assert (fold_dir(run_dir, 1) / "metrics.json").is_file()
     assert again.folds[0] == result.folds[0]
 
-    with pytest.raises(ValueError, match="cross-validation with other settings"):
+    other_settings = (
+        f"{run_dir} holds a cross-validation with other settings (2 folds; recipe in "
+        f"{run_dir / 'config.yaml'}). Resume it with the same --folds and --config"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(other_settings)}"):
         cross_validate(report.root, TINY, run_dir, folds=3, verbose=0, progress=False)
 
     # The command prints the table of a finished cross-validation without training.

@@ -6,6 +6,7 @@ import base64
 import csv
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -495,9 +496,10 @@ def test_api_refuses_oversized_requests_before_decoding(predictor, explainer):
 def test_find_examples_rejects_a_missing_or_empty_folder(tmp_path):
     from malaria_classifier.dashboard.app import find_examples
 
-    with pytest.raises(ValueError, match="not a folder"):
-        find_examples(tmp_path / "missing")
-    with pytest.raises(ValueError, match="no images"):
+    missing = tmp_path / "missing"
+    with pytest.raises(ValueError, match=f"^--examples {re.escape(str(missing))}: not a folder"):
+        find_examples(missing)
+    with pytest.raises(ValueError, match=f"^--examples {re.escape(str(tmp_path))}: no images"):
         find_examples(tmp_path)
 
 

@@ -11,6 +11,7 @@ import functools
 import hashlib
 import io
 import os
+import re
 import shutil
 import threading
 import zipfile
@@ -253,7 +254,10 @@ def test_unreachable_host_raises(tmp_path: Path, server: LocalServer) -> None:
         port = sock.getsockname()[1]
     url = f"http://127.0.0.1:{port}/cell_images.zip"
 
-    with pytest.raises(DownloadError, match="network"):
+    with pytest.raises(
+        DownloadError,
+        match=f"^Could not download {re.escape(url)}: .*\\. Check your network connection",
+    ):
         download_dataset(tmp_path / "dest", url=url, progress=False)
 
 
@@ -268,15 +272,34 @@ def _bit_flipped(data: bytes) -> bytes:
     return data.replace(marker, b"B" * 64)
 
 
-@pytest.mark.parametrize("corrupt", [_truncated, _bit_flipped], ids=["truncated", "crc"])
-def test_corrupt_zip_raises_and_is_deleted(tmp_path: Path, server: LocalServer, corrupt) -> None:
+@pytest.mark.parametrize(
+    ("corrupt", "problem"),
+    [
+        (
+            _truncated,
+            r"is not a readable zip archive \(.+\); the download was probably truncated or "
+            r"corrupted\.",
+        ),
+        (
+            _bit_flipped,
+            r"is corrupt: member 'cell_images/Uninfected/zz_payload\.png' fails its CRC check\.",
+        ),
+    ],
+    ids=["truncated", "crc"],
+)
+def test_corrupt_zip_raises_and_is_deleted(
+    tmp_path: Path, server: LocalServer, corrupt, problem: str
+) -> None:
     members = _cell_members()
     members["cell_images/Uninfected/zz_payload.png"] = b"A" * 64
     data = corrupt(_zip_bytes(members, compression=zipfile.ZIP_STORED))
     url = server.publish("cell_images.zip", data)
     dest = tmp_path / "dest"
 
-    with pytest.raises(DownloadError, match="corrupt"):
+    deleted = r" Nothing was extracted\. It has been deleted, so the next run downloads it again\.$"
+    with pytest.raises(
+        DownloadError, match=f"^{re.escape(str(dest / 'cell_images.zip'))} {problem}{deleted}"
+    ):
         download_dataset(dest, url=url, progress=False, expected_image_count=None)
 
     assert not dest.exists()  # bad zip removed, nothing extracted, our empty folder gone

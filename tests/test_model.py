@@ -142,7 +142,9 @@ def test_fixed_normalization_maps_pixels_to_minus_one_one():
 
 
 def test_unknown_colour_normalization_is_refused_with_the_choices():
-    with pytest.raises(ValueError, match="fixed, per_cell"):
+    with pytest.raises(
+        ValueError, match="colour_normalization must be one of fixed, per_cell, got 'histogram'"
+    ):
         TrainingConfig(colour_normalization="histogram")
 
 

@@ -1,6 +1,7 @@
 """The "Not a cell" check: limits, storage, and the bundled model on data."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -126,9 +127,15 @@ def test_asking_for_other_labs_limits_a_model_lacks_says_how_to_get_them(tmp_pat
 
     model = save_tiny_model(tmp_path / "model.keras")
     save_ood_check(OodCheck({}, {}), tmp_path / "ood.json")
-    with pytest.raises(ValueError, match="malaria calibrate --ood-variants"):
+    with pytest.raises(
+        ValueError,
+        match=f"^{re.escape(str(model))} has no other-labs Not-a-cell limits "
+        r"\(ood_other_labs\.json\)\. Run `malaria calibrate --ood-variants` on it",
+    ):
         Predictor(model, not_a_cell="other-labs")
-    with pytest.raises(ValueError, match="strict, other-labs"):
+    with pytest.raises(
+        ValueError, match="^Unknown Not-a-cell limits 'loose'; use one of strict, other-labs"
+    ):
         Predictor(model, not_a_cell="loose")
 
 

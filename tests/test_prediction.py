@@ -4,6 +4,7 @@ import csv
 import io
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -110,13 +111,17 @@ def test_write_rows_json_is_valid(tiny_predictor, mixed_folder):
 
 
 def test_write_rows_rejects_unknown_format():
-    with pytest.raises(ValueError, match="csv.*json"):
+    with pytest.raises(ValueError, match=r"^Unknown output format 'xml'; use 'csv' or 'json'\.$"):
         write_rows([], io.StringIO(), "xml")
 
 
 def test_predictor_rejects_missing_model(tmp_path):
-    with pytest.raises(ValueError, match="does not exist"):
-        Predictor(tmp_path / "nope.keras")
+    missing = tmp_path / "nope.keras"
+    with pytest.raises(
+        ValueError,
+        match=f"^Model file {re.escape(str(missing))} does not exist\\. Pass a \\.keras file",
+    ):
+        Predictor(missing)
 
 
 def test_predictor_arguments_are_checked_before_the_model_is_loaded(tmp_path, monkeypatch):
@@ -128,7 +133,7 @@ def test_predictor_arguments_are_checked_before_the_model_is_loaded(tmp_path, mo
     monkeypatch.setattr(prediction.Predictor, "_load", never)
     with pytest.raises(ValueError, match=r"nope.keras does not exist\. .*model_path in Python"):
         Predictor(tmp_path / "nope.keras")
-    with pytest.raises(ValueError, match="is a folder"):
+    with pytest.raises(ValueError, match=f"^Model {re.escape(str(tmp_path))} is a folder; pass"):
         Predictor(tmp_path)
     with pytest.raises(ValueError, match=r"threshold must be between 0 and 1 .* got '0.5'"):
         Predictor(threshold="0.5")
@@ -136,7 +141,7 @@ def test_predictor_arguments_are_checked_before_the_model_is_loaded(tmp_path, mo
         Predictor(threshold=1.5)
     with pytest.raises(ValueError, match="test_time_views must be True or False, got 'no'"):
         Predictor(test_time_views="no")
-    with pytest.raises(ValueError, match="check_ood must be True or False"):
+    with pytest.raises(ValueError, match="check_ood must be True or False, got None"):
         Predictor(check_ood=None)
 
 
@@ -209,8 +214,10 @@ def test_threshold_comes_from_the_model_card_unless_given(tmp_path):
 
 def test_model_without_calibration_decides_by_its_threshold(tiny_predictor, mixed_folder):
     rows = [row for row in tiny_predictor.predict_paths([mixed_folder]) if not row.error]
+    assert len(rows) == 6  # not vacuous: every readable cell of the folder
     for row in rows:
-        assert row.decision == row.label
+        above = row.probability >= tiny_predictor.threshold
+        assert row.decision == row.label == ("Parasitized" if above else "Uninfected")
         assert row.uncalibrated_probability == pytest.approx(row.probability)
 
 

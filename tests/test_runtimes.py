@@ -51,5 +51,11 @@ def test_integers_outside_0_255_are_refused_not_wrapped():
 
 
 def test_a_symbolic_dimension_matches_any_size():
-    batch = np.zeros((2, 8, 8, 3), dtype=np.uint8)
-    assert check_batch(batch, ("height", 8, 3)) is not None
+    for height in (8, 5):
+        batch = np.random.default_rng(height).integers(0, 256, (2, height, 8, 3), dtype=np.uint8)
+        checked = check_batch(batch, ("height", 8, 3))
+        assert checked.dtype == np.uint8
+        np.testing.assert_array_equal(checked, batch)
+    # ... and only that dimension: the fixed ones are still checked.
+    with pytest.raises(ValueError, match=r"shape \(n, \?, 8, 3\), got \(2, 5, 7, 3\)"):
+        check_batch(np.zeros((2, 5, 7, 3), dtype=np.uint8), ("height", 8, 3))

@@ -46,7 +46,9 @@ def test_group_names_by_patient_slide_and_folder():
     assert group_name(path, "slide") == "C33"
     assert group_name(path, "folder") == "/data/slide9"
     assert group_name(path, "all") == "all"
-    with pytest.raises(ValueError, match="--group-by must be one of"):
+    with pytest.raises(
+        ValueError, match="--group-by must be one of patient, slide, folder, all, got 'hospital'"
+    ):
         group_name(path, "hospital")
 
 
