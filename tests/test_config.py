@@ -137,7 +137,10 @@ def test_unknown_override_is_named():
     [
         ('batch_size: "big"\n', r"batch_size must be an integer, got 'big' \(str\)"),
         ("epochs: 2.5\n", r"epochs must be an integer, got 2\.5 \(float\)"),
-        ('augment: "yes"\n', r"augment must be true or false, got 'yes' \(str\)"),
+        (
+            'augment: "yes"\n',
+            r"augment must be true or false, got 'yes' \(str\)\. Write true or false without",
+        ),
         ("augment: 1\n", r"augment must be true or false, got 1 \(int\)"),
         ("batch_size: true\n", r"batch_size must be an integer, got True \(bool\)"),
         ('learning_rate: "0.01"\n', r"learning_rate must be a number, got '0\.01' \(str\)"),
@@ -344,7 +347,11 @@ HOW_TO_WRITE_A_NUMBER = "Write a number without quotes, such as 0.001 or 1e-3."
             'learning_rate: "1e-3"\n',
             "learning_rate must be a number, got '1e-3' (str). " + HOW_TO_WRITE_A_NUMBER,
         ),
-        ("epochs: 1e1\n", "epochs must be an integer, got 10.0 (float)."),
+        (
+            "epochs: 1e1\n",
+            "epochs must be an integer, got 10.0 (float). Write a whole number without quotes "
+            "or a decimal point, such as 20.",
+        ),
     ],
 )
 def test_text_where_a_number_belongs_is_named_with_how_to_write_it(write_yaml, text, message):

@@ -270,6 +270,11 @@ def config_from_dict(values: dict[str, Any], source: str = "config") -> Training
 
 
 _ARTICLE = {bool: "true or false", int: "an integer", float: "a number", str: "text"}
+_HOW_TO_WRITE = {
+    float: " Write a number without quotes, such as 0.001 or 1e-3.",
+    int: " Write a whole number without quotes or a decimal point, such as 20.",
+    bool: " Write true or false without quotes.",
+}
 
 
 def _convert(name: str, value: Any, expected: type, source: str) -> Any:
@@ -282,10 +287,8 @@ def _convert(name: str, value: Any, expected: type, source: str) -> Any:
         return float(value)
     if expected is str and isinstance(value, str):
         return value
-    hint = ""
-    if expected is float and isinstance(value, str):
-        # Quoted numbers ("0.01") are text in YAML; say how to write one that is read as a number.
-        hint = " Write a number without quotes, such as 0.001 or 1e-3."
+    # Quoted values ("0.01", "true") are text in YAML: say how to write one that is not.
+    hint = _HOW_TO_WRITE.get(expected, "")
     raise ValueError(
         f"{source}: {name} must be {_ARTICLE[expected]}, got {value!r} "
         f"({type(value).__name__}).{hint}"
