@@ -1,6 +1,7 @@
 """The "Not a cell" check: limits, storage, and the bundled model on data."""
 
 import json
+import math
 import re
 
 import numpy as np
@@ -295,3 +296,12 @@ def test_trust_files_of_two_calibrations_or_of_another_model_are_refused(tmp_pat
 
     save_ood_check(OodCheck({}, {}), tmp_path / "ood.json")  # files from before fit ids
     assert load_decision_rule(model, {"calibration": {"temperature": 1.5}}).temperature == 1.5
+
+
+def test_a_limit_without_a_value_survives_the_json_round_trip(tmp_path):
+    """A limit fitted on no finite value is NaN: null in JSON, NaN again when read."""
+    check = OodCheck({"dark_fraction": math.nan}, {"energy": -1.0}, None, {})
+    save_ood_check(check, tmp_path / "ood.json")
+    assert '"dark_fraction": null' in (tmp_path / "ood.json").read_text()
+    loaded = load_ood_check(tmp_path / "ood.json")
+    assert math.isnan(loaded.lower["dark_fraction"]) and loaded.upper == {"energy": -1.0}

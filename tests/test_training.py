@@ -1,6 +1,7 @@
 """End-to-end training on synthetic cells: run folder contents, resume, atomic saves."""
 
 import json
+import math
 import shutil
 import zipfile
 
@@ -443,3 +444,9 @@ def test_a_cell_list_file_name_is_refused_not_read_letter_by_letter(synthetic_ce
         with pytest.raises(ValueError, match="got the file name .*flags.csv.*read_cell_list"):
             train_model(synthetic_cells, TINY, tmp_path / "r", verbose=0, exclude_cells=name)
     assert not (tmp_path / "r").exists()  # refused before anything was written
+
+
+def test_a_state_without_a_validation_loss_yet_reads_back_as_infinity(tmp_path):
+    path = tmp_path / "state.json"
+    training.write_json_atomically({"epoch": 0, "best_val_loss": math.inf, "history": []}, path)
+    assert training._read_state(path)["best_val_loss"] == math.inf

@@ -9,6 +9,7 @@ model did on its own validation and test patients.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,26 @@ def read_model_card(model_path: Path) -> dict[str, Any]:
 
 
 def write_json_atomically(data: Any, path: Path) -> None:
-    """Write JSON all at once or not at all, so a crash never leaves half a file."""
+    """Write JSON all at once or not at all, so a crash never leaves half a file.
+
+    NaN and infinities are written as null (:func:`json_ready`), so every file is
+    strict JSON that browsers, jq and other languages read.
+    """
     with open_output(path, newline=None) as handle:
-        handle.write(json.dumps(data, indent=2, sort_keys=False) + "\n")
+        handle.write(json.dumps(json_ready(data), indent=2, allow_nan=False) + "\n")
+
+
+def json_ready(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by None (null).
+
+    Python's ``json`` would write ``NaN`` and ``Infinity``, which are not JSON: a browser's
+    ``JSON.parse`` refuses the whole file (a diverged training's NaN loss in
+    ``history.json``, say). Readers take null for "no value".
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_ready(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_ready(item) for item in value]
+    return value

@@ -25,6 +25,7 @@ limits are stored beside the model in ``ood.json`` (plain JSON: nothing is unpic
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -256,11 +257,16 @@ class OodCheck:
                 precision=np.asarray(density_data["precision"], dtype=np.float64),
             )
         return cls(
-            lower={k: float(v) for k, v in data.get("lower", {}).items()},
-            upper={k: float(v) for k, v in data.get("upper", {}).items()},
+            lower=_limits_from_json(data.get("lower", {})),
+            upper=_limits_from_json(data.get("upper", {})),
             density=density,
             fitted_on=data.get("fitted_on", {}),
         )
+
+
+def _limits_from_json(limits: dict[str, Any]) -> dict[str, float]:
+    # A limit fitted on no finite value is NaN (it never trips); JSON holds it as null.
+    return {name: math.nan if value is None else float(value) for name, value in limits.items()}
 
 
 def fit_limits(

@@ -327,7 +327,8 @@ def _training_rows(rows: list[ManifestRow], run_dir: Path) -> list[ManifestRow]:
 
 def _read_state(path: Path) -> dict[str, Any]:
     state = json.loads(path.read_text(encoding="utf-8"))
-    state["best_val_loss"] = float(state["best_val_loss"])
+    best = state["best_val_loss"]  # null: no epoch had a validation loss yet
+    state["best_val_loss"] = math.inf if best is None else float(best)
     return state
 
 
