@@ -4,8 +4,10 @@ The runs happen in subprocesses: logical devices and multi-worker collectives mu
 set up before TensorFlow starts, and this test process has started it already.
 """
 
+import hashlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -168,33 +170,138 @@ def _free_ports(count: int) -> list[int]:
     return ports
 
 
-def test_multiworker_training_with_two_local_workers(cells, tmp_path):
-    """Two processes on 127.0.0.1 form the cluster; only worker 0 writes the run folder."""
+def _run_two_workers(
+    cells: Path, outputs: list[Path], flags: list[str], scratch: Path | None = None
+) -> list[tuple[int, str, str]]:
+    """``malaria train --strategy multiworker`` as worker 0 and worker 1 on 127.0.0.1.
+
+    Each worker gets its own ``--output`` (the same folder, or a copy standing for the
+    run folder on another machine); worker 1's temporary folder is ``scratch`` if given.
+    Returns each worker's exit status, stdout and stderr.
+    """
     workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
-    run = tmp_path / "run"
-    command = [sys.executable, "-m", "malaria_classifier.cli", "train", "--data", str(cells)]
-    command += ["--output", str(run), "--strategy", "multiworker", *TINY_FLAGS]
-    processes = [
-        subprocess.Popen(
-            command,
-            env=_environment(TF_CONFIG=_tf_config(workers, index=index)),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+    processes = []
+    for index, output in enumerate(outputs):
+        command = [sys.executable, "-m", "malaria_classifier.cli", "train", "--data", str(cells)]
+        command += ["--output", str(output), "--strategy", "multiworker", *flags]
+        extra = {"TMPDIR": str(scratch)} if scratch is not None and index == 1 else {}
+        processes.append(
+            subprocess.Popen(
+                command,
+                env=_environment(TF_CONFIG=_tf_config(workers, index=index), **extra),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
         )
-        for index in range(2)
-    ]
     try:
-        outputs = [process.communicate(timeout=TIMEOUT_SECONDS) for process in processes]
+        finished = [process.communicate(timeout=TIMEOUT_SECONDS) for process in processes]
     finally:
         for process in processes:
             process.kill()
-    for process, (_stdout, stderr) in zip(processes, outputs, strict=True):
-        assert process.returncode == 0, stderr[-3000:]
-    assert "Model: " in outputs[0][0] and "Worker done" in outputs[1][0]
+    return [
+        (process.returncode, stdout, stderr)
+        for process, (stdout, stderr) in zip(processes, finished, strict=True)
+    ]
+
+
+@pytest.fixture(scope="module")
+def two_worker_run(cells, tmp_path_factory):
+    """A one-epoch run of two local workers sharing one run folder (read-only for tests)."""
+    run = tmp_path_factory.mktemp("multiworker") / "run"
+    return run, _run_two_workers(cells, [run, run], TINY_FLAGS)
+
+
+def test_multiworker_training_with_two_local_workers(two_worker_run):
+    """Two processes on 127.0.0.1 form the cluster; only worker 0 writes the run folder."""
+    run, results = two_worker_run
+    for returncode, _stdout, stderr in results:
+        assert returncode == 0, stderr[-3000:]
+    assert "Model: " in results[0][1] and "Worker done" in results[1][1]
     card = json.loads((run / "model_card.json").read_text())
     assert card["distribution"]["workers"] == 2 and card["distribution"]["replicas"] == 2
     assert card["distribution"]["global_batch_size"] == 16
     assert (
         keras.saving.load_model(run / "checkpoint" / "epoch-001.keras", compile=False) is not None
     )
+
+
+def _file_digests(folder: Path) -> dict[str, str]:
+    return {
+        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+
+
+def test_multiworker_resume_refuses_stale_copies_then_continues_from_the_chiefs_epoch(
+    cells, two_worker_run, tmp_path
+):
+    """docs/distributed.md's resume without a shared file system, on two local workers.
+
+    Worker 1's --output is a copy of the chief's run folder, as on another machine. The
+    chief's run was given a second epoch. A copy made before that is finished, and
+    worker 1 used to return alone and leave the chief waiting for ever; a copy without
+    the checkpoint would start worker 1 from epoch 0. Both workers refuse each before
+    anything changes. With a fresh whole copy both resume from epoch 1; the chief's
+    checkpoint folder keeps only what state.json names, model.keras is the best epoch's
+    file, and worker 1 neither writes into its run folder nor leaves its scratch behind.
+    """
+    assert all(returncode == 0 for returncode, _, _ in two_worker_run[1])
+    run = tmp_path / "run"
+    shutil.copytree(two_worker_run[0], run)
+    finished_copy = tmp_path / "worker-1" / "finished"
+    shutil.copytree(run, finished_copy)
+    config = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(config.replace("epochs: 1", "epochs: 2"))
+    chief_files = _file_digests(run)
+    stale = tmp_path / "worker-1" / "stale"
+    stale.mkdir(parents=True)
+    for name in ("config.yaml", "manifest.csv"):
+        shutil.copy(run / name, stale / name)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    advice = "A worker other than the chief resumes from the run folder at its own --output"
+
+    refused = _run_two_workers(cells, [run, finished_copy], ["--resume"], scratch)
+
+    for index, (returncode, _stdout, stderr) in enumerate(refused):
+        assert returncode == 2, stderr[-3000:]
+        mine = f"{run}, is not finished" if index == 0 else f"{finished_copy}, is finished"
+        assert (
+            f"Error: The 2 workers would not train the same model: the run is finished in "
+            f"some of their run folders and not in others (this worker's, {mine}). {advice}"
+        ) in " ".join(stderr.split())
+
+    refused = _run_two_workers(cells, [run, stale], ["--resume"], scratch)
+
+    for index, (returncode, _stdout, stderr) in enumerate(refused):
+        assert returncode == 2, stderr[-3000:]
+        mine = f"1 of {run}" if index == 0 else f"0 of {stale}"
+        assert (
+            f"Error: The 2 workers would not train the same model: they would resume from "
+            f"different epochs (0, 1; this worker from epoch {mine}). {advice}"
+        ) in " ".join(stderr.split())
+    assert _file_digests(run) == chief_files  # card and metrics not retired, nothing trained
+
+    copy = tmp_path / "worker-1" / "copy"
+    shutil.copytree(run, copy)
+    results = _run_two_workers(cells, [run, copy], ["--resume"], scratch)
+
+    for returncode, _stdout, stderr in results:
+        assert returncode == 0, stderr[-3000:]
+        assert "Resuming from epoch 1" in stderr
+    assert "Worker done" in results[1][1]
+    history = json.loads((run / "history.json").read_text())
+    assert [entry["epoch"] for entry in history] == [1, 2]
+    state = json.loads((run / "checkpoint" / "state.json").read_text())
+    assert state["epoch"] == 2 and [entry["epoch"] for entry in state["history"]] == [1, 2]
+    named = {"state.json", state["checkpoint"], state["best_checkpoint"]}
+    assert {path.name for path in (run / "checkpoint").iterdir()} == named
+    assert state["checkpoint"] == "epoch-002.keras"
+    best = run / "checkpoint" / state["best_checkpoint"]
+    assert (run / "model.keras").read_bytes() == best.read_bytes()
+    card = json.loads((run / "model_card.json").read_text())
+    assert card["training"]["epochs_run"] == 2 and card["distribution"]["workers"] == 2
+    assert _file_digests(copy) == chief_files  # worker 1 only read its run folder
+    assert list(scratch.iterdir()) == []

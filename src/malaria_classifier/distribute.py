@@ -15,6 +15,7 @@ batch is ``batch_size x replicas`` and the learning rate grows by the same facto
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -47,6 +48,10 @@ class Distribution:
     replicas: int
     workers: int = 1
     is_chief: bool = True
+
+
+class WorkerLostError(ValueError):
+    """Another worker of a multi-worker run stopped or cannot be reached (exit status 2)."""
 
 
 def check_strategy(name: str) -> str:
@@ -177,6 +182,57 @@ def _mirrored_devices(tf) -> list[str] | None:
     if tf.config.list_physical_devices("GPU"):
         return None  # MirroredStrategy's own default: every visible GPU
     return [device.name for device in tf.config.list_logical_devices("CPU")]
+
+
+def workers_disagree(distribution: Distribution, facts: dict[str, Any]) -> dict[str, list[int]]:
+    """The facts on which the workers differ, each with every worker's value; {} if none.
+
+    Each worker reads its own run folder and data, so before they train together they
+    must agree on what they train: a worker given another copy of the run folder (one
+    left from an earlier session, say) would resume from another epoch and train a
+    different model in step with the others, silently. A collective operation: every
+    worker must call it at the same point, with the same names in the same order.
+
+    Args:
+        distribution: From :func:`make_distribution`; with one worker nothing is compared.
+        facts: Name -> JSON-serializable value. A whole number from 0 to 2**48 (an
+            epoch) is compared as it is and comes back as it is; any other value is
+            compared by a 48-bit SHA-256 digest of its JSON.
+
+    Returns:
+        Name -> the distinct values of the workers that differ, sorted (digests for
+        values that are not whole numbers).
+
+    Raises:
+        WorkerLostError: When another worker stopped before reaching this point.
+    """
+    if distribution.workers < 2 or not facts:
+        return {}
+    import tensorflow as tf
+
+    local = [_comparable(value) for value in facts.values()]
+    strategy = distribution.strategy
+    per_replica = strategy.experimental_distribute_values_from_function(
+        lambda _context: tf.constant(local, tf.int64)
+    )
+    try:
+        gathered = strategy.gather(per_replica, axis=0).numpy().reshape(-1, len(local))
+    except tf.errors.UnavailableError as error:  # a worker stopped (its output says why)
+        raise WorkerLostError(
+            f"Another worker stopped before training started (its own output says why), "
+            f"or cannot be reached ({type(error).__name__}). Nothing was trained."
+        ) from None
+    values = {
+        name: sorted({int(v) for v in gathered[:, column]}) for column, name in enumerate(facts)
+    }
+    return {name: found for name, found in values.items() if len(found) > 1}
+
+
+def _comparable(value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**48:
+        return value
+    text = json.dumps(value, sort_keys=True, default=str)
+    return int(hashlib.sha256(text.encode("utf-8")).hexdigest()[:12], 16)
 
 
 def scale_for_replicas(config: TrainingConfig, replicas: int) -> TrainingConfig:

@@ -42,6 +42,7 @@ from malaria_classifier.distribute import (
     keras_fit_fixes,
     make_distribution,
     scale_for_replicas,
+    workers_disagree,
 )
 from malaria_classifier.evaluation import per_patient_table, roc_points, summarize
 from malaria_classifier.images import sha256_of_file
@@ -70,6 +71,14 @@ STATE_FILE = "state.json"
 LEGACY_CHECKPOINT = "last.keras"
 LEFT_OUT_FILE = "left_out_of_training.csv"
 METRICS_FILE = "metrics.json"
+# Where a multi-worker run's other workers write (in the temporary folder; removed at
+# the end, left behind only by a killed worker).
+WORKER_SCRATCH_PREFIX = "malaria-worker-"
+WORKER_RESUME_HINT = (
+    "A worker other than the chief resumes from the run folder at its own --output: a "
+    "folder shared with the chief, or a copy of the chief's whole run folder made after "
+    "all workers stopped, before every --resume (docs/distributed.md)."
+)
 
 
 class RunFolderError(ValueError):
@@ -238,6 +247,11 @@ def _open_run(
             raise RunFolderError(
                 f"Cannot resume: {run_dir} has no manifest.csv. Start a new run without --resume."
             )
+        if not (run_dir / "config.yaml").is_file():
+            raise RunFolderError(
+                f"Cannot resume: {run_dir} has no config.yaml (the run's settings, written "
+                f"when it started)."
+            )
         config = load_config(run_dir / "config.yaml")
         rows = read_manifest(manifest_path)
         check_no_leakage(rows)
@@ -372,9 +386,13 @@ def train_model(
         multi-worker run's non-chief workers, which leave the run folder to the chief).
 
     Raises:
-        RunFolderError: If ``run_dir`` holds a run and ``resume`` is False, or the reverse.
+        RunFolderError: If ``run_dir`` holds a run and ``resume`` is False, or the reverse;
+            or, on every worker of a multi-worker run, if the workers' run folders, settings
+            or cells differ (checked before anything is trained).
         DataLayoutError: If ``data_dir`` is not in the expected layout.
-        ValueError: For an unknown strategy or a bad ``TF_CONFIG``.
+        ValueError: For an unknown strategy or a bad ``TF_CONFIG``
+            (:class:`~malaria_classifier.distribute.WorkerLostError` when another worker
+            stopped before training).
     """
     started = time.monotonic()
     if isinstance(exclude_cells, str | os.PathLike):
@@ -387,19 +405,38 @@ def train_model(
         )
     run_dir = Path(run_dir)
     check_output_folder(run_dir, Path(data_dir), "a run folder")
-    if resume and is_run_finished(run_dir):
+    finished = resume and is_run_finished(run_dir)
+    if finished and strategy != "multiworker":
         return _finished_result(run_dir)
     # Then: a multi-worker strategy must configure TensorFlow before anything runs.
     distribution = make_distribution(strategy)
+    if resume:
+        # A worker that returned alone would leave the others waiting for it for ever.
+        _check_workers_agree(distribution, {"finished": int(finished)}, run_dir, resume)
+        if finished:
+            result = _finished_result(run_dir)
+            if distribution.is_chief:
+                return result
+            return TrainingResult(run_dir, result.model_path, {}, result.seconds)
     # Only the chief writes the run folder; other workers write into a scratch folder
     # (their copy of the model is identical) and read the run folder only to resume.
-    write_dir = run_dir if distribution.is_chief else Path(tempfile.mkdtemp(prefix="malaria-"))
+    write_dir = (
+        run_dir if distribution.is_chief else Path(tempfile.mkdtemp(prefix=WORKER_SCRATCH_PREFIX))
+    )
     try:
         opened_dir = run_dir if resume else write_dir
-        config, root, rows, state = _open_run(
-            Path(data_dir), config, opened_dir, resume, manifest, exclude_cells
-        )
+        try:
+            config, root, rows, state = _open_run(
+                Path(data_dir), config, opened_dir, resume, manifest, exclude_cells
+            )
+        except RunFolderError as error:
+            if distribution.is_chief or not resume:
+                raise
+            raise RunFolderError(f"{error} {WORKER_RESUME_HINT}") from None
         training_rows = _training_rows(rows, opened_dir)
+        # Before the chief changes anything: a refused start leaves the run as it was.
+        facts = _training_facts(config, training_rows, state)
+        _check_workers_agree(distribution, facts, run_dir, resume)
         if resume and distribution.is_chief:
             _retire_stale_results(run_dir)
             publish_best_model(run_dir, state)  # killed after its commit, before the copy
@@ -428,6 +465,62 @@ def train_model(
     card["distribution"] = describe(distribution, config)
     write_json_atomically(card, run_dir / CARD_FILE)
     return TrainingResult(run_dir, run_dir / MODEL_FILE, metrics, training_seconds)
+
+
+def _training_facts(
+    config: TrainingConfig, training_rows: list[ManifestRow], state: dict[str, Any]
+) -> dict[str, Any]:
+    """What every worker of a multi-worker run must have alike before training."""
+    state_facts = ("checkpoint", "best_checkpoint", "best_epoch", "wait")
+    return {
+        "epoch": state["epoch"],
+        "training state (checkpoint/state.json)": {key: state.get(key) for key in state_facts},
+        "settings (config.yaml)": config.to_dict(),
+        "cells (manifest.csv, left_out_of_training.csv)": [
+            (row.path, row.label, row.split, row.sha256) for row in training_rows
+        ],
+    }
+
+
+def _check_workers_agree(
+    distribution: Distribution, facts: dict[str, Any], run_dir: Path, resume: bool
+) -> None:
+    """Refuse, on every worker at once, to train when the workers would not train one model.
+
+    Each worker reads its own run folder (to resume) and its own data: a copy of the run
+    folder left from an earlier session would start that worker from an older epoch, and
+    the workers would train in step on different weights and learning rates without any
+    error; one whose copy is finished would return alone and leave the others waiting.
+    No-op with one worker; every worker must call it at the same point.
+
+    Raises:
+        RunFolderError: Naming what differs and how to make the workers agree.
+    """
+    differ = workers_disagree(distribution, facts)
+    if not differ:
+        return
+    if "epoch" in differ:
+        what = (
+            f"they would resume from different epochs ({', '.join(map(str, differ['epoch']))}; "
+            f"this worker from epoch {facts['epoch']} of {run_dir})"
+        )
+    elif "finished" in differ:
+        mine = "finished" if facts["finished"] else "not finished"
+        what = (
+            f"the run is finished in some of their run folders and not in others (this "
+            f"worker's, {run_dir}, is {mine})"
+        )
+    else:
+        what = f"their {' and '.join(differ)} differ"
+    advice = (
+        WORKER_RESUME_HINT
+        if resume
+        else "Run the same command on every machine, with the same data (docs/distributed.md)."
+    )
+    raise RunFolderError(
+        f"The {distribution.workers} workers would not train the same model: {what}. "
+        f"{advice} Nothing was trained."
+    )
 
 
 def is_run_finished(run_dir: Path) -> bool:
