@@ -91,9 +91,9 @@ def save_tiny_model(path: Path, image_size: int = 32, colour_normalization: str 
     """
     import keras
 
+    from malaria_classifier.checkpoints import save_model_atomically
     from malaria_classifier.config import TrainingConfig
     from malaria_classifier.model import build_model, compile_model
-    from malaria_classifier.training import save_model_atomically
 
     config = TrainingConfig(
         image_size=image_size,

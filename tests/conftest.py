@@ -11,6 +11,9 @@ no two files share a SHA-256):
 
 So 24 parasitized and 34 uninfected images, 10 patients, 6 of them with parasitized cells.
 Widths and heights each run over 20 to 40 px (both ends occur).
+
+``synthetic_cells`` (drawn cells of 12 patients) and ``finished_run`` (a tiny run trained on
+them once per session) serve the tests of training, checkpoints, run folder and run report.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _synthetic import draw_cell
+from _synthetic import draw_cell, write_synthetic_dataset
 from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -141,3 +144,27 @@ def shared_data_dir() -> Path:
     if not (path / "Parasitized").is_dir() or not (path / "Uninfected").is_dir():
         pytest.skip(f"shared NIH data subset not found at {path} (needs Parasitized/, Uninfected/)")
     return path
+
+
+@pytest.fixture(scope="session")
+def synthetic_cells(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Drawn cells of 12 patients in the NIH layout, plus one truncated PNG to skip."""
+    root = write_synthetic_dataset(tmp_path_factory.mktemp("data") / "cells", patients=12)
+    (root / "Parasitized" / "C20P10thinF_IMG_truncated_cell_99.png").write_bytes(
+        b"\x89PNG\r\n\x1a\n" + b"\x00" * 10
+    )
+    return root
+
+
+@pytest.fixture(scope="session")
+def finished_run(synthetic_cells: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A finished two-epoch run of ``_training_run.TINY`` on ``synthetic_cells``.
+
+    Shared by every test file that asks for it; tests that change a run copy it first.
+    """
+    from _training_run import TINY
+
+    from malaria_classifier.training import train_model
+
+    run_dir = tmp_path_factory.mktemp("runs") / "run"
+    return train_model(synthetic_cells, TINY, run_dir, verbose=0)

@@ -340,7 +340,8 @@ def _check_run_finished(model_path: Path, run_dir: Path) -> None:
     (calibrate would write a card with nothing but the trust layer), and finishing
     the run later rewrites the card without the calibration.
     """
-    from malaria_classifier.training import CHECKPOINT_DIR, is_run_finished
+    from malaria_classifier.checkpoints import CHECKPOINT_DIR
+    from malaria_classifier.run_folder import is_run_finished
 
     is_runs_model = model_path.resolve() == (run_dir / MODEL_FILE).resolve()
     if is_runs_model and (run_dir / CHECKPOINT_DIR).is_dir() and not is_run_finished(run_dir):

@@ -35,13 +35,14 @@ from malaria_classifier.evaluate import PATIENT_TABLE, write_rows_csv
 from malaria_classifier.evaluation import METRIC_NAMES
 from malaria_classifier.model_card import write_json_atomically
 from malaria_classifier.outputs import check_output_folder, open_output
+from malaria_classifier.run_folder import is_run_finished
 from malaria_classifier.splits import (
     ManifestRow,
     assign_folds,
     fold_manifest,
     leave_out_of_training,
 )
-from malaria_classifier.training import is_run_finished, train_model
+from malaria_classifier.training import train_model
 
 PLAN_FILE = "cv_plan.json"
 # The plan's entry for the fingerprint of the data (``DatasetReport.fingerprint``).
@@ -51,7 +52,7 @@ RESULTS_CSV = "cv_results.csv"
 RESULTS_JSON = "cv_results.json"
 PATIENTS_CSV = "cv_per_patient.csv"
 METRICS_FILE = "metrics.json"
-# Where ``training.evaluate_run`` leaves each fold's per-patient table of its test patients.
+# Where ``run_report.evaluate_run`` leaves each fold's per-patient table of its test patients.
 FOLD_PATIENT_TABLE = Path("evaluation") / PATIENT_TABLE
 
 
