@@ -78,6 +78,17 @@ def write_cells(folder: Path, count: int) -> list[str]:
     return paths
 
 
+def interrupt_file_writes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make ``Path.write_bytes`` write a few bytes, then stop as Ctrl+C would."""
+    real_write_bytes = Path.write_bytes
+
+    def interrupted(self: Path, data: bytes) -> int:
+        real_write_bytes(self, data[:10])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_bytes", interrupted)
+
+
 def kill_workers() -> None:
     """SIGKILL every live child process of this one (decode and scoring workers)."""
     for child in multiprocessing.active_children():

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from _synthetic import on_smear, save_tiny_model
+from conftest import interrupt_file_writes
 
 from malaria_classifier.constants import POSITIVE_INDEX
 from malaria_classifier.export import (
@@ -430,13 +431,7 @@ def test_a_model_without_its_card_is_exported_with_a_warning(tmp_path, caplog):
 
 def test_ctrl_c_while_writing_leaves_no_partial_file(tmp_path, monkeypatch):
     model = save_tiny_model(tmp_path / "model.keras")
-    real_write_bytes = Path.write_bytes
-
-    def interrupted(self, data):
-        real_write_bytes(self, data[:10])
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(Path, "write_bytes", interrupted)
+    interrupt_file_writes(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         export_model(model, "onnx", tmp_path / "model.onnx")
     assert sorted(path.name for path in tmp_path.iterdir()) == ["model.keras"]

@@ -10,7 +10,7 @@ import textwrap
 import numpy as np
 import pytest
 from _synthetic import save_tiny_model
-from conftest import write_png
+from conftest import interrupt_file_writes, write_png
 
 from malaria_classifier.model import load_model
 from malaria_classifier.model_card import default_model_path
@@ -168,17 +168,9 @@ def test_the_api_default_predictor_never_imports_tensorflow(tmp_path):
 def test_ctrl_c_while_rewriting_the_copy_keeps_the_old_one_and_leaves_no_partial_file(
     tiny_with_copy, monkeypatch
 ):
-    from pathlib import Path
-
     onnx_path, _ = serving_paths(tiny_with_copy)
     before = onnx_path.read_bytes()
-    real_write_bytes = Path.write_bytes
-
-    def interrupted(self, data):
-        real_write_bytes(self, data[:10])
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(Path, "write_bytes", interrupted)
+    interrupt_file_writes(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         write_serving_copy(load_model(str(tiny_with_copy)), tiny_with_copy)
 
