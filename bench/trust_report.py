@@ -25,7 +25,6 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from _noncells import make_non_cells  # noqa: E402
 
-from malaria_classifier.calibrate import score_run_splits  # noqa: E402
 from malaria_classifier.calibration import reliability_bins  # noqa: E402
 from malaria_classifier.data import find_class_root  # noqa: E402
 from malaria_classifier.decision import load_decision_rule  # noqa: E402
@@ -35,6 +34,7 @@ from malaria_classifier.model_card import default_model_path, read_model_card  #
 from malaria_classifier.ood import combine_signals, final_layer_weights  # noqa: E402
 from malaria_classifier.plots import reliability_diagram  # noqa: E402
 from malaria_classifier.prediction import Predictor  # noqa: E402
+from malaria_classifier.split_scoring import score_run_splits  # noqa: E402
 from malaria_classifier.splits import read_manifest  # noqa: E402
 from malaria_classifier.verdict import VerdictRule, verdict_for  # noqa: E402
 

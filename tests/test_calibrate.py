@@ -1,23 +1,14 @@
 """Fitting the "Not a cell" part of the trust layer from scored splits (no model needed)."""
 
-import json
 import re
 
 import numpy as np
 import pytest
 
-from malaria_classifier.calibrate import (
-    SplitScores,
-    _by_patient,
-    _check_cells_present,
-    _check_splits,
-    calibrate_model,
-    check_model_matches_run,
-    fit_ood_layer,
-)
+from malaria_classifier.calibrate import _by_patient, calibrate_model, fit_ood_layer
 from malaria_classifier.model_card import DEFAULT_MODEL_DIR
 from malaria_classifier.ood_statistics import STATISTIC_NAMES
-from malaria_classifier.splits import ManifestRow
+from malaria_classifier.split_scoring import SplitScores
 from malaria_classifier.verdict import VerdictRule, verdict_for
 
 
@@ -70,34 +61,6 @@ def test_variant_cells_widen_the_limits_and_are_recorded():
     np.testing.assert_allclose(varied.density.means, plain.density.means)
 
 
-def _manifest(*rows):
-    return [
-        ManifestRow(f"Parasitized/{p}_{i}.png", "Parasitized", p, s, "x")
-        for i, (p, s) in enumerate(rows)
-    ]
-
-
-def test_a_model_from_another_split_is_refused(tmp_path):
-    model = tmp_path / "model.keras"
-    card = {"split": {"patients": {"train": ["P1"], "validation": ["P2"], "test": ["P3"]}}}
-    (tmp_path / "model_card.json").write_text(json.dumps(card), encoding="utf-8")
-    manifest = tmp_path / "manifest.csv"
-
-    check_model_matches_run(model, _manifest(("P1", "train"), ("P2", "validation")), manifest)
-    with pytest.raises(ValueError, match="patient P1 is train for the model but test in"):
-        check_model_matches_run(model, _manifest(("P1", "test"), ("P3", "train")), manifest)
-
-
-def test_missing_validation_or_test_cells_are_refused(tmp_path):
-    rows = _manifest(("P1", "train"), ("P2", "validation"), ("P3", "test"))
-    (tmp_path / "Parasitized").mkdir()
-    (tmp_path / rows[1].path).write_bytes(b"png")
-    with pytest.raises(ValueError, match=r"1 of the 2 validation and test cells .*/P3_2\.png"):
-        _check_cells_present(rows, tmp_path, tmp_path / "manifest.csv")
-    (tmp_path / rows[2].path).write_bytes(b"png")
-    _check_cells_present(rows, tmp_path, tmp_path / "manifest.csv")  # train cells may be absent
-
-
 @pytest.mark.parametrize("value", [0.0, 1.0, 1.5, float("nan")])
 def test_min_specificity_outside_0_1_is_refused_before_scoring(tmp_path, value):
     message = (
@@ -118,14 +81,6 @@ def test_the_bundled_model_is_never_calibrated_in_place(tmp_path):
     with pytest.raises(ValueError, match="is the bundled default model; .* calibrate the copy"):
         calibrate_model(bundled, tmp_path, tmp_path)
     assert (DEFAULT_MODEL_DIR / "model_card.json").read_bytes() == before
-
-
-def test_a_validation_split_without_healthy_donors_is_refused_before_scoring(tmp_path):
-    rows = _manifest(("P1", "validation"), ("P2", "test"))
-    with pytest.raises(ValueError, match=r"1 infected and 0 healthy patients"):
-        _check_splits(rows, tmp_path / "manifest.csv")
-    with pytest.raises(ValueError, match=r"has no test cells \(splits found: validation\)"):
-        _check_splits(rows[:1], tmp_path / "manifest.csv")
 
 
 def test_the_model_of_an_unfinished_run_is_refused_before_scoring(tmp_path):

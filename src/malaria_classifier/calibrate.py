@@ -1,7 +1,8 @@
 """Fit the trust layer of a trained model on its validation patients; report on test.
 
-``malaria calibrate`` runs :func:`calibrate_model`. From the run's manifest it scores
-the cells of each split once, then fits, **on validation patients only** (and the
+``malaria calibrate`` runs :func:`calibrate_model`. After the checks of
+:mod:`calibration_inputs`, it scores the cells of each split of the run's manifest once
+(:mod:`split_scoring`), then fits, **on validation patients only** (and the
 training cells for the feature density of the "Not a cell" check):
 
 1. the temperature (:mod:`calibration`), then the operating threshold and the
@@ -21,12 +22,8 @@ were never used to choose anything.
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,316 +37,24 @@ from malaria_classifier.calibration import (
     fit_temperature,
     reliability_bins,
 )
-from malaria_classifier.constants import POSITIVE_CLASS, POSITIVE_INDEX
-from malaria_classifier.data import find_class_root
+from malaria_classifier.calibration_inputs import check_calibration_target, check_run_finished
 from malaria_classifier.decision import DecisionRule
-from malaria_classifier.decoding import iter_images
-from malaria_classifier.images import (
-    ImageLoadError,
-    load_rgb_image,
-    resize_with_pad,
-    sha256_of_file,
-)
-from malaria_classifier.model_card import (
-    DEFAULT_MODEL_DIR,
-    MODEL_FILE,
-    card_path_for,
-    read_model_card,
-    write_json_atomically,
-)
+from malaria_classifier.images import sha256_of_file
+from malaria_classifier.model_card import card_path_for, read_model_card, write_json_atomically
 from malaria_classifier.ood import (
     OOD_FILE,
     OOD_OTHER_LABS_FILE,
     OodCheck,
     combine_signals,
-    feature_model,
     final_layer_weights,
     fit_feature_density,
     fit_ood_check,
     save_ood_check,
 )
-from malaria_classifier.ood_statistics import image_statistics
 from malaria_classifier.serving import read_serving_copy, write_serving_copy
-from malaria_classifier.splits import missing_cells, read_manifest
-from malaria_classifier.stress import LAB_VARIANTS_SUMMARY, draw_lab_variant
+from malaria_classifier.split_scoring import SplitScores, score_run_splits
+from malaria_classifier.stress import LAB_VARIANTS_SUMMARY
 from malaria_classifier.verdict import VerdictRule, choose_verdict_rule, verdict_for
-
-
-@dataclass
-class SplitScores:
-    """Everything measured once per cell of one split."""
-
-    labels: np.ndarray  # 1 = Parasitized
-    patients: np.ndarray
-    probabilities: np.ndarray  # uncalibrated P(Parasitized)
-    features: np.ndarray
-    statistics: np.ndarray
-    variants: np.ndarray | None = None  # per cell, the other-lab changes made (None: as imaged)
-
-
-def score_cells(
-    model: Any,
-    paths: Sequence[Path],
-    labels: Sequence[str],
-    patients: Sequence[str],
-    variant_seed: int | None = None,
-    forward: Any = None,
-) -> SplitScores:
-    """Raw scores, penultimate features and image statistics of the readable cells.
-
-    Args:
-        model: The Keras model.
-        paths: Cell image files.
-        labels: The class name of each cell.
-        patients: The patient of each cell.
-        variant_seed: When given, each cell is first changed into one random
-            other-laboratory variant (:func:`stress.draw_lab_variant`, drawn from a
-            generator seeded by ``(variant_seed, position)``, so runs repeat).
-        forward: The compiled feature function (:func:`feature_forward`); pass one
-            built once when scoring several splits, or TensorFlow traces it again for
-            every call (and warns about retracing).
-
-    Raises:
-        ValueError: If none of the files can be read.
-    """
-    size = int(model.input_shape[1])
-    forward = forward or feature_forward(model)
-    kept, images, variants = [], [], []
-    outputs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-    for index, (image, variant) in enumerate(_model_inputs(list(paths), size, variant_seed)):
-        if image is None:
-            continue
-        kept.append(index)
-        images.append(image)
-        variants.append(variant)
-        if len(images) == 256:
-            outputs.append(_score_batch(forward, np.stack(images)))
-            images = []
-    if images:
-        outputs.append(_score_batch(forward, np.stack(images)))
-    if not kept:
-        raise ValueError("None of the cells in the manifest could be read; check --data.")
-    probabilities, features, statistics = (
-        np.concatenate(parts) for parts in zip(*outputs, strict=True)
-    )
-    return SplitScores(
-        labels=np.array([labels[i] == POSITIVE_CLASS for i in kept], dtype=int),
-        patients=np.array([patients[i] for i in kept]),
-        probabilities=probabilities,
-        features=features,
-        statistics=statistics,
-        variants=None if variant_seed is None else np.array(variants),
-    )
-
-
-def feature_forward(model: Any) -> Any:
-    """The model's probabilities and penultimate features as one compiled function."""
-    import tensorflow as tf
-
-    network = feature_model(model)
-    size = int(model.input_shape[1])
-    # Any batch size, one trace: the last batch of each split is smaller.
-    signature = [tf.TensorSpec([None, size, size, 3], tf.uint8)]
-    return tf.function(lambda batch: network(batch, training=False), input_signature=signature)
-
-
-def _model_inputs(
-    paths: list[Path], size: int, variant_seed: int | None
-) -> Iterator[tuple[np.ndarray | None, str | None]]:
-    """Yield ``(model input or None if unreadable, variant name or None)`` per path."""
-    if variant_seed is None:
-        return ((image, None) for image, _error in iter_images(paths, size))
-    return _iter_lab_variants(paths, size, variant_seed)
-
-
-def _iter_lab_variants(
-    paths: list[Path], size: int, seed: int, chunk: int = 256
-) -> Iterator[tuple[np.ndarray | None, str | None]]:
-    """Yield ``(model input, variant name)`` per path, ``(None, None)`` if unreadable.
-
-    The variant is applied to the native-resolution crop, before the model's own
-    resize-with-pad, as ``bench/stress_test.py`` does.
-    """
-
-    def vary(position: int) -> tuple[np.ndarray | None, str | None]:
-        try:
-            image = load_rgb_image(paths[position])
-        except ImageLoadError:
-            return None, None
-        changed, name = draw_lab_variant(image, np.random.default_rng([seed, position]))
-        return resize_with_pad(changed, size), name
-
-    with ThreadPoolExecutor(max_workers=2) as executor:
-        for start in range(0, len(paths), chunk):
-            yield from executor.map(vary, range(start, min(start + chunk, len(paths))))
-
-
-def _score_batch(forward: Any, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    probabilities, features = forward(batch)
-    return (
-        probabilities.numpy()[:, POSITIVE_INDEX].astype(np.float64),
-        features.numpy().astype(np.float64),
-        image_statistics(batch),
-    )
-
-
-def score_run_splits(
-    model_path: Path,
-    run_dir: Path,
-    data_dir: Path,
-    train_cells: int = 6000,
-    seed: int = 0,
-    ood_variants: bool = False,
-) -> tuple[Any, dict[str, SplitScores]]:
-    """Load the model and score its train (a sample), validation and test cells.
-
-    With ``ood_variants``, the same train and validation cells are scored once more,
-    each changed into one random other-laboratory variant, as ``"train_variants"``
-    and ``"validation_variants"`` (for fitting the "Not a cell" check; test cells
-    are never varied here, so they stay the untouched report set).
-
-    Raises:
-        ValueError: If the run folder has no manifest.
-    """
-    from malaria_classifier.model import load_model
-
-    manifest = Path(run_dir) / "manifest.csv"
-    if not manifest.is_file():
-        raise ValueError(
-            f"{manifest} does not exist. Pass --run: the `malaria train` run folder whose "
-            f"manifest.csv says which patients are validation and test."
-        )
-    rows = read_manifest(manifest)
-    root = find_class_root(data_dir)
-    check_model_matches_run(model_path, rows, manifest)
-    _check_splits(rows, manifest)
-    _check_cells_present(rows, root, manifest)
-    model = load_model(str(model_path))
-    rng = np.random.default_rng(seed)
-    forward = feature_forward(model)
-    scores = {}
-    for split in ("train", "validation", "test"):
-        chosen = [row for row in rows if row.split == split]
-        if split == "train" and len(chosen) > train_cells:
-            chosen = [chosen[i] for i in sorted(rng.choice(len(chosen), train_cells, False))]
-        columns = (
-            [root / row.path for row in chosen],
-            [row.label for row in chosen],
-            [row.patient for row in chosen],
-        )
-        scores[split] = score_cells(model, *columns, forward=forward)
-        if ood_variants and split != "test":
-            # Its own seed per split: the i-th training and validation cells must not
-            # draw the same changes.
-            variant_seed = seed + 1 + ("train", "validation").index(split)
-            scores[f"{split}_variants"] = score_cells(
-                model, *columns, variant_seed=variant_seed, forward=forward
-            )
-    return model, scores
-
-
-def check_model_matches_run(model_path: Path, rows: Sequence[Any], manifest: Path) -> None:
-    """Refuse a model trained on another split than the run's manifest.
-
-    Calibrating on "validation" cells the model was trained on, and reporting on
-    "test" cells it saw, would give an honest-looking card with leaked figures. The
-    model card lists the patients of each of the model's own splits; a model without
-    them (trained elsewhere) is taken as it is.
-    """
-    own = read_model_card(model_path).get("split", {}).get("patients", {})
-    if not own:
-        return
-    split_of = {patient: split for split, patients in own.items() for patient in patients}
-    for row in rows:
-        model_split = split_of.get(row.patient)
-        if model_split is not None and model_split != row.split:
-            raise ValueError(
-                f"{model_path} was trained on another split than {manifest}: patient "
-                f"{row.patient} is {model_split} for the model but {row.split} in the "
-                f"manifest. Pass the --run folder the model was trained in."
-            )
-
-
-def _check_splits(rows: Sequence[Any], manifest: Path) -> None:
-    """Before any scoring: validation needs both classes and both kinds of patient
-    (the threshold and the verdict rule are chosen there); test needs cells to report."""
-    by_split: dict[str, list[Any]] = {}
-    for row in rows:
-        by_split.setdefault(row.split, []).append(row)
-    for split in ("validation", "test"):
-        if not by_split.get(split):
-            raise ValueError(
-                f"{manifest} has no {split} cells (splits found: "
-                f"{', '.join(sorted(by_split)) or 'none'}). Calibrate the run folder of a "
-                f"`malaria train` run, whose manifest has train, validation and test splits."
-            )
-    validation = by_split["validation"]
-    labels = {row.label for row in validation}
-    infected = {row.patient for row in validation if row.label == POSITIVE_CLASS}
-    healthy = {row.patient for row in validation} - infected
-    if len(labels) < 2 or not healthy or not infected:
-        raise ValueError(
-            f"The validation split of {manifest} needs cells of both classes from both "
-            f"infected patients and healthy donors (it has {len(infected)} infected and "
-            f"{len(healthy)} healthy patients). Train again with another --seed or on more "
-            f"patients, then calibrate that run."
-        )
-
-
-def _check_cells_present(rows: Sequence[Any], root: Path, manifest: Path) -> None:
-    """Refuse to fit on part of the validation or test cells (another --data, say)."""
-    needed = [row for row in rows if row.split in ("validation", "test")]
-    missing = missing_cells(needed, root)
-    if missing:
-        raise ValueError(
-            f"{len(missing)} of the {len(needed)} validation and test cells of {manifest} "
-            f"are not in {root} (e.g. {missing[0]}): calibration would be fitted and "
-            f"reported on part of them. Pass the --data folder the run was trained on."
-        )
-
-
-def _check_calibration_target(model_path: Path, min_specificity: float) -> None:
-    """Cheap checks before minutes of scoring: the setting, and where results go."""
-    if not (isinstance(min_specificity, float | int) and 0.0 < min_specificity < 1.0):
-        raise ValueError(
-            f"--min-specificity must be a number between 0 and 1 (exclusive), e.g. 0.97, "
-            f"got {min_specificity}."
-        )
-    if not model_path.is_file():
-        raise ValueError(
-            f"{model_path} does not exist. Pass --model MODEL.keras, or --run RUN for the "
-            f"model.keras of a `malaria train` run folder."
-        )
-    if not os.access(model_path.parent, os.W_OK | os.X_OK):
-        raise ValueError(
-            f"{model_path.parent} is not writable; calibrate writes model_card.json and "
-            f"ood.json beside the model. Copy the model's folder somewhere you can write."
-        )
-    if model_path.resolve().parent == DEFAULT_MODEL_DIR.resolve():
-        raise ValueError(
-            f"{model_path} is the bundled default model; calibrate writes its files beside "
-            f"the model and would change every prediction made without --model. Copy the "
-            f"folder (cp -r {model_path.parent} my-model) and calibrate the copy."
-        )
-
-
-def _check_run_finished(model_path: Path, run_dir: Path) -> None:
-    """Refuse the model of a run that is still training or was interrupted.
-
-    Its ``model.keras`` is only the best epoch so far, it has no model card to extend
-    (calibrate would write a card with nothing but the trust layer), and finishing
-    the run later rewrites the card without the calibration.
-    """
-    from malaria_classifier.checkpoints import CHECKPOINT_DIR
-    from malaria_classifier.run_folder import is_run_finished
-
-    is_runs_model = model_path.resolve() == (run_dir / MODEL_FILE).resolve()
-    if is_runs_model and (run_dir / CHECKPOINT_DIR).is_dir() and not is_run_finished(run_dir):
-        raise ValueError(
-            f"The run in {run_dir} has not finished (no model_card.json or metrics.json "
-            f"yet). Finish it first: malaria train --data DATA --output {run_dir} --resume; "
-            f"then calibrate it."
-        )
 
 
 def fit_trust_layer(
@@ -537,8 +242,8 @@ def calibrate_model(
         The updated model card.
     """
     model_path = Path(model_path)
-    _check_calibration_target(model_path, min_specificity)
-    _check_run_finished(model_path, Path(run_dir))
+    check_calibration_target(model_path, min_specificity)
+    check_run_finished(model_path, Path(run_dir))
     model, scores = score_run_splits(
         model_path, Path(run_dir), Path(data_dir), ood_variants=ood_variants
     )
