@@ -26,13 +26,8 @@ from typer.testing import CliRunner
 
 from malaria_classifier import archives, download
 from malaria_classifier.cli import app
-from malaria_classifier.download import (
-    EXPECTED_IMAGE_COUNT,
-    OFFICIAL_URL,
-    DownloadError,
-    count_images,
-    download_dataset,
-)
+from malaria_classifier.download import EXPECTED_IMAGE_COUNT, OFFICIAL_URL, download_dataset
+from malaria_classifier.download_dest import DownloadError, count_images
 
 N_PARASITIZED = 3
 N_UNINFECTED = 2

@@ -89,7 +89,7 @@ def check_sizes(infos: list[zipfile.ZipInfo], archive: Path) -> None:
 def find_layout(infos: list[zipfile.ZipInfo], archive: Path, source: str) -> tuple[str, int]:
     """Find the shallowest folder in the archive holding both class folders; count PNGs.
 
-    Mirrors the search after extraction (``download._find_class_root``: same depth
+    Mirrors the search after extraction (``download_dest.find_class_root``: same depth
     limit, same order), so the folder found there is the one predicted here.
     """
     folders: set[tuple[str, ...]] = set()
