@@ -20,10 +20,10 @@ from malaria_classifier.cv import (
     fold_dir,
     format_table,
     most_errors,
-    plan_folds,
     summarize_folds,
     write_results,
 )
+from malaria_classifier.cv_plan import plan_folds
 from malaria_classifier.data import check_dataset
 from malaria_classifier.evaluation import METRIC_NAMES
 from malaria_classifier.splits import (
